@@ -1,0 +1,36 @@
+# fewstep developer commands. On a fresh machine only two are needed:
+#   make demo   -- set everything up, run every workflows/api/*.json on the stand-in (or CHECKPOINT=...), images in out/
+#   make test   -- set everything up and run all three test tiers (math, in-process host, real server)
+# Also: make serve (graph editor on PORT, default 8188), make bench, make standins, make setup.
+SHELL := /bin/bash
+PYTHON3 ?= python3
+export FEWSTEP_CACHE ?= $(HOME)/.cache/fewstep
+VENV_PY := $(FEWSTEP_CACHE)/venv/bin/python
+PORT ?= 8188
+PYTEST_ARGS ?=
+
+.PHONY: setup standins test test-math demo serve bench clean
+
+setup:
+	@$(PYTHON3) tools/setup_env.py >/dev/null
+
+standins: setup
+	@$(VENV_PY) -m tools.standins sd15 >/dev/null
+
+test: setup standins
+	$(VENV_PY) -m pytest tests -q $(PYTEST_ARGS)
+
+test-math: setup
+	$(VENV_PY) -m pytest tests/math -q $(PYTEST_ARGS)
+
+demo: setup standins
+	$(VENV_PY) -m tools.demo
+
+serve: setup standins
+	$(VENV_PY) -m tools.serve --port $(PORT)
+
+bench: setup standins
+	$(VENV_PY) -m bench.run_all
+
+clean:
+	rm -rf .cache out

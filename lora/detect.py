@@ -1,0 +1,314 @@
+"""Detect which acceleration (few-step distillation) LoRA an adapter file is.
+
+One algorithm, layered cheapest-first, every finding recorded in ``evidence``:
+
+1. Optional A1111 "addnet" short hash (sha256 of the tensor payload, first 12
+   hex; or ``sshs_model_hash`` metadata) against the SD.Next table
+   (``network_overrides.py``) -> confidence "high".
+2. File name (and parent folder for the generic ``pytorch_lora_weights``),
+   then metadata titles (``modelspec.title``, ``ss_output_name``) against the
+   release name patterns -> "medium"; "high" when the structure agrees.
+3. Structure: UNet-only, full resnet (conv1/conv2) + time-embedding coverage,
+   uniform rank, base model from context width (attn2 k/v input 768 = SD1.5,
+   1024 = SD2, 2048 = SDXL), ``label_emb``/``add_embedding`` keys (SDXL) and
+   block indices. Structure alone never names a kind: it returns kind
+   "unknown", confidence "low", and says why.
+
+Preset names match ``samplers/presets.py``: lcm, tcd,
+pcm_smallcfg_{2,4,8,16}step, pcm_normalcfg_{4,8,16}step, pcm_lcmlike,
+hypersd_{1,2,4,8}step, hypersd_cfg_{8,12}step, hypersd_1step_unified,
+lightning_{1,2,4,8}step, animatelcm.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from .formats import Adapter, LoraModule, read_adapter
+from .keys import canonical
+
+LOG = logging.getLogger("fewstep")
+
+PRESET_NAMES = frozenset(
+    ["lcm", "tcd", "pcm_lcmlike", "animatelcm", "hypersd_1step_unified"]
+    + [f"pcm_smallcfg_{n}step" for n in (2, 4, 8, 16)]
+    + [f"pcm_normalcfg_{n}step" for n in (4, 8, 16)]
+    + [f"hypersd_{n}step" for n in (1, 2, 4, 8)]
+    + [f"hypersd_cfg_{n}step" for n in (8, 12)]
+    + [f"lightning_{n}step" for n in (1, 2, 4, 8)]
+)
+
+# SD.Next extensions-builtin/Lora/network_overrides.py short hashes -> (kind, preset, base)
+KNOWN_HASHES: dict[str, tuple[str, Optional[str], Optional[str]]] = {
+    "aaebf6360f7d": ("lcm", "lcm", "sd15"),
+    "3d18b05e4f56": ("lcm", "lcm", "sdxl"),
+    "b71dcb732467": ("tcd", "tcd", "sdxl"),
+    "813ea5fb1c67": ("turbo", None, "sdxl"),
+    "5a48ac366664": ("hypersd", "hypersd_1step_unified", "sd15"),
+    "ee0ff23dcc42": ("hypersd", "hypersd_2step", "sd15"),
+    "e476eb1da5df": ("hypersd", "hypersd_4step", "sd15"),
+    "ecb844c3f3b0": ("hypersd", "hypersd_8step", "sd15"),
+    "1ab289133ebb": ("hypersd", "hypersd_cfg_8step", "sd15"),
+    "4f494295edb1": ("hypersd", "hypersd_8step", "sdxl"),
+    "ca14a8c621f8": ("hypersd", "hypersd_cfg_8step", "sdxl"),
+    "1c88f7295856": ("hypersd", "hypersd_4step", "sdxl"),
+    "fdd5dcd1d88a": ("hypersd", "hypersd_2step", "sdxl"),
+    "8cca3706050b": ("hypersd", "hypersd_1step_unified", "sdxl"),
+    "816d0eed49fd": ("flash", None, "sdxl"),
+    "c2ec22757b46": ("flash", None, "sd15"),
+}
+
+
+@dataclass
+class Detection:
+    """Detector verdict.
+
+    kind: "lcm", "tcd", "pcm", "hypersd", "lightning", "animatelcm", "turbo", "flash" or "unknown".
+    preset_name: sampler preset name (``PRESET_NAMES``) or None.
+    base_model: "sd15", "sd2", "sdxl" or None.
+    steps: distilled step count or None (variable / unknown).
+    confidence: "high", "medium", "low" or "none".
+    evidence: human-readable reasons, in the order they were found.
+    accel_like_structure: structure looks like a full-UNet distillation LoRA.
+    """
+
+    kind: str
+    preset_name: Optional[str]
+    base_model: Optional[str]
+    steps: Optional[int]
+    confidence: str
+    evidence: list[str] = field(default_factory=list)
+    accel_like_structure: bool = False
+
+
+def _base_from_text(s: str) -> Optional[str]:
+    t = s.lower()
+    if re.search(r"sdxl|[-_]xl[-_.]|ssd-?1b|stable-diffusion-xl", t):
+        return "sdxl"
+    if re.search(r"sd-?v?1[-_.]?5|sd15|sdv1|stable-diffusion-v1", t):
+        return "sd15"
+    if re.search(r"sd-?v?2|sd21|stable-diffusion-v2", t):
+        return "sd2"
+    return None
+
+
+def match_name(name: str) -> Optional[tuple[str, Optional[str], Optional[int], Optional[str], str]]:
+    """Match a release file name. Returns (kind, preset, steps, base, why) or None."""
+    n = os.path.basename(name).lower()
+    base = _base_from_text(n)
+    m = re.search(r"animatelcm", n)
+    if m:
+        return "animatelcm", "animatelcm", None, base or "sd15", "file name matches AnimateLCM*"
+    m = re.search(r"pcm[-_](sd15|sdxl)[-_](smallcfg|normalcfg)[-_]?(\d+)[-_]?steps?", n)
+    if m:
+        b, cfg, steps = m.group(1), m.group(2), int(m.group(3))
+        preset = f"pcm_{cfg}_{steps}step"
+        return ("pcm", preset if preset in PRESET_NAMES else None, steps, b,
+                f"file name matches pcm_{{sd15,sdxl}}_{cfg}_{steps}step")
+    m = re.search(r"pcm[-_](sd15|sdxl)[-_]lcmlike", n)
+    if m:
+        return "pcm", "pcm_lcmlike", None, m.group(1), "file name matches pcm_*_lcmlike"
+    m = re.search(r"hyper-?sd(15|xl)-(\d+)-?steps?-cfg-lora", n)
+    if m:
+        steps = int(m.group(2))
+        preset = f"hypersd_cfg_{steps}step"
+        return ("hypersd", preset if preset in PRESET_NAMES else None, steps,
+                "sd15" if m.group(1) == "15" else "sdxl", "file name matches Hyper-SD*-{N}steps-CFG-lora")
+    m = re.search(r"hyper-?sd(15|xl)-(\d+)-?steps?-lora", n)
+    if m:
+        steps = int(m.group(2))
+        b = "sd15" if m.group(1) == "15" else "sdxl"
+        if steps == 1:
+            return "hypersd", "hypersd_1step_unified", 1, b, "file name matches Hyper-SD*-1step-lora (unified LoRA)"
+        preset = f"hypersd_{steps}step"
+        return ("hypersd", preset if preset in PRESET_NAMES else None, steps, b,
+                "file name matches Hyper-SD*-{N}steps-lora")
+    m = re.search(r"sdxl[-_]lightning[-_](\d+)[-_]?steps?[-_]lora", n)
+    if m:
+        steps = int(m.group(1))
+        preset = f"lightning_{steps}step"
+        return ("lightning", preset if preset in PRESET_NAMES else None, steps, "sdxl",
+                "file name matches sdxl_lightning_{N}step_lora")
+    if re.search(r"(^|[^a-z])tcd([^a-z]|$)", n):
+        return "tcd", "tcd", None, base, "file name matches TCD-*"
+    if re.search(r"lcm[-_ ]?lora|lora[-_ ]?lcm", n):
+        return "lcm", "lcm", None, base, "file name matches lcm-lora-*"
+    return None
+
+
+def addnet_hash(path: str) -> str:
+    """A1111/kohya "addnet" hash: sha256 of the safetensors payload after the JSON header (full hex)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than its header)")
+        n = struct.unpack("<Q", head)[0]
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Structure:
+    """Structural facts of an adapter (UNet side)."""
+
+    unet_only: bool
+    n_modules: int
+    ranks: set[int]
+    has_time_emb: bool
+    resnet_blocks: int
+    resnet_conv_blocks: int
+    has_down_up_samplers: bool
+    context_dim: Optional[int]
+    has_label_emb: bool
+    max_input_block: Optional[int]
+    max_down_block: Optional[int]
+    base_model: Optional[str]
+    base_why: str
+
+
+_RESNET_RE = re.compile(r"^(?:(input_blocks|output_blocks)_(\d+)_0|middle_block_[02]|"
+                        r"(down_blocks|up_blocks)_(\d+)_resnets_(\d+)|mid_block_resnets_(\d+))_")
+
+
+def analyse_structure(adapter: Adapter) -> Structure:
+    """Collect the structural facts used by ``detect``."""
+    names = [canonical(e.name) for e in adapter.entries]
+    ranks = {e.rank for e in adapter.entries if isinstance(e, LoraModule)}
+    has_time = any(re.search(r"(time_emb_proj|emb_layers_1)$", n) for n in names)
+    resnets: set[str] = set()
+    resnets_conv: set[str] = set()
+    for n in names:
+        m = _RESNET_RE.match(n)
+        if m:
+            blk = m.group(0)
+            resnets.add(blk)
+            if re.search(r"(conv1|conv2|in_layers_2|out_layers_3)$", n):
+                resnets_conv.add(blk)
+    samplers = any("samplers_0_conv" in n or re.search(r"input_blocks_\d+_0_op$|output_blocks_\d+_[12]_conv$", n)
+                   for n in names)
+    ctx: Optional[int] = None
+    for e in adapter.entries:
+        n = canonical(e.name)
+        if isinstance(e, LoraModule) and re.search(r"attn2_to_[kv]$", n):
+            ctx = int(e.down.reshape(e.down.shape[0], -1).shape[1])
+            break
+    label = any(n.startswith(("label_emb", "add_embedding", "class_embedding")) for n in names)
+    ins = [int(m.group(1)) for n in names for m in [re.match(r"input_blocks_(\d+)_", n)] if m]
+    downs = [int(m.group(1)) for n in names for m in [re.match(r"down_blocks_(\d+)_", n)] if m]
+    base, why = None, ""
+    if ctx == 2048 or label:
+        base, why = "sdxl", ("cross-attention context 2048" if ctx == 2048 else "label_emb/add_embedding keys")
+    elif ctx == 768:
+        base, why = "sd15", "cross-attention context 768, no label_emb/add_embedding"
+    elif ctx == 1024:
+        base, why = "sd2", "cross-attention context 1024"
+    elif ins and max(ins) > 8:
+        base, why = "sd15", f"input block {max(ins)} exists (SDXL has 0..8)"
+    elif downs and max(downs) == 3:
+        base, why = "sd15", "down_blocks.3 present (SDXL has 3 levels)"
+    return Structure(unet_only=not adapter.text_encoder_keys, n_modules=len(set(names)), ranks=ranks,
+                     has_time_emb=has_time, resnet_blocks=len(resnets), resnet_conv_blocks=len(resnets_conv),
+                     has_down_up_samplers=samplers, context_dim=ctx, has_label_emb=label,
+                     max_input_block=max(ins) if ins else None, max_down_block=max(downs) if downs else None,
+                     base_model=base, base_why=why)
+
+
+def _accel_like(s: Structure) -> tuple[bool, list[str]]:
+    why: list[str] = []
+    ok = True
+    why.append("UNet-only (no text encoder keys)" if s.unet_only else "has text encoder keys (typical of style LoRAs)")
+    ok &= s.unet_only
+    full_res = s.resnet_blocks > 0 and s.resnet_conv_blocks == s.resnet_blocks and s.has_time_emb
+    why.append(f"resnet conv coverage {s.resnet_conv_blocks} blocks, time-embedding "
+               f"{'present' if s.has_time_emb else 'absent'}")
+    ok &= full_res and s.resnet_conv_blocks >= 8
+    if len(s.ranks) == 1:
+        why.append(f"uniform rank {next(iter(s.ranks))}")
+    else:
+        why.append(f"mixed ranks {sorted(s.ranks)}" if s.ranks else "no plain LoRA modules")
+        ok = False
+    return ok, why
+
+
+def detect(source: Union[Adapter, str, os.PathLike], *, compute_hash: bool = False) -> Detection:
+    """Detect the acceleration-LoRA kind of an adapter (or a ``.safetensors`` path).
+
+    Args:
+        source: a parsed ``Adapter`` or a path (read with ``read_adapter``).
+        compute_hash: also hash the tensor payload (reads the whole file) for the known-hash table.
+    """
+    adapter = source if isinstance(source, Adapter) else read_adapter(source)
+    ev: list[str] = []
+    meta = adapter.metadata or {}
+    s = analyse_structure(adapter)
+    accel_like, why = _accel_like(s)
+    if s.base_model:
+        ev.append(f"structure: base {s.base_model} ({s.base_why})")
+    meta_base = None
+    arch = meta.get("modelspec.architecture", "") or meta.get("ss_base_model_version", "")
+    if arch:
+        meta_base = _base_from_text(arch) or ("sd15" if arch.startswith("sd_v1") else None)
+        if meta_base:
+            ev.append(f"metadata: base {meta_base} ({arch})")
+    if meta.get("ss_v2") == "True" and not meta_base:
+        meta_base = "sd2"
+        ev.append("metadata: ss_v2=True (SD2)")
+
+    def finish(kind, preset, steps, base, conf) -> Detection:
+        b = s.base_model or base or meta_base
+        if s.base_model and base and base != s.base_model and not (base == "sd15" and s.base_model == "sd2"):
+            ev.append(f"CONFLICT: name/metadata say {base} but the tensors are {s.base_model}; trusting the tensors")
+            conf = "low"
+        return Detection(kind, preset, b, steps, conf, ev, accel_like)
+
+    short = None
+    hs = meta.get("sshs_model_hash")
+    if hs:
+        short = hs.lower()[:12]
+        ev.append(f"metadata sshs_model_hash {short}")
+    if compute_hash and short not in KNOWN_HASHES:
+        short = addnet_hash(adapter.path)[:12]
+        ev.append(f"payload hash {short}")
+    if short in KNOWN_HASHES:
+        kind, preset, base = KNOWN_HASHES[short]
+        ev.append(f"hash {short} is a known release ({kind}, SD.Next table)")
+        steps = int(re.search(r"(\d+)step", preset).group(1)) if preset and re.search(r"(\d+)step", preset) else None
+        return finish(kind, preset, steps, base, "high")
+
+    candidates = [("file name", adapter.path)]
+    base_name = os.path.basename(adapter.path).lower()
+    if base_name.startswith("pytorch_lora_weights"):
+        candidates.append(("folder name", os.path.basename(os.path.dirname(os.path.abspath(adapter.path)))))
+        ev.append("generic diffusers file name pytorch_lora_weights (used by LCM-LoRA and TCD releases)")
+    for k in ("modelspec.title", "ss_output_name"):
+        if meta.get(k):
+            candidates.append((f"metadata {k}", meta[k]))
+    for where, text in candidates:
+        hit = match_name(text)
+        if hit:
+            kind, preset, steps, base, reason = hit
+            ev.append(f"{where}: {reason}")
+            ev.extend(f"structure: {w}" for w in why)
+            conf = "high" if accel_like else "medium"
+            if not accel_like:
+                ev.append("structure does not look like a full-UNet distillation LoRA; relying on the name")
+            if preset is None:
+                ev.append(f"no sampler preset for {kind} with {steps} steps")
+            return finish(kind, preset, steps, base, conf)
+
+    ev.extend(f"structure: {w}" for w in why)
+    if accel_like:
+        ev.append("structure looks like a distillation (acceleration) LoRA, but structure alone cannot tell "
+                  "LCM/TCD/PCM/Hyper-SD/Lightning apart: kind unknown, pick the preset by hand")
+        return Detection("unknown", None, s.base_model or meta_base, None, "low", ev, True)
+    ev.append("no known release name, hash or metadata: not recognised as an acceleration LoRA")
+    return Detection("unknown", None, s.base_model or meta_base, None, "none" if not s.base_model else "low", ev,
+                     False)

@@ -1,0 +1,498 @@
+"""Read a LoRA-family adapter file (``.safetensors`` only) into typed entries.
+
+One algorithm: parse the tensor names of a safetensors file into per-module
+entries. Nothing is unpickled: ``.ckpt/.pt/.pth/.bin`` paths are rejected with
+a message saying to convert the file to safetensors.
+
+Recognised per-module tensor names (``<m>`` is the module prefix):
+
+* plain LoRA / LoCon:  ``<m>.lora_up.weight`` + ``<m>.lora_down.weight``
+  (+ ``<m>.lora_mid.weight`` for LoCon Tucker), PEFT ``<m>.lora_B.weight`` +
+  ``<m>.lora_A.weight`` (also ``.lora_B.default.weight``), diffusers
+  ``<m>.lora.up.weight`` + ``<m>.lora.down.weight``, old diffusers
+  ``<m>_lora.up.weight``, transformers ``<m>.lora_linear_layer.up.weight``,
+  Mochi ``<m>.lora_B`` + ``<m>.lora_A``.
+* ``<m>.alpha`` (scalar), ``<m>.dora_scale`` (DoRA magnitude, any adapter).
+* LoHa: ``hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b`` (+ ``hada_t1, hada_t2``).
+* LoKr: ``lokr_w1`` or ``lokr_w1_a/_b``; ``lokr_w2`` or ``lokr_w2_a/_b``
+  (+ ``lokr_t2``).
+* full diff ``<m>.diff`` and bias diff ``<m>.diff_b``.
+
+Alpha resolution per module, first hit wins: the ``<m>.alpha`` tensor; kohya
+header ``ss_network_alpha`` (``conv_alpha`` from ``ss_network_args`` for
+k x k convs with k > 1); diffusers header ``lora_adapter_metadata`` JSON
+(``alpha_pattern`` then ``lora_alpha``, with or without the ``unet.`` prefix);
+else alpha = rank (scale 1). Scale = alpha / rank.
+
+Text-encoder modules (``lora_te*``, ``text_encoder*``) are counted and reported
+as "text encoder keys (not fused into the UNet)"; they produce no entries.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+LOG = logging.getLogger("fewstep")
+
+PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+
+# (suffix, role, style). Matched longest-suffix-first.
+_SUFFIXES: list[tuple[str, str, str]] = [
+    (".lora_up.weight", "up", "kohya"),
+    (".lora_down.weight", "down", "kohya"),
+    (".lora_mid.weight", "mid", "kohya"),
+    (".lora_B.default.weight", "up", "peft"),
+    (".lora_A.default.weight", "down", "peft"),
+    (".lora_B.weight", "up", "peft"),
+    (".lora_A.weight", "down", "peft"),
+    (".lora.up.weight", "up", "diffusers"),
+    (".lora.down.weight", "down", "diffusers"),
+    ("_lora.up.weight", "up", "diffusers_old"),
+    ("_lora.down.weight", "down", "diffusers_old"),
+    (".lora_linear_layer.up.weight", "up", "transformers"),
+    (".lora_linear_layer.down.weight", "down", "transformers"),
+    (".lora_B", "up", "mochi"),
+    (".lora_A", "down", "mochi"),
+    (".alpha", "alpha", ""),
+    (".dora_scale", "dora_scale", ""),
+    (".hada_w1_a", "hada_w1_a", "loha"),
+    (".hada_w1_b", "hada_w1_b", "loha"),
+    (".hada_w2_a", "hada_w2_a", "loha"),
+    (".hada_w2_b", "hada_w2_b", "loha"),
+    (".hada_t1", "hada_t1", "loha"),
+    (".hada_t2", "hada_t2", "loha"),
+    (".lokr_w1", "lokr_w1", "lokr"),
+    (".lokr_w1_a", "lokr_w1_a", "lokr"),
+    (".lokr_w1_b", "lokr_w1_b", "lokr"),
+    (".lokr_w2", "lokr_w2", "lokr"),
+    (".lokr_w2_a", "lokr_w2_a", "lokr"),
+    (".lokr_w2_b", "lokr_w2_b", "lokr"),
+    (".lokr_t2", "lokr_t2", "lokr"),
+    (".diff_b", "diff_b", "full"),
+    (".diff", "diff", "full"),
+]
+_SUFFIXES.sort(key=lambda s: len(s[0]), reverse=True)
+
+_TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_te1_", "lora_te2_", "te1.", "te2.")
+
+
+def is_text_encoder_module(module: str) -> bool:
+    """True when ``module`` names a text-encoder layer (kohya ``lora_te*`` or diffusers ``text_encoder*``)."""
+    return module.startswith(_TE_PREFIXES)
+
+
+@dataclass
+class ModuleEntry:
+    """Common fields of one adapter module (one target weight).
+
+    Attributes:
+        name: the module prefix as written in the file (e.g. ``lora_unet_..._to_q``).
+        file: path of the file it came from (for error messages).
+        alpha: alpha value, or None when the file carried none.
+        alpha_source: "tensor", "ss_network_alpha", "ss_network_args.conv_alpha",
+            "lora_adapter_metadata", or "rank" (defaulted).
+        dora_scale: DoRA magnitude tensor or None.
+        style: key style ("kohya", "peft", "diffusers", "loha", "lokr", "full", ...).
+        source_keys: the tensor names consumed for this entry.
+    """
+
+    name: str
+    file: str
+    alpha: Optional[float] = None
+    alpha_source: str = "rank"
+    dora_scale: Optional[torch.Tensor] = None
+    style: str = ""
+    source_keys: list[str] = field(default_factory=list)
+
+    kind = "base"
+
+    @property
+    def rank(self) -> Optional[int]:
+        return None
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank (1.0 when alpha or rank is undefined)."""
+        r = self.rank
+        if r is None or self.alpha is None:
+            return 1.0
+        return float(self.alpha) / float(r)
+
+
+@dataclass
+class LoraModule(ModuleEntry):
+    """Plain LoRA / LoCon: ΔW = scale · up @ [mid ∘] down.
+
+    Shapes: linear down [r, in], up [out, r]; conv down [r, in, kh, kw], up [out, r, 1, 1];
+    LoCon Tucker: down [r, in, 1, 1], mid [r, r, kh, kw], up [out, r, 1, 1].
+    """
+
+    down: torch.Tensor = None  # type: ignore[assignment]
+    up: torch.Tensor = None  # type: ignore[assignment]
+    mid: Optional[torch.Tensor] = None
+    kind = "lora"
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+@dataclass
+class LohaModule(ModuleEntry):
+    """LoHa: ΔW = scale · (w1_a @ w1_b) ⊙ (w2_a @ w2_b); Tucker form when t1/t2 given. rank = w1_b.shape[0]."""
+
+    w1_a: torch.Tensor = None  # type: ignore[assignment]
+    w1_b: torch.Tensor = None  # type: ignore[assignment]
+    w2_a: torch.Tensor = None  # type: ignore[assignment]
+    w2_b: torch.Tensor = None  # type: ignore[assignment]
+    t1: Optional[torch.Tensor] = None
+    t2: Optional[torch.Tensor] = None
+    kind = "loha"
+
+    @property
+    def rank(self) -> int:
+        return int(self.w1_b.shape[0])
+
+
+@dataclass
+class LokrModule(ModuleEntry):
+    """LoKr: ΔW = scale · kron(W1, W2). rank = w2_b.shape[0] if W2 is factored, else w1_b.shape[0],
+    else undefined (scale 1), as in ComfyUI's LoKrAdapter."""
+
+    w1: Optional[torch.Tensor] = None
+    w1_a: Optional[torch.Tensor] = None
+    w1_b: Optional[torch.Tensor] = None
+    w2: Optional[torch.Tensor] = None
+    w2_a: Optional[torch.Tensor] = None
+    w2_b: Optional[torch.Tensor] = None
+    t2: Optional[torch.Tensor] = None
+    kind = "lokr"
+
+    @property
+    def rank(self) -> Optional[int]:
+        if self.w2 is None and self.w2_b is not None:
+            return int(self.w2_b.shape[0])
+        if self.w1 is None and self.w1_b is not None:
+            return int(self.w1_b.shape[0])
+        return None
+
+
+@dataclass
+class DiffModule(ModuleEntry):
+    """Full weight delta (LyCORIS "full"): ΔW = diff."""
+
+    diff: torch.Tensor = None  # type: ignore[assignment]
+    kind = "diff"
+
+
+@dataclass
+class BiasDiffModule(ModuleEntry):
+    """Bias delta: Δb = diff_b (targets the ``.bias`` of the module)."""
+
+    diff: torch.Tensor = None  # type: ignore[assignment]
+    kind = "bias_diff"
+
+
+Entry = Union[LoraModule, LohaModule, LokrModule, DiffModule, BiasDiffModule]
+
+
+@dataclass
+class Adapter:
+    """Parsed adapter file.
+
+    Attributes:
+        path: file path.
+        metadata: safetensors ``__metadata__`` (str -> str).
+        entries: UNet-side module entries (one module may give a weight entry and a bias entry).
+        text_encoder_keys: tensor names belonging to text-encoder modules (not fused into the UNet).
+        unknown_keys: tensor names that match no known suffix (e.g. LyCORIS IA3), left unused.
+    """
+
+    path: str
+    metadata: dict[str, str]
+    entries: list[Entry]
+    text_encoder_keys: list[str] = field(default_factory=list)
+    unknown_keys: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def modules(self) -> list[str]:
+        """Distinct module names of the UNet entries, in file order."""
+        seen: dict[str, None] = {}
+        for e in self.entries:
+            seen.setdefault(e.name, None)
+        return list(seen)
+
+    def summary(self) -> str:
+        """One-line human summary (entry kinds, TE keys, unknown keys)."""
+        kinds: dict[str, int] = {}
+        for e in self.entries:
+            kinds[e.kind] = kinds.get(e.kind, 0) + 1
+        parts = [f"{self.name}: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))]
+        if self.text_encoder_keys:
+            parts.append(f"{len(self.text_encoder_keys)} text encoder keys (not fused into the UNet)")
+        if self.unknown_keys:
+            parts.append(f"{len(self.unknown_keys)} unrecognised keys (e.g. {self.unknown_keys[0]})")
+        return "; ".join(parts)
+
+
+def split_key(key: str) -> tuple[str, str, str]:
+    """Split a tensor name into (module prefix, role, style); role "" when the suffix is unknown."""
+    for suffix, role, style in _SUFFIXES:
+        if key.endswith(suffix) and len(key) > len(suffix):
+            return key[: -len(suffix)], role, style
+    return key, "", ""
+
+
+def _check_finite(path: str, key: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{path}: tensor '{key}' contains NaN or Inf values; the adapter file is damaged, "
+                         f"re-download or re-export it")
+
+
+def _parse_float(v: object) -> Optional[float]:
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if f == f and abs(f) != float("inf") else None
+
+
+class _AlphaResolver:
+    """Alpha from header metadata when a module has no ``.alpha`` tensor."""
+
+    def __init__(self, path: str, metadata: dict[str, str]):
+        self.path = path
+        self.ss_alpha = _parse_float(metadata.get("ss_network_alpha"))
+        self.ss_conv_alpha: Optional[float] = None
+        args = metadata.get("ss_network_args")
+        if args:
+            try:
+                parsed = json.loads(args)
+                if isinstance(parsed, dict):
+                    self.ss_conv_alpha = _parse_float(parsed.get("conv_alpha"))
+            except (ValueError, TypeError):
+                LOG.warning("%s: header ss_network_args is not JSON; ignored", path)
+        self.peft_alpha: Optional[float] = None
+        self.peft_pattern: dict[str, float] = {}
+        raw = metadata.get("lora_adapter_metadata")
+        if raw:
+            try:
+                cfg = json.loads(raw)
+            except ValueError:
+                LOG.warning("%s: header lora_adapter_metadata is not JSON; ignored", path)
+                cfg = {}
+            if isinstance(cfg, dict):
+                for prefix in ("unet.", ""):
+                    if self.peft_alpha is None:
+                        self.peft_alpha = _parse_float(cfg.get(prefix + "lora_alpha"))
+                    pat = cfg.get(prefix + "alpha_pattern")
+                    if isinstance(pat, dict):
+                        for k, v in pat.items():
+                            f = _parse_float(v)
+                            if f is not None:
+                                self.peft_pattern.setdefault(str(k), f)
+
+    def resolve(self, module: str, is_conv_kxk: bool) -> tuple[Optional[float], str]:
+        if self.ss_alpha is not None or self.ss_conv_alpha is not None:
+            if is_conv_kxk and self.ss_conv_alpha is not None:
+                return self.ss_conv_alpha, "ss_network_args.conv_alpha"
+            if self.ss_alpha is not None:
+                return self.ss_alpha, "ss_network_alpha"
+        if self.peft_pattern or self.peft_alpha is not None:
+            dotted = module
+            for p in ("unet.", "base_model.model."):
+                if dotted.startswith(p):
+                    dotted = dotted[len(p):]
+            for pat, val in self.peft_pattern.items():
+                if dotted == pat or re.fullmatch(rf"(.*\.)?{pat}", dotted):
+                    return val, "lora_adapter_metadata"
+            if self.peft_alpha is not None:
+                return self.peft_alpha, "lora_adapter_metadata"
+        return None, "rank"
+
+
+def read_adapter(path: Union[str, os.PathLike], strict: bool = False) -> Adapter:
+    """Read a ``.safetensors`` LoRA/LoCon/LoHa/LoKr/DoRA/full-diff file.
+
+    Args:
+        path: file path; must end in ``.safetensors``.
+        strict: raise on unrecognised tensor names instead of logging them.
+
+    Returns:
+        Adapter with typed UNet entries, TE key list and unknown key list.
+
+    Raises:
+        ValueError: pickle-format path, missing/truncated/corrupt file, NaN/Inf tensor,
+            incomplete factor pair, non-scalar alpha (message names the file and key).
+    """
+    path = os.fspath(path)
+    low = path.lower()
+    if low.endswith(PICKLE_EXTENSIONS):
+        raise ValueError(f"{path}: pickle-based checkpoints are not loaded (unpickling can run code); "
+                         f"convert this file to .safetensors first")
+    if not low.endswith(".safetensors"):
+        raise ValueError(f"{path}: only .safetensors adapter files are supported")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: adapter file not found")
+    try:
+        from safetensors import safe_open
+    except ImportError as e:  # pragma: no cover
+        raise ValueError(f"{path}: the 'safetensors' package is required to read adapters") from e
+
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            keys = list(f.keys())
+            for k in keys:
+                tensors[k] = f.get_tensor(k)
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises SafetensorError / OSError for truncation
+        raise ValueError(f"{path}: cannot read safetensors file (truncated or corrupt: {e})") from e
+    return parse_state_dict(tensors, metadata, path, strict=strict)
+
+
+def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str,
+                     strict: bool = False) -> Adapter:
+    """Group an in-memory adapter state dict into typed entries (see ``read_adapter``)."""
+    groups: dict[str, dict[str, tuple[str, torch.Tensor, str]]] = {}
+    te_keys: list[str] = []
+    unknown: list[str] = []
+    for key, t in tensors.items():
+        module, role, style = split_key(key)
+        if is_text_encoder_module(module):
+            te_keys.append(key)
+            continue
+        if not role:
+            unknown.append(key)
+            continue
+        _check_finite(path, key, t)
+        slot = groups.setdefault(module, {})
+        if role in slot:
+            raise ValueError(f"{path}: module '{module}' has two tensors for '{role}' "
+                             f"('{slot[role][0]}' and '{key}'); the file mixes key styles")
+        slot[role] = (key, t, style)
+
+    if unknown:
+        msg = (f"{path}: {len(unknown)} tensor(s) of unknown adapter type are not used, "
+               f"e.g. '{unknown[0]}' (IA3/OFT/GLoRA are unsupported)")
+        if strict:
+            raise ValueError(msg)
+        LOG.warning(msg)
+    if te_keys:
+        LOG.info("%s: %d text encoder keys (not fused into the UNet)", path, len(te_keys))
+
+    resolver = _AlphaResolver(path, metadata)
+    entries: list[Entry] = []
+    for module, slot in groups.items():
+        entries.extend(_build_entries(path, module, slot, resolver))
+    return Adapter(path=path, metadata=metadata, entries=entries, text_encoder_keys=te_keys,
+                   unknown_keys=unknown)
+
+
+def _get(slot: dict, role: str) -> Optional[torch.Tensor]:
+    v = slot.get(role)
+    return None if v is None else v[1]
+
+
+def _build_entries(path: str, module: str, slot: dict, resolver: _AlphaResolver) -> list[Entry]:
+    used = {role for role in slot}
+    keys = {role: v[0] for role, v in slot.items()}
+    alpha_t = _get(slot, "alpha")
+    alpha: Optional[float] = None
+    alpha_source = "rank"
+    if alpha_t is not None:
+        if alpha_t.numel() != 1:
+            raise ValueError(f"{path}: '{keys['alpha']}' must be a scalar, got shape {tuple(alpha_t.shape)}")
+        alpha = float(alpha_t.reshape(()).item())
+        alpha_source = "tensor"
+    dora = _get(slot, "dora_scale")
+    out: list[Entry] = []
+
+    def common(style: str, roles: list[str], kxk: bool) -> dict:
+        a, src = alpha, alpha_source
+        if a is None:
+            a, src = resolver.resolve(module, kxk)
+        src_keys = [keys[r] for r in roles if r in keys]
+        for r in ("alpha", "dora_scale"):
+            if r in keys:
+                src_keys.append(keys[r])
+        return dict(name=module, file=path, alpha=a, alpha_source=src, dora_scale=dora, style=style,
+                    source_keys=src_keys)
+
+    consumed: set[str] = {"alpha", "dora_scale"}
+    if "up" in slot or "down" in slot:
+        if "up" not in slot or "down" not in slot:
+            have = keys.get("up") or keys.get("down")
+            raise ValueError(f"{path}: '{have}' has no matching {'down' if 'up' in slot else 'up'} factor; "
+                             f"the file is incomplete")
+        up, down, mid = _get(slot, "up"), _get(slot, "down"), _get(slot, "mid")
+        style = slot["up"][2]
+        if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
+            raise ValueError(f"{path}: module '{module}' rank mismatch: up {tuple(up.shape)} vs down "
+                             f"{tuple(down.shape)} ('{keys['up']}')")
+        kxk = (mid is not None and mid.ndim == 4 and mid.shape[-1] > 1) or (down.ndim == 4 and down.shape[-1] > 1)
+        c = common(style, ["up", "down", "mid"], kxk)
+        if c["alpha"] is None:
+            c["alpha"] = float(down.shape[0])
+        out.append(LoraModule(down=down, up=up, mid=mid, **c))
+        consumed |= {"up", "down", "mid"}
+    elif any(r.startswith("hada_") for r in slot):
+        need = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
+        miss = [r for r in need if r not in slot]
+        if miss:
+            raise ValueError(f"{path}: LoHa module '{module}' lacks '{module}.{miss[0]}'")
+        c = common("loha", need + ["hada_t1", "hada_t2"], _get(slot, "hada_t1") is not None)
+        e = LohaModule(w1_a=_get(slot, "hada_w1_a"), w1_b=_get(slot, "hada_w1_b"), w2_a=_get(slot, "hada_w2_a"),
+                       w2_b=_get(slot, "hada_w2_b"), t1=_get(slot, "hada_t1"), t2=_get(slot, "hada_t2"), **c)
+        if e.alpha is None:
+            e.alpha = float(e.rank)
+        out.append(e)
+        consumed |= set(need) | {"hada_t1", "hada_t2"}
+    elif any(r.startswith("lokr_") for r in slot):
+        w1_ok = "lokr_w1" in slot or ("lokr_w1_a" in slot and "lokr_w1_b" in slot)
+        w2_ok = "lokr_w2" in slot or ("lokr_w2_a" in slot and "lokr_w2_b" in slot)
+        if not (w1_ok and w2_ok):
+            raise ValueError(f"{path}: LoKr module '{module}' needs lokr_w1 (or lokr_w1_a/_b) and lokr_w2 "
+                             f"(or lokr_w2_a/_b)")
+        roles = ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"]
+        c = common("lokr", roles, _get(slot, "lokr_t2") is not None)
+        e = LokrModule(w1=_get(slot, "lokr_w1"), w1_a=_get(slot, "lokr_w1_a"), w1_b=_get(slot, "lokr_w1_b"),
+                       w2=_get(slot, "lokr_w2"), w2_a=_get(slot, "lokr_w2_a"), w2_b=_get(slot, "lokr_w2_b"),
+                       t2=_get(slot, "lokr_t2"), **c)
+        if e.alpha is None and e.rank is not None:
+            e.alpha = float(e.rank)
+        out.append(e)
+        consumed |= set(roles)
+    if "diff" in slot:
+        c = common("full", ["diff"], False)
+        c["alpha"], c["alpha_source"] = None, "n/a"
+        if out:
+            raise ValueError(f"{path}: module '{module}' has both a factored adapter and '{keys['diff']}'")
+        out.append(DiffModule(diff=_get(slot, "diff"), **c))
+        consumed.add("diff")
+    if "diff_b" in slot:
+        out.append(BiasDiffModule(name=module, file=path, alpha=None, alpha_source="n/a", style="full",
+                                  source_keys=[keys["diff_b"]], diff=_get(slot, "diff_b")))
+        consumed.add("diff_b")
+    leftover = used - consumed
+    if not out and set(slot) == {"alpha"}:
+        LOG.warning("%s: '%s' has no adapter weights; ignored", path, keys["alpha"])
+        return []
+    if not out or ("dora_scale" in slot and not any(isinstance(e, (LoraModule, LohaModule, LokrModule)) for e in out)):
+        lone = keys.get("alpha") or keys.get("dora_scale") or next(iter(keys.values()))
+        raise ValueError(f"{path}: '{lone}' has no adapter weights for module '{module}'")
+    if leftover:
+        raise ValueError(f"{path}: '{keys[sorted(leftover)[0]]}' does not fit module '{module}' "
+                         f"({out[0].kind} adapter)")
+    return out

@@ -1,0 +1,248 @@
+"""Exact fp32 weight deltas for a set of adapter entries, one host weight at a time.
+
+One algorithm: for every host weight touched by the given entries,
+
+* all plain LoRA/LoCon entries without DoRA are fused in ONE fp32 GEMM
+  ("cat" trick, exact):  ΔW = [s₁·B₁ | s₂·B₂ | …] @ [A₁; A₂; …]
+  with sᵢ = strengthᵢ · keyscaleᵢ · alphaᵢ / rankᵢ, Bᵢ = up.flatten(1) and
+  Aᵢ = down.flatten(1) (LoCon Tucker: A = mid ∘ down first; kohya conv k×k:
+  down [r, in, kh, kw] and up [out, r, 1, 1] give [out, in·kh·kw]);
+* LoHa, LoKr and full ``.diff`` entries are added separately in fp32;
+* DoRA entries follow ComfyUI ``weight_adapter.base.weight_decompose``::
+
+      W  = base weight (fp32, from ``base_weight_fn``)
+      W' = W + (alpha/rank)·ΔW_lora
+      n  = ‖W‖ per output row      if dora_scale.shape[0] == W.shape[0]   (ComfyUI uses the *base*
+                                                                             weight here; "lycoris" mode uses W')
+         = ‖W'‖ per input column   otherwise (norm over all dims but 1)
+      W'' = W' · dora_scale / (n + eps_fp32)
+      ΔW_dora = strength · (W'' − W)
+
+  ComfyUI applies DoRA to the *running* weight (after earlier patches in the
+  chain); here it is always computed against the original base weight, i.e. as
+  if the DoRA adapter came first. This makes the result order-independent.
+
+``apply_delta`` adds the summed fp32 delta to the fp32 base weight and rounds
+once into the weight dtype (round-to-nearest; fp8 stochastic rounding belongs
+to the kernels layer). Memory: ``iter_deltas`` yields one key at a time, so
+the transient cost is one layer's fp32 delta plus its factors.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from .formats import BiasDiffModule, DiffModule, Entry, LohaModule, LokrModule, LoraModule
+
+LOG = logging.getLogger("fewstep")
+
+BaseWeightFn = Callable[[str], torch.Tensor]
+KeyScaleFn = Callable[[Entry, str], float]
+
+
+def target_key(entry: Entry, host_weight_key: str) -> str:
+    """Host key an entry writes to: the weight key, or ``<module>.bias`` for bias diffs."""
+    if isinstance(entry, BiasDiffModule):
+        if host_weight_key.endswith(".weight"):
+            return host_weight_key[: -len(".weight")] + ".bias"
+        return host_weight_key + ".bias"
+    return host_weight_key
+
+
+def _shape_error(entry: Entry, key: str, got: Sequence[int], want: Sequence[int]) -> ValueError:
+    src = entry.source_keys[0] if entry.source_keys else entry.name
+    return ValueError(f"{entry.file}: '{src}' gives a delta of shape {tuple(got)} but model weight '{key}' has "
+                      f"shape {tuple(want)}; the adapter does not fit this model (wrong base model?)")
+
+
+def lora_factors(entry: LoraModule, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (B [out, r], A [r, in·k·k]) with ΔW_flat = B @ A (scale not applied)."""
+    up = entry.up.to(device=device, dtype=torch.float32)
+    down = entry.down.to(device=device, dtype=torch.float32)
+    if entry.mid is not None:
+        mid = entry.mid.to(device=device, dtype=torch.float32)
+        # A[a, i, k, l] = Σ_b mid[a, b, k, l] · down[b, i]
+        down2 = down.reshape(down.shape[0], -1)
+        a = torch.einsum("abkl,bi->aikl", mid, down2)
+        return up.reshape(up.shape[0], -1), a.reshape(a.shape[0], -1)
+    return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+
+
+def _check_lora_shape(entry: LoraModule, key: str, b: torch.Tensor, a: torch.Tensor, shape: Sequence[int]) -> None:
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if len(shape) < 2 or b.shape[0] != shape[0] or a.shape[1] != cols:
+        raise _shape_error(entry, key, (b.shape[0], a.shape[1]), shape)
+
+
+def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
+    """Unscaled-by-strength fp32 delta of one non-DoRA entry, including its alpha/rank scale, shaped like the weight."""
+    n = math.prod(shape)
+    if isinstance(entry, LoraModule):
+        b, a = lora_factors(entry, device)
+        _check_lora_shape(entry, key, b, a, shape)
+        return (b @ a).mul_(entry.scale).reshape(shape)
+    if isinstance(entry, LohaModule):
+        f = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
+        if entry.t1 is not None and entry.t2 is not None:
+            m1 = torch.einsum("ijkl,jr,ip->prkl", f(entry.t1), f(entry.w1_b), f(entry.w1_a))
+            m2 = torch.einsum("ijkl,jr,ip->prkl", f(entry.t2), f(entry.w2_b), f(entry.w2_a))
+        else:
+            m1 = f(entry.w1_a) @ f(entry.w1_b)
+            m2 = f(entry.w2_a) @ f(entry.w2_b)
+        if m1.shape != m2.shape:
+            raise _shape_error(entry, key, tuple(m1.shape), shape)
+        d = m1 * m2
+    elif isinstance(entry, LokrModule):
+        f = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
+        w1 = f(entry.w1) if entry.w1 is not None else f(entry.w1_a) @ f(entry.w1_b)
+        if entry.w2 is not None:
+            w2 = f(entry.w2)
+        elif entry.t2 is not None:
+            w2 = torch.einsum("ijkl,jr,ip->prkl", f(entry.t2), f(entry.w2_b), f(entry.w2_a))
+        else:
+            w2 = f(entry.w2_a) @ f(entry.w2_b)
+        if w2.ndim == 4:
+            w1 = w1.unsqueeze(2).unsqueeze(2)
+        d = torch.kron(w1, w2)
+    elif isinstance(entry, (DiffModule, BiasDiffModule)):
+        d = entry.diff.to(device=device, dtype=torch.float32, copy=True)  # never alias the adapter tensor
+    else:  # pragma: no cover
+        raise ValueError(f"{getattr(entry, 'file', '?')}: unsupported entry type {type(entry).__name__}")
+    if d.numel() != n or (len(shape) >= 1 and d.shape[0] != shape[0]):
+        raise _shape_error(entry, key, tuple(d.shape), shape)
+    d = d.reshape(shape)
+    s = entry.scale
+    return d.mul_(s) if s != 1.0 else d
+
+
+def dora_delta(entry: Entry, key: str, shape: Sequence[int], strength: float, base_weight: torch.Tensor,
+               device: Optional[torch.device] = None, dora_mode: str = "comfyui") -> torch.Tensor:
+    """DoRA delta ``strength·(W'' − W)`` of one entry against the base weight (formula in the module doc)."""
+    if dora_mode not in ("comfyui", "lycoris"):
+        raise ValueError(f"dora_mode must be 'comfyui' or 'lycoris', got {dora_mode!r}")
+    w = base_weight.to(device=device, dtype=torch.float32)
+    if tuple(w.shape) != tuple(shape):
+        raise _shape_error(entry, key, tuple(w.shape), shape)
+    w_calc = w + raw_delta(entry, key, shape, device)
+    ds = entry.dora_scale.to(device=device, dtype=torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    if ds.shape[0] == w_calc.shape[0]:
+        src = w if dora_mode == "comfyui" else w_calc
+        norm = src.reshape(src.shape[0], -1).norm(dim=1, keepdim=True).reshape(src.shape[0], *[1] * (src.dim() - 1))
+    else:
+        norm = (w_calc.transpose(0, 1).reshape(w_calc.shape[1], -1).norm(dim=1, keepdim=True)
+                .reshape(w_calc.shape[1], *[1] * (w_calc.dim() - 1)).transpose(0, 1))
+    try:
+        w_new = w_calc * (ds / (norm + eps))
+    except RuntimeError as e:
+        src_key = next((k for k in entry.source_keys if k.endswith("dora_scale")), entry.name)
+        raise ValueError(f"{entry.file}: '{src_key}' shape {tuple(ds.shape)} does not broadcast against model "
+                         f"weight '{key}' shape {tuple(shape)}") from e
+    if w_new.shape != w.shape:
+        raise _shape_error(entry, key, tuple(w_new.shape), shape)
+    return (w_new - w).mul_(strength)
+
+
+def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[int],
+              base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
+              dora_mode: str = "comfyui") -> torch.Tensor:
+    """Summed fp32 delta for one host key from ``(entry, effective_strength)`` pairs.
+
+    Plain LoRAs: one GEMM over the rank-concatenated factors. Others: added one by one.
+    """
+    shape = tuple(int(s) for s in shape)
+    bs: list[torch.Tensor] = []
+    as_: list[torch.Tensor] = []
+    rest: list[tuple[Entry, float]] = []
+    for entry, strength in items:
+        if isinstance(entry, LoraModule) and entry.dora_scale is None:
+            if strength == 0.0:
+                continue
+            b, a = lora_factors(entry, device)
+            _check_lora_shape(entry, key, b, a, shape)
+            bs.append(b * (strength * entry.scale))
+            as_.append(a)
+        else:
+            rest.append((entry, strength))
+    if bs:
+        total = (torch.cat(bs, dim=1) @ torch.cat(as_, dim=0)).reshape(shape)
+    else:
+        total = torch.zeros(shape, dtype=torch.float32, device=device)
+    base: Optional[torch.Tensor] = None
+    for entry, strength in rest:
+        if entry.dora_scale is not None:
+            if base_weight_fn is None:
+                raise ValueError(f"{entry.file}: module '{entry.name}' is DoRA (has dora_scale) and needs the "
+                                 f"base weight of '{key}'; pass base_weight_fn")
+            if base is None:
+                base = base_weight_fn(key)
+            total += dora_delta(entry, key, shape, strength, base, device, dora_mode)
+        elif strength != 0.0:
+            total += raw_delta(entry, key, shape, device).mul_(strength)
+    return total
+
+
+def group_by_key(entries: Sequence[tuple[Entry, float]], module_to_host: dict[str, str],
+                 key_scale: Optional[KeyScaleFn] = None) -> dict[str, list[tuple[Entry, float]]]:
+    """Group ``(entry, strength)`` by target host key (insertion order), folding in ``key_scale``.
+
+    Raises ValueError naming the file and module for entries with no host key.
+    """
+    groups: dict[str, list[tuple[Entry, float]]] = {}
+    for entry, strength in entries:
+        hk = module_to_host.get(entry.name)
+        if hk is None:
+            raise ValueError(f"{entry.file}: module '{entry.name}' matches no model weight; map it with "
+                             f"lora.keys first (or drop unmatched modules)")
+        tk = target_key(entry, hk)
+        s = float(strength) * (float(key_scale(entry, tk)) if key_scale is not None else 1.0)
+        groups.setdefault(tk, []).append((entry, s))
+    return groups
+
+
+def iter_deltas(entries: Sequence[tuple[Entry, float]], weight_shapes: dict[str, Sequence[int]],
+                module_to_host: dict[str, str], *, base_weight_fn: Optional[BaseWeightFn] = None,
+                key_scale: Optional[KeyScaleFn] = None, device: Optional[torch.device] = None,
+                dora_mode: str = "comfyui") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(host_key, fp32 delta)`` one key at a time (see ``compute_deltas``)."""
+    groups = group_by_key(entries, module_to_host, key_scale)
+    for key, items in groups.items():
+        shape = weight_shapes.get(key)
+        if shape is None:
+            e = items[0][0]
+            raise ValueError(f"{e.file}: module '{e.name}' maps to '{key}', which is not a weight of the model")
+        yield key, key_delta(items, key, shape, base_weight_fn, device, dora_mode)
+
+
+def compute_deltas(entries: Sequence[tuple[Entry, float]], weight_shapes: dict[str, Sequence[int]],
+                   module_to_host: dict[str, str], *, base_weight_fn: Optional[BaseWeightFn] = None,
+                   key_scale: Optional[KeyScaleFn] = None, device: Optional[torch.device] = None,
+                   dora_mode: str = "comfyui") -> dict[str, torch.Tensor]:
+    """Exact fp32 ΔW per host key for ``(entry, strength)`` pairs.
+
+    Args:
+        entries: adapter entries with their strengths (any mix of adapters/types).
+        weight_shapes: host key -> weight shape (bias keys needed for ``.diff_b``).
+        module_to_host: entry.name -> host weight key (``lora.keys`` result).
+        base_weight_fn: host key -> base weight tensor; required only for DoRA entries.
+        key_scale: optional (entry, host_key) -> multiplier (block weights, LiNeS).
+        device: compute device (default: the factors' device, i.e. CPU).
+        dora_mode: "comfyui" (bit-for-bit semantics of ComfyUI 0.3.75) or "lycoris".
+
+    Raises:
+        ValueError: unmapped module, unknown host key, or shape mismatch (names file, key, shapes).
+    """
+    return dict(iter_deltas(entries, weight_shapes, module_to_host, base_weight_fn=base_weight_fn,
+                            key_scale=key_scale, device=device, dora_mode=dora_mode))
+
+
+def apply_delta(base_weight: torch.Tensor, delta: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``round_dtype(fp32(base) + fp32(delta))``: one rounding into ``dtype`` (default: base dtype)."""
+    if tuple(base_weight.shape) != tuple(delta.shape):
+        raise ValueError(f"apply_delta: delta shape {tuple(delta.shape)} != weight shape {tuple(base_weight.shape)}")
+    out_dtype = dtype or base_weight.dtype
+    w = base_weight.to(device=delta.device, dtype=torch.float32)
+    return (w + delta.to(torch.float32)).to(out_dtype)

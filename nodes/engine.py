@@ -1,0 +1,101 @@
+"""Glue between the host's sampling machinery and the pack's math: one sampler function for every entry point.
+
+`fewstep_sample` is the k-diffusion sampler behind the SAMPLER nodes (through ``comfy.samplers.KSAMPLER``)
+and behind the KSampler dropdown names (through the registry). It resolves settings in this order:
+SAMPLER-node options, then the FewStep Settings model patch (``model_options["transformer_options"]["fewstep"]``,
+read at sample time), then the sampler kind's defaults.
+"""
+from __future__ import annotations
+
+import logging
+
+import comfy.k_diffusion.sampling as ksampling
+import comfy.samplers
+
+from ..samplers import consistency
+from ..samplers.noise import BatchStepNoise
+
+log = logging.getLogger("fewstep")
+
+SETTINGS_KEY = "fewstep"
+NOISE_DEVICES = ("cpu", "gpu")
+FUSED_MODES = ("auto", "on", "off")
+
+# kind -> fixed step parameters; gamma for "tcd"/"consistency" comes from options.
+KIND_PARAMS = {
+    "lcm": dict(gamma=1.0, boundary=True, clean_intermediate=True),
+    "tcd": dict(boundary=False, clean_intermediate=False),
+    "pcm": dict(gamma=0.0, boundary=False, clean_intermediate=False),
+    "ddim": dict(gamma=0.0, boundary=False, clean_intermediate=False),
+    "consistency": dict(),
+}
+DEFAULTS = dict(gamma=0.3, boundary=False, clean_intermediate=False, final_step="x0", noise_device="cpu",
+                batch_offset=0, fused="auto")
+
+# Captured when the pack registers, before any sampling: if AnimateDiff-Evolved (or anything else) swaps
+# `default_noise_sampler` during a run, the pack follows it, as core samplers do.
+_CORE_DEFAULT_NOISE_SAMPLER = ksampling.default_noise_sampler
+
+
+def settings_from_model(extra_args: dict) -> dict:
+    opts = (extra_args or {}).get("model_options", {}).get("transformer_options", {})
+    return dict(opts.get(SETTINGS_KEY, {}))
+
+
+def resolve_options(kind: str, node_options: dict, extra_args: dict) -> dict:
+    if kind not in KIND_PARAMS:
+        raise ValueError(f"fewstep: unknown sampler kind {kind!r}; choose from {sorted(KIND_PARAMS)}")
+    opts = dict(DEFAULTS)
+    patch = settings_from_model(extra_args)
+    opts.update({k: v for k, v in patch.items() if k in DEFAULTS})
+    opts.update({k: v for k, v in node_options.items() if v is not None})
+    opts.update(KIND_PARAMS[kind])
+    if not 0.0 <= float(opts["gamma"]) <= 1.0:
+        raise ValueError(f"fewstep {kind} sampler: gamma must be in [0, 1], got {opts['gamma']}")
+    if opts["final_step"] not in consistency.FINAL_STEPS:
+        raise ValueError(f"fewstep {kind} sampler: final_step must be one of {consistency.FINAL_STEPS}")
+    if opts["noise_device"] not in NOISE_DEVICES:
+        raise ValueError(f"fewstep {kind} sampler: noise_device must be one of {NOISE_DEVICES}")
+    if opts["fused"] not in FUSED_MODES:
+        raise ValueError(f"fewstep {kind} sampler: fused must be one of {FUSED_MODES}")
+    return opts
+
+
+def noise_factory(batch_offset: int, noise_device: str):
+    """Step-noise source, looked up at call time: a patched host default wins, else per-(seed, index) noise."""
+    def factory(x, seed):
+        patched = ksampling.default_noise_sampler
+        if patched is not _CORE_DEFAULT_NOISE_SAMPLER:
+            return patched(x, seed=seed)
+        return BatchStepNoise(x, 0 if seed is None else int(seed), batch_offset=int(batch_offset),
+                              cpu=(noise_device == "cpu"))
+    return factory
+
+
+def use_fused(mode: str, x) -> bool:
+    if mode == "off":
+        return False
+    from ..kernels import consistency_step
+    available = x.is_cuda and consistency_step.triton_available()
+    if mode == "on" and not available:
+        raise ValueError("fewstep sampler: fused=on needs a CUDA latent and Triton; set fused to auto or off")
+    return available
+
+
+def fewstep_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, *, kind="consistency", **node_options):
+    """k-diffusion sampler entry point shared by every fewstep SAMPLER and dropdown name."""
+    extra_args = {} if extra_args is None else extra_args
+    opts = resolve_options(kind, node_options, extra_args)
+    factory = noise_factory(opts["batch_offset"], opts["noise_device"])
+    step = dict(gamma=float(opts["gamma"]), boundary=bool(opts["boundary"]), final_step=opts["final_step"],
+                clean_intermediate=bool(opts["clean_intermediate"]))
+    if use_fused(opts["fused"], x):
+        from ..kernels import fused_sampling
+        return fused_sampling.sample(model, x, sigmas, extra_args, callback, disable, noise_factory=factory, **step)
+    return consistency.sample_consistency(model, x, sigmas, extra_args, callback, disable,
+                                          noise_sampler_factory=factory, **step)
+
+
+def make_sampler(kind: str, **options) -> comfy.samplers.KSAMPLER:
+    """A SAMPLER object for SamplerCustom / SamplerCustomAdvanced."""
+    return comfy.samplers.KSAMPLER(fewstep_sample, extra_options=dict(kind=kind, **options))

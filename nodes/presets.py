@@ -1,0 +1,106 @@
+"""Preset nodes: one click from "I loaded a Hyper-SD / Lightning / PCM / TCD / LCM LoRA" to the right sampling.
+
+* FewStep Preset -> SAMPLER + SIGMAS + cfg for SamplerCustom.
+* FewStep Settings -> a MODEL patch so the plain KSampler uses a preset and gamma (sampler/scheduler
+  ``fewstep_auto``, or ``fewstep_tcd`` reading gamma) -- read from ``model_options`` at sample time.
+"""
+from __future__ import annotations
+
+import copy
+
+from comfy_api.v0_0_2 import io
+
+from ..samplers import presets as preset_table
+from ..samplers import schedules
+from . import engine, registry
+from .sampling import checked, discrete_model_sampling
+
+CAT = "sampling/custom_sampling/fewstep"
+NONE = "none"
+
+
+def preset_input(with_none=False):
+    options = ([NONE] if with_none else []) + list(preset_table.PRESET_NAMES)
+    return io.Combo.Input("preset", options=options, default=options[0],
+                          tooltip="Settings from the model card of the few-step LoRA/model you loaded. FewStep LoRA "
+                                  "Fuse's report names the matching preset when it recognises the file.")
+
+
+def preset_sigmas(node: str, model, preset, steps: int, strength: float):
+    ms = discrete_model_sampling(node, model)
+    return checked(node, lambda: schedules.timesteps_to_sigmas(
+        registry.preset_timesteps(preset, steps, strength), ms).cpu())
+
+
+class FewStepPreset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepPreset", display_name="FewStep Preset", category=CAT,
+            description="Sampler, sigmas and recommended cfg for LCM-LoRA, TCD, PCM, Hyper-SD, SDXL-Lightning and "
+                        "AnimateLCM, taken from their model cards. Wire into SamplerCustom.",
+            inputs=[io.Model.Input("model", tooltip="The model to sample (its sigma table places the timesteps)."),
+                    preset_input(),
+                    io.Int.Input("steps", default=0, min=0, max=100,
+                                 tooltip="0 = the preset's own step count; fixed-timestep presets ignore it."),
+                    io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01,
+                                   tooltip="img2img strength (LCM/TCD grids use diffusers' exact rule)."),
+                    io.Float.Input("gamma", default=-1.0, min=-1.0, max=1.0, step=0.01,
+                                   tooltip="TCD gamma override; -1 keeps the preset's value.")],
+            outputs=[io.Sampler.Output(), io.Sigmas.Output(),
+                     io.Float.Output(display_name="cfg", tooltip="The model card's recommended cfg.")])
+
+    @classmethod
+    def execute(cls, model, preset, steps, strength, gamma) -> io.NodeOutput:
+        node = "FewStep Preset"
+        p = checked(node, preset_table.get_preset, preset)
+        kind = registry.preset_kind(p)
+        if gamma >= 0 and kind != "tcd":
+            raise ValueError(f"{node}: gamma applies to TCD presets only; preset {preset!r} uses {p.sampler}. "
+                             "Set gamma to -1.")
+        options = {"gamma": p.gamma if gamma < 0 else gamma} if kind == "tcd" else {}
+        sampler = engine.make_sampler(kind, **options)
+        return io.NodeOutput(sampler, preset_sigmas(node, model, p, steps, strength), float(p.cfg))
+
+
+class FewStepSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepSettings", display_name="FewStep Settings (KSampler)", category="advanced/model",
+            description="Lets the plain KSampler use fewstep: pick sampler 'fewstep_auto' and scheduler "
+                        "'fewstep_auto' to follow the preset, or 'fewstep_tcd' with any scheduler to use this gamma. "
+                        "Returns a patched clone; the input model is untouched.",
+            inputs=[io.Model.Input("model", tooltip="The model to patch (it is cloned, never modified)."),
+                    preset_input(with_none=True),
+                    io.Float.Input("gamma", default=-1.0, min=-1.0, max=1.0, step=0.01,
+                                   tooltip="TCD gamma for fewstep_tcd / TCD presets; -1 = the preset's (0.3 if none)."),
+                    io.Combo.Input("final_step", options=["x0", "diffusers"], default="x0",
+                                   tooltip="Last step: clean x0, or exactly what diffusers returns."),
+                    io.Combo.Input("noise_device", options=list(engine.NOISE_DEVICES), default="cpu",
+                                   tooltip="Where step noise is drawn ('cpu' reproduces a seed on any device)."),
+                    io.Combo.Input("fused", options=list(engine.FUSED_MODES), default="auto",
+                                   tooltip="Fused CUDA step kernel: auto / on / off.")],
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, preset, gamma, final_step, noise_device, fused) -> io.NodeOutput:
+        node = "FewStep Settings"
+        settings = {"final_step": final_step, "noise_device": noise_device, "fused": fused}
+        m = model.clone()
+        if preset != NONE:
+            p = checked(node, preset_table.get_preset, preset)
+            settings.update(preset=preset, kind=registry.preset_kind(p))
+            if settings["kind"] == "tcd":
+                settings["gamma"] = p.gamma
+            ms = copy.copy(discrete_model_sampling(node, m))
+            setattr(ms, registry.PRESET_ATTR, preset)
+            m.add_object_patch("model_sampling", ms)
+        if gamma >= 0:
+            settings["gamma"] = gamma
+        # clone() deep-copies model_options, so this never reaches the input model.
+        m.model_options.setdefault("transformer_options", {})[engine.SETTINGS_KEY] = settings
+        return io.NodeOutput(m)
+
+
+NODES = [FewStepPreset, FewStepSettings]

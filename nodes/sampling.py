@@ -1,0 +1,258 @@
+"""SAMPLER, SIGMAS and NOISE nodes for SamplerCustom / SamplerCustomAdvanced."""
+from __future__ import annotations
+
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..samplers import consistency, schedules
+from ..samplers.noise import initial_noise
+from . import engine
+
+CAT_SAMPLERS = "sampling/custom_sampling/samplers"
+CAT_SCHEDULERS = "sampling/custom_sampling/schedulers"
+CAT_NOISE = "sampling/custom_sampling/noise"
+
+
+def checked(node: str, fn, *args, **kwargs):
+    """Run `fn`; a ValueError becomes one naming the node, so the user knows what to fix."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{node}: {e}") from None
+
+
+def discrete_model_sampling(node: str, model):
+    ms = model.get_model_object("model_sampling")
+    return checked(node, consistency.resolve_model_sampling, None, ms)
+
+
+# ---------------------------------------------------------------- shared inputs
+
+def gamma_input(default=0.3):
+    return io.Float.Input("gamma", default=default, min=0.0, max=1.0, step=0.01,
+                          tooltip="TCD stochasticity (the paper's gamma, diffusers' eta): 0 = deterministic DDIM, "
+                                  "1 = LCM-like re-noising from x0. Higher gamma suits more steps.")
+
+
+def common_sampler_inputs():
+    return [
+        io.Combo.Input("final_step", options=list(consistency.FINAL_STEPS), default="x0",
+                       tooltip="Last step: 'x0' returns the clean prediction; 'diffusers' returns exactly what the "
+                               "diffusers scheduler returns (TCD keeps a trace of predicted noise)."),
+        io.Combo.Input("noise_device", options=list(engine.NOISE_DEVICES), default="cpu",
+                       tooltip="Where step noise is drawn. 'cpu' gives the same image for a seed on any machine; "
+                               "'gpu' matches nothing across devices but skips a copy."),
+        io.Int.Input("batch_offset", default=0, min=0, max=4096,
+                     tooltip="Batch index of the first image. Step noise depends only on (seed, index): to re-render "
+                             "image k of a batch alone, pick it with LatentFromBatch(k) and set this to k."),
+        io.Combo.Input("fused", options=list(engine.FUSED_MODES), default="auto",
+                       tooltip="Fused Triton step kernel + sync-free loop: auto = on when the latent is on CUDA and "
+                               "Triton is installed; on = require it; off = plain PyTorch."),
+    ]
+
+
+def _sampler_node(node_id, display, description, kind, extra_inputs=()):
+    class _Node(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id=node_id, display_name=display, category=CAT_SAMPLERS, description=description,
+                             inputs=[*[f() for f in extra_inputs], *common_sampler_inputs()],
+                             outputs=[io.Sampler.Output()])
+
+        @classmethod
+        def execute(cls, **kw) -> io.NodeOutput:
+            checked(display, engine.resolve_options, kind, kw, {})
+            return io.NodeOutput(engine.make_sampler(kind, **kw))
+
+    _Node.__name__ = _Node.__qualname__ = node_id
+    return _Node
+
+
+FewStepSamplerLCM = _sampler_node(
+    "FewStepSamplerLCM", "FewStep LCM Sampler",
+    "Latent Consistency Model sampling (Luo et al. 2023; LCM-LoRA 2311.05556), diffusers-exact: x0 with the LCM "
+    "boundary condition, re-noised to the next grid point. No ModelSamplingDiscrete node needed. Pair with FewStep "
+    "LCM Schedule.", "lcm")
+FewStepSamplerTCD = _sampler_node(
+    "FewStepSamplerTCD", "FewStep TCD Sampler",
+    "Trajectory Consistency Distillation sampling (Zheng et al. 2024) with gamma: a DDIM move to s = (1-gamma)*t_next "
+    "then fresh seeded noise. Equals diffusers TCDScheduler. Previews show x0.", "tcd", (gamma_input,))
+FewStepSamplerPCM = _sampler_node(
+    "FewStepSamplerPCM", "FewStep PCM Sampler",
+    "Phased Consistency Model sampling (Wang et al. 2024): deterministic DDIM jumps between phase edges. Pair with "
+    "FewStep PCM Schedule (edges 999-739-499-239 for 4 phases of 50).", "pcm")
+
+
+class FewStepSamplerConsistency(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepSamplerConsistency", display_name="FewStep Consistency Sampler (unified)",
+            category=CAT_SAMPLERS,
+            description="The one consistency step behind every fewstep sampler, with all its switches: gamma 0 = DDIM/"
+                        "Euler, 0<gamma<1 = TCD, gamma 1 + clean intermediate + boundary = LCM.",
+            inputs=[gamma_input(),
+                    io.Boolean.Input("boundary", default=False,
+                                     tooltip="Apply the LCM boundary condition (c_skip, c_out; sigma_data 0.5, "
+                                             "timestep scaling 10) to the model's x0."),
+                    io.Boolean.Input("clean_intermediate", default=False,
+                                     tooltip="Re-noise from x0 itself (sigma_s = 0), as diffusers' LCMScheduler does."),
+                    *common_sampler_inputs()],
+            outputs=[io.Sampler.Output()])
+
+    @classmethod
+    def execute(cls, **kw) -> io.NodeOutput:
+        checked("FewStep Consistency Sampler", engine.resolve_options, "consistency", kw, {})
+        return io.NodeOutput(engine.make_sampler("consistency", **kw))
+
+
+# ---------------------------------------------------------------- SIGMAS
+
+def model_input():
+    return io.Model.Input("model", tooltip="The model whose noise schedule (sigma table) the timesteps are placed on.")
+
+
+def steps_input(name="steps", default=4, tooltip="Number of sampling steps."):
+    return io.Int.Input(name, default=default, min=1, max=1000, tooltip=tooltip)
+
+
+def strength_input():
+    return io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01,
+                          tooltip="img2img strength (denoise) with diffusers' exact rule: the grid is cut at "
+                                  "strength * original_steps before the steps are picked. 1.0 = text-to-image.")
+
+
+def original_steps_input():
+    return io.Combo.Input("original_steps", options=["50", "100", "25"], default="50",
+                          tooltip="The distillation grid (diffusers original_inference_steps): 50 for LCM-LoRA/TCD, "
+                                  "100 for AnimateLCM's reference config.")
+
+
+def _sigmas(node, model, fn, *args):
+    ms = discrete_model_sampling(node, model)
+    return io.NodeOutput(checked(node, lambda: schedules.timesteps_to_sigmas(fn(*args), ms).cpu()))
+
+
+class FewStepScheduleLCM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FewStepScheduleLCM", display_name="FewStep LCM Schedule", category=CAT_SCHEDULERS,
+                         description="diffusers-exact LCM skipping-step timesteps (999, 759, 499, 259 for 4 steps of "
+                                     "50) with exact img2img strength, as sigmas of the given model.",
+                         inputs=[model_input(), steps_input(), strength_input(), original_steps_input()],
+                         outputs=[io.Sigmas.Output()])
+
+    @classmethod
+    def execute(cls, model, steps, strength, original_steps) -> io.NodeOutput:
+        return _sigmas("FewStep LCM Schedule", model, schedules.lcm_timesteps, steps, int(original_steps), strength)
+
+
+class FewStepScheduleTCD(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FewStepScheduleTCD", display_name="FewStep TCD Schedule", category=CAT_SCHEDULERS,
+                         description="diffusers TCDScheduler timesteps (the LCM grid by default) with exact img2img "
+                                     "strength, as sigmas of the given model.",
+                         inputs=[model_input(), steps_input(), strength_input(), original_steps_input()],
+                         outputs=[io.Sigmas.Output()])
+
+    @classmethod
+    def execute(cls, model, steps, strength, original_steps) -> io.NodeOutput:
+        return _sigmas("FewStep TCD Schedule", model, schedules.tcd_timesteps, steps, int(original_steps), strength)
+
+
+class FewStepSchedulePCM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FewStepSchedulePCM", display_name="FewStep PCM Schedule", category=CAT_SCHEDULERS,
+                         description="PCM phase edges from (phases, num_ddim_timesteps): 999-739-499-239-0 for 4 "
+                                     "phases of 50 (SD1.5 scripts); 40 matches the SDXL example script.",
+                         inputs=[model_input(),
+                                 steps_input("phases", 4, "Number of phases = sampling steps (the LoRA's step count)."),
+                                 io.Int.Input("num_ddim_timesteps", default=50, min=2, max=1000,
+                                              tooltip="DDIM timesteps used in PCM training: 50 (SD1.5), 40 (SDXL).")],
+                         outputs=[io.Sigmas.Output()])
+
+    @classmethod
+    def execute(cls, model, phases, num_ddim_timesteps) -> io.NodeOutput:
+        return _sigmas("FewStep PCM Schedule", model, schedules.pcm_phase_timesteps, phases, num_ddim_timesteps)
+
+
+def trailing_with_denoise(steps: int, denoise: float) -> list[int]:
+    """diffusers img2img rule on the trailing grid: keep the last round(steps*denoise) of `steps` timesteps."""
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
+    full = schedules.trailing_timesteps(steps)
+    keep = min(steps, int(steps * denoise))
+    if keep < 1:
+        raise ValueError(f"denoise {denoise} leaves no step of {steps}; raise denoise or steps")
+    return full[steps - keep:]
+
+
+class FewStepScheduleTrailing(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FewStepScheduleTrailing", display_name="FewStep Trailing Schedule",
+                         category=CAT_SCHEDULERS,
+                         description="diffusers 'trailing' timesteps (999, 749, 499, 249 for 4) as Hyper-SD, "
+                                     "SDXL-Lightning and PCM model cards ask for.",
+                         inputs=[model_input(), steps_input(),
+                                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
+                                                tooltip="img2img: keep the last int(steps*denoise) timesteps "
+                                                        "(diffusers' rule).")],
+                         outputs=[io.Sigmas.Output()])
+
+    @classmethod
+    def execute(cls, model, steps, denoise) -> io.NodeOutput:
+        return _sigmas("FewStep Trailing Schedule", model, trailing_with_denoise, steps, denoise)
+
+
+class FewStepScheduleFixed(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FewStepScheduleFixed", display_name="FewStep Fixed Timesteps",
+                         category=CAT_SCHEDULERS,
+                         description="Sigmas at explicit timesteps, e.g. '800' for the Hyper-SDXL 1-step UNet.",
+                         inputs=[model_input(),
+                                 io.String.Input("timesteps", default="800",
+                                                 tooltip="Comma-separated decreasing timesteps in [0, 999].")],
+                         outputs=[io.Sigmas.Output()])
+
+    @classmethod
+    def execute(cls, model, timesteps) -> io.NodeOutput:
+        return _sigmas("FewStep Fixed Timesteps", model, schedules.fixed_timesteps, timesteps)
+
+
+# ---------------------------------------------------------------- NOISE
+
+class BatchIndexNoise:
+    """NOISE for SamplerCustomAdvanced: image k's initial noise depends only on (seed, k)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def generate_noise(self, input_latent) -> torch.Tensor:
+        latent = input_latent["samples"]
+        return initial_noise(tuple(latent.shape), self.seed, input_latent.get("batch_index"),
+                             dtype=torch.float32, device="cpu")
+
+
+class FewStepNoise(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="FewStepNoise", display_name="FewStep Noise (batch-stable)", category=CAT_NOISE,
+                         description="Initial noise where image k depends only on (seed, k): changing the batch size "
+                                     "never changes an image, and LatentFromBatch(k) re-renders image k alone.",
+                         inputs=[io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                                              control_after_generate=True,
+                                              tooltip="Seed for the initial noise (and, passed on, the step noise).")],
+                         outputs=[io.Noise.Output()])
+
+    @classmethod
+    def execute(cls, noise_seed) -> io.NodeOutput:
+        return io.NodeOutput(BatchIndexNoise(noise_seed))
+
+
+NODES = [FewStepSamplerLCM, FewStepSamplerTCD, FewStepSamplerPCM, FewStepSamplerConsistency,
+         FewStepScheduleLCM, FewStepScheduleTCD, FewStepSchedulePCM, FewStepScheduleTrailing, FewStepScheduleFixed,
+         FewStepNoise]

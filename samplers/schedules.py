@@ -1,0 +1,169 @@
+"""Timestep grids for few-step samplers and their conversion to k-diffusion sigmas.
+
+All grids are lists of integer training timesteps in descending order. ``timesteps_to_sigmas`` turns them
+into a SIGMAS tensor through any duck-typed ``model_sampling`` (host object or ``DiscreteSchedule``).
+Every invalid request raises ``ValueError`` naming the argument; nothing loops or hangs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+
+__all__ = [
+    "lcm_timesteps",
+    "tcd_timesteps",
+    "pcm_phase_timesteps",
+    "trailing_timesteps",
+    "fixed_timesteps",
+    "timesteps_to_sigmas",
+]
+
+
+def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo or (hi is not None and value > hi):
+        bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+    return int(value)
+
+
+def _check_strength(strength) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength (denoise) must be in (0, 1], got {strength!r}")
+    return float(strength)
+
+
+def _pick_evenly(descending_grid: np.ndarray, steps: int, strength: float) -> list[int]:
+    """diffusers' ``origin[floor(linspace(0, len, steps, endpoint=False))]`` with a clear error instead of its."""
+    if len(descending_grid) // steps < 1:
+        raise ValueError(
+            f"steps ({steps}) exceeds the number of grid points available at strength {strength:g} "
+            f"({len(descending_grid)}); lower steps or raise strength/denoise"
+        )
+    idx = np.floor(np.linspace(0, len(descending_grid), num=steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in descending_grid[idx]]
+
+
+def lcm_timesteps(steps: int, original_steps: int = 50, strength: float = 1.0, num_train_timesteps: int = 1000) -> list[int]:
+    """diffusers ``LCMScheduler.set_timesteps(steps, original_inference_steps=original_steps, strength=strength)``.
+
+    The skipping grid is ``k = T // original_steps``, ``{k-1, 2k-1, ..., int(original_steps*strength)*k - 1}``;
+    ``steps`` evenly spaced indices of the reversed grid are taken. ``strength < 1`` (img2img) truncates the grid
+    from the top exactly like diffusers (not ComfyUI's ``int(steps/denoise)`` tail trick).
+
+    Args:
+        steps: number of sampling steps, >= 1.
+        original_steps: distillation grid size (50 for LCM/TCD, 100 for AnimateLCM's reference config).
+        strength: img2img strength / denoise in (0, 1].
+        num_train_timesteps: training timesteps of the base model (1000).
+    """
+    num_train_timesteps = _check_int("num_train_timesteps", num_train_timesteps, 1)
+    steps = _check_int("steps", steps, 1)
+    original_steps = _check_int("original_steps", original_steps, 1, num_train_timesteps)
+    strength = _check_strength(strength)
+    k = num_train_timesteps // original_steps
+    grid = np.arange(1, int(original_steps * strength) + 1) * k - 1
+    return _pick_evenly(grid[::-1], steps, strength)
+
+
+def tcd_timesteps(
+    steps: int, original_steps: int = 50, strength: float = 1.0, num_train_timesteps: int = 1000, *, full_grid: bool = False
+) -> list[int]:
+    """diffusers ``TCDScheduler.set_timesteps`` grid.
+
+    With ``full_grid=False`` (diffusers: ``original_inference_steps`` left unset) this is the LCM grid of
+    ``lcm_timesteps``. With ``full_grid=True`` (diffusers: ``original_inference_steps`` passed explicitly) the
+    grid is every timestep ``0 .. int(T*strength) - 1`` and ``steps`` may not exceed ``original_steps``;
+    e.g. 4 steps give 999, 749, 499, 249.
+    """
+    if not full_grid:
+        return lcm_timesteps(steps, original_steps, strength, num_train_timesteps)
+    num_train_timesteps = _check_int("num_train_timesteps", num_train_timesteps, 1)
+    steps = _check_int("steps", steps, 1)
+    original_steps = _check_int("original_steps", original_steps, 1, num_train_timesteps)
+    strength = _check_strength(strength)
+    if steps > original_steps:
+        raise ValueError(f"steps ({steps}) cannot exceed original_steps ({original_steps})")
+    grid = np.arange(0, int(num_train_timesteps * strength))
+    return _pick_evenly(grid[::-1], steps, strength)
+
+
+def pcm_phase_timesteps(phases: int, num_ddim_timesteps: int = 50, num_train_timesteps: int = 1000) -> list[int]:
+    """Start timesteps of the PCM phases (Wang et al. 2024, training script ``ddim_style_multiphase_pred``).
+
+    ``ddim = arange(1, N+1) * (T // N) - 1``; phase starts are ``floor(linspace(0, N, phases, endpoint=False))``
+    and phase ``j`` ends at ``ddim_prev[start_j] = ddim[start_j - 1]``. Sampling visits ``T-1`` then each inner
+    phase edge: 4 phases of 50 give 999, 739, 499, 239 (with N=40, the SDXL script, they equal trailing).
+
+    Args:
+        phases: number of phases = sampling steps, 1 <= phases <= num_ddim_timesteps.
+        num_ddim_timesteps: DDIM solver size used in training (50 for the SD1.5 scripts, 40 for the SDXL example).
+    """
+    num_train_timesteps = _check_int("num_train_timesteps", num_train_timesteps, 1)
+    num_ddim_timesteps = _check_int("num_ddim_timesteps", num_ddim_timesteps, 1, num_train_timesteps)
+    phases = _check_int("phases", phases, 1, num_ddim_timesteps)
+    ddim = np.arange(1, num_ddim_timesteps + 1) * (num_train_timesteps // num_ddim_timesteps) - 1
+    starts = np.floor(np.linspace(0, num_ddim_timesteps, phases, endpoint=False)).astype(np.int64)
+    edges = [int(ddim[j - 1]) for j in starts[1:]]
+    return [int(ddim[-1])] + edges[::-1]
+
+
+def trailing_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """diffusers ``timestep_spacing="trailing"`` (DDIM/Euler; Hyper-SD, SDXL-Lightning, PCM model cards).
+
+    ``round(arange(T, 0, -T/steps)) - 1``: 4 steps give 999, 749, 499, 249.
+    """
+    num_train_timesteps = _check_int("num_train_timesteps", num_train_timesteps, 1)
+    steps = _check_int("steps", steps, 1, num_train_timesteps)
+    ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1
+    return [int(t) for t in ts]
+
+
+def fixed_timesteps(text: str, num_train_timesteps: int = 1000) -> list[int]:
+    """Parse a user list such as ``"800"`` or ``"999, 499"`` into strictly descending integer timesteps."""
+    if not isinstance(text, str):
+        raise ValueError(f"timesteps must be a string like '800, 400', got {type(text).__name__}")
+    parts = [p for p in re.split(r"[,\s;]+", text.strip()) if p]
+    if not parts:
+        raise ValueError("timesteps is empty; give integers like '800, 400'")
+    try:
+        ts = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"timesteps must be integers separated by commas, got {text!r}") from None
+    for t in ts:
+        if not 0 <= t < num_train_timesteps:
+            raise ValueError(f"timesteps values must be in [0, {num_train_timesteps - 1}], got {t}")
+    if any(b >= a for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps must be strictly descending, got {ts}")
+    return ts
+
+
+def timesteps_to_sigmas(timesteps, model_sampling, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """SIGMAS for ``timesteps`` (descending ints) via ``model_sampling.sigma``, with a trailing 0.
+
+    Args:
+        timesteps: descending integer timesteps (list or 1-D tensor).
+        model_sampling: anything with ``.sigma(t: Tensor) -> Tensor`` (host ``ModelSamplingDiscrete`` or
+            ``DiscreteSchedule``).
+        dtype: result dtype; default is whatever ``model_sampling.sigma`` returns.
+
+    Returns:
+        1-D CPU float tensor of ``len(timesteps) + 1`` strictly decreasing sigmas ending in 0.
+    """
+    ts = torch.as_tensor(list(timesteps) if not torch.is_tensor(timesteps) else timesteps).reshape(-1)
+    if ts.numel() == 0:
+        raise ValueError("timesteps must not be empty")
+    if ts.is_floating_point() and not torch.equal(ts, ts.round()):
+        raise ValueError(f"timesteps must be integers, got {ts.tolist()}")
+    sig = model_sampling.sigma(ts.to(torch.float64)).detach().cpu().reshape(-1)
+    if dtype is not None:
+        sig = sig.to(dtype)
+    sig = torch.cat([sig, sig.new_zeros(1)])
+    if not bool((sig[1:] < sig[:-1]).all()):
+        raise ValueError(f"timesteps must give strictly decreasing sigmas; got timesteps {ts.tolist()} -> sigmas {sig.tolist()}")
+    if not math.isfinite(float(sig.sum())):
+        raise ValueError(f"model_sampling.sigma returned non-finite sigmas for timesteps {ts.tolist()}")
+    return sig

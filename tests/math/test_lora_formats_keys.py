@@ -1,0 +1,180 @@
+"""lora.formats + lora.keys: every key style gives the same deltas; bad inputs name file and key."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _unet_keys import STYLES, save, tiny_sd15, write_lora  # noqa: E402
+
+from lora.formats import LoraModule, read_adapter  # noqa: E402
+from lora.fuse import compute_deltas  # noqa: E402
+from lora.keys import KeyMapper, canonical, require_all_matched  # noqa: E402
+
+U = tiny_sd15()
+TARGETS = [
+    "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+    "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+    "diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_out.0.weight",
+    "diffusion_model.output_blocks.5.1.proj_in.weight",
+    "diffusion_model.output_blocks.3.1.transformer_blocks.0.ff.net.0.proj.weight",
+]
+
+
+def make_factors(seed=0, rank=4, alpha=2.0):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for hk in TARGETS:
+        shape = U.shapes[hk]
+        down = torch.randn(rank, *shape[1:], generator=g)
+        up = torch.randn(shape[0], rank, *([1, 1] if len(shape) == 4 else []), generator=g)
+        out[hk] = (down, up, alpha)
+    return out
+
+
+def deltas_for(path):
+    ad = read_adapter(path)
+    km = KeyMapper(U.key_map, U.diffusers_to_ldm)
+    matched, unmatched = km.match(ad.modules())
+    assert unmatched == []
+    return compute_deltas([(e, 0.7) for e in ad.entries], U.shapes, matched)
+
+
+def test_all_key_styles_identical(tmp_path):
+    f = make_factors()
+    ref = None
+    for style in STYLES:
+        p = write_lora(str(tmp_path / f"{style}.safetensors"), f, U, style)
+        d = deltas_for(p)
+        assert set(d) == set(TARGETS), style
+        if ref is None:
+            ref = d
+        for k in TARGETS:
+            assert torch.equal(d[k], ref[k]), (style, k)
+    # independent reference
+    for hk, (down, up, alpha) in f.items():
+        exp = 0.7 * alpha / down.shape[0] * (up.reshape(up.shape[0], -1).double() @ down.reshape(down.shape[0], -1).double())
+        got = ref[hk].reshape(exp.shape).double()
+        assert torch.allclose(got, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_comfy_drops_peft_attention_but_we_map_it():
+    name = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert name not in U.key_map  # ComfyUI only knows the .processor. spelling
+    km = KeyMapper(U.key_map, U.diffusers_to_ldm)
+    assert km.lookup(name) == "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"
+    assert km.lookup("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_out") == \
+        "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_out.0.weight"
+    assert canonical("lora_unet_input_blocks_4_1_proj_in") == "input_blocks_4_1_proj_in"
+
+
+def test_alpha_tensor_vs_metadata(tmp_path):
+    f = make_factors(alpha=3.0)
+    a = write_lora(str(tmp_path / "a.safetensors"), f, U, "kohya_ldm", alpha_in_tensor=True)
+    b = write_lora(str(tmp_path / "b.safetensors"), f, U, "kohya_ldm", alpha_in_tensor=False,
+                   metadata={"ss_network_alpha": "3.0", "ss_network_dim": "4"})
+    c = write_lora(str(tmp_path / "c.safetensors"), f, U, "peft", alpha_in_tensor=False,
+                   metadata={"lora_adapter_metadata": json.dumps({"unet.r": 4, "unet.lora_alpha": 3.0})})
+    d = write_lora(str(tmp_path / "d.safetensors"), f, U, "peft", alpha_in_tensor=False)
+    da, db, dc, dd = (deltas_for(p) for p in (a, b, c, d))
+    srcs = {e.alpha_source for e in read_adapter(b).entries}
+    assert srcs == {"ss_network_alpha"}
+    assert {e.alpha_source for e in read_adapter(c).entries} == {"lora_adapter_metadata"}
+    assert {e.alpha_source for e in read_adapter(d).entries} == {"rank"}
+    for k in TARGETS:
+        assert torch.equal(da[k], db[k]) and torch.equal(da[k], dc[k])
+        assert torch.allclose(dd[k] * 0.75, da[k], rtol=1e-5, atol=1e-6)  # alpha=rank -> scale 1 vs 3/4
+
+
+def test_alpha_pattern(tmp_path):
+    f = make_factors(alpha=4.0)
+    meta = {"lora_adapter_metadata": json.dumps({"lora_alpha": 4, "alpha_pattern": {"attn1.to_q": 8}})}
+    p = write_lora(str(tmp_path / "p.safetensors"), f, U, "peft", alpha_in_tensor=False, metadata=meta)
+    ad = read_adapter(p)
+    got = {e.name.split(".")[-1]: e.alpha for e in ad.entries}
+    assert got["to_q"] == 8 and got["to_k"] == 4
+
+
+def test_text_encoder_and_unknown_keys_reported(tmp_path):
+    f = make_factors()
+    extra = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+             "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
+             "text_encoder.text_model.encoder.layers.0.q_proj.lora_A.weight": torch.zeros(4, 8),
+             "lora_unet_foo.on_input": torch.zeros(3)}
+    p = write_lora(str(tmp_path / "te.safetensors"), f, U, "kohya_ldm", extra=extra)
+    ad = read_adapter(p)
+    assert len(ad.text_encoder_keys) == 3
+    assert ad.unknown_keys == ["lora_unet_foo.on_input"]
+    assert "text encoder keys (not fused into the UNet)" in ad.summary()
+    with pytest.raises(ValueError, match="lora_unet_foo.on_input"):
+        read_adapter(p, strict=True)
+
+
+def test_bad_inputs(tmp_path):
+    for ext in (".ckpt", ".pt", ".bin"):
+        p = tmp_path / f"x{ext}"
+        p.write_bytes(b"\x80\x04junk")
+        with pytest.raises(ValueError, match=r"x\%s.*convert.*safetensors" % ext):
+            read_adapter(str(p))
+    f = make_factors()
+    good = write_lora(str(tmp_path / "good.safetensors"), f, U, "kohya_ldm")
+    raw = open(good, "rb").read()
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="trunc.safetensors"):
+        read_adapter(str(trunc))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="garbage.safetensors"):
+        read_adapter(str(garbage))
+    nan = save(str(tmp_path / "nan.safetensors"), {"lora_unet_x.lora_down.weight": torch.tensor([[float("nan")]]),
+                                                   "lora_unet_x.lora_up.weight": torch.ones(1, 1)})
+    with pytest.raises(ValueError, match=r"nan.safetensors.*lora_unet_x.lora_down.weight"):
+        read_adapter(nan)
+    half = save(str(tmp_path / "half.safetensors"), {"lora_unet_x.lora_up.weight": torch.ones(2, 1)})
+    with pytest.raises(ValueError, match=r"half.safetensors.*lora_unet_x.lora_up.weight"):
+        read_adapter(half)
+
+
+def test_unmatched_keys_raise(tmp_path):
+    p = save(str(tmp_path / "xl.safetensors"), {
+        "lora_unet_output_blocks_2_1_transformer_blocks_6_attn1_to_q.lora_down.weight": torch.ones(2, 8),
+        "lora_unet_output_blocks_2_1_transformer_blocks_6_attn1_to_q.lora_up.weight": torch.ones(8, 2)})
+    ad = read_adapter(p)
+    matched, unmatched = KeyMapper(U.key_map, U.diffusers_to_ldm).match(ad.modules())
+    assert matched == {} and unmatched == ["lora_unet_output_blocks_2_1_transformer_blocks_6_attn1_to_q"]
+    with pytest.raises(ValueError, match=r"xl.safetensors.*output_blocks_2_1_transformer_blocks_6"):
+        require_all_matched(ad.path, unmatched)
+    with pytest.raises(ValueError, match=r"xl.safetensors.*matches no model weight"):
+        compute_deltas([(e, 1.0) for e in ad.entries], U.shapes, matched)
+
+
+def test_shape_mismatch_names_file_key_shapes(tmp_path):
+    hk = TARGETS[0]
+    p = save(str(tmp_path / "wrong.safetensors"), {
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.ones(2, 5),
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.ones(8, 2)})
+    ad = read_adapter(p)
+    matched, _ = KeyMapper(U.key_map).match(ad.modules())
+    with pytest.raises(ValueError, match=r"wrong.safetensors.*attn1_to_q.*\(8, 5\).*" + hk.replace(".", r"\.") +
+                       r".*\(8, 8\)"):
+        compute_deltas([(e, 1.0) for e in ad.entries], U.shapes, matched)
+
+
+def test_entry_types_parsed(tmp_path):
+    m = "lora_unet_input_blocks_1_0_in_layers_2"
+    p = save(str(tmp_path / "mixed.safetensors"), {
+        m + ".lora_down.weight": torch.ones(2, 8, 1, 1), m + ".lora_mid.weight": torch.ones(2, 2, 3, 3),
+        m + ".lora_up.weight": torch.ones(8, 2, 1, 1), m + ".alpha": torch.tensor(1.0),
+        "lora_unet_out_2.diff": torch.ones(4, 8, 3, 3), "lora_unet_out_2.diff_b": torch.ones(4),
+        "lora_unet_time_embed_0.hada_w1_a": torch.ones(16, 2), "lora_unet_time_embed_0.hada_w1_b": torch.ones(2, 8),
+        "lora_unet_time_embed_0.hada_w2_a": torch.ones(16, 2), "lora_unet_time_embed_0.hada_w2_b": torch.ones(2, 8),
+        "lora_unet_time_embed_2.lokr_w1": torch.ones(4, 4), "lora_unet_time_embed_2.lokr_w2_a": torch.ones(4, 2),
+        "lora_unet_time_embed_2.lokr_w2_b": torch.ones(2, 4)})
+    ad = read_adapter(p)
+    kinds = sorted(e.kind for e in ad.entries)
+    assert kinds == ["bias_diff", "diff", "loha", "lokr", "lora"]
+    locon = next(e for e in ad.entries if isinstance(e, LoraModule))
+    assert locon.mid is not None and locon.scale == 0.5

@@ -1,0 +1,151 @@
+"""lora.fuse: one-GEMM fusion, conv/LoCon, LoHa/LoKr/DoRA against independent formulas, one rounding."""
+import torch
+import torch.nn.functional as F
+
+from lora.formats import BiasDiffModule, DiffModule, LohaModule, LokrModule, LoraModule
+from lora.fuse import apply_delta, compute_deltas, iter_deltas, key_delta
+
+G = torch.Generator().manual_seed(1234)
+
+
+def rn(*s):
+    return torch.randn(*s, generator=G)
+
+
+def lora(name, down, up, alpha=None, mid=None, dora=None):
+    return LoraModule(name=name, file=f"{name}.safetensors", alpha=alpha if alpha is not None else float(down.shape[0]),
+                      down=down, up=up, mid=mid, dora_scale=dora, source_keys=[name + ".lora_down.weight"])
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_gemm_fusion_equals_sum_fp64():
+    shape = (64, 48)
+    entries, ref = [], torch.zeros(shape, dtype=torch.float64)
+    for i, (r, a, s) in enumerate([(4, 2.0, 1.0), (8, 8.0, 0.6), (16, 4.0, -0.3), (1, 1.0, 2.0)]):
+        d, u = rn(r, 48), rn(64, r)
+        entries.append((lora(f"m{i}", d, u, a), s))
+        ref += s * a / r * (u.double() @ d.double())
+    got = key_delta(entries, "k.weight", shape)
+    assert got.dtype == torch.float32
+    assert rel(got, ref) < 1e-6
+
+
+def test_conv3x3_kohya_and_1x1():
+    w = (16, 8, 3, 3)
+    d, u = rn(4, 8, 3, 3), rn(16, 4, 1, 1)
+    got = key_delta([(lora("c", d, u, 2.0), 1.0)], "c.weight", w)
+    # sd-scripts reference: conv2d(down.permute(1,0,2,3), up).permute(1,0,2,3)
+    ref = F.conv2d(d.double().permute(1, 0, 2, 3), u.double()).permute(1, 0, 2, 3) * 0.5
+    assert rel(got, ref) < 1e-6
+    d1, u1 = rn(4, 8, 1, 1), rn(16, 4, 1, 1)
+    got1 = key_delta([(lora("c1", d1, u1), 1.0)], "c1.weight", (16, 8, 1, 1))
+    ref1 = (u1.double().squeeze() @ d1.double().squeeze())[..., None, None]
+    assert rel(got1, ref1) < 1e-6
+
+
+def test_locon_mid_tucker():
+    d, mid, u = rn(4, 8, 1, 1), rn(4, 4, 3, 3), rn(16, 4, 1, 1)
+    got = key_delta([(lora("t", d, u, 4.0, mid=mid), 1.0)], "t.weight", (16, 8, 3, 3))
+    # as a conv chain: x -> down(1x1) -> mid(3x3) -> up(1x1); composite kernel
+    ref = torch.einsum("oa,abkl,bi->oikl", u.double()[:, :, 0, 0], mid.double(), d.double()[:, :, 0, 0])
+    assert rel(got, ref) < 1e-6
+
+
+def test_loha_lokr_independent():
+    w1a, w1b, w2a, w2b = rn(12, 3), rn(3, 10), rn(12, 3), rn(3, 10)
+    e = LohaModule(name="h", file="h.safetensors", alpha=1.5, w1_a=w1a, w1_b=w1b, w2_a=w2a, w2_b=w2b)
+    got = key_delta([(e, 0.8)], "h.weight", (12, 10))
+    ref = 0.8 * 1.5 / 3 * ((w1a.double() @ w1b.double()) * (w2a.double() @ w2b.double()))
+    assert rel(got, ref) < 1e-6
+    # LoKr: W = kron(w1, w2a@w2b) * alpha/rank(w2_b)
+    w1, a2, b2 = rn(2, 4), rn(6, 2), rn(2, 3)
+    k = LokrModule(name="k", file="k.safetensors", alpha=1.0, w1=w1, w2_a=a2, w2_b=b2)
+    got = key_delta([(k, 1.0)], "k.weight", (12, 12))
+    w2 = (a2.double() @ b2.double())
+    ref = torch.zeros(12, 12, dtype=torch.float64)
+    for i in range(2):
+        for j in range(4):
+            ref[i * 6:(i + 1) * 6, j * 3:(j + 1) * 3] = w1[i, j].double() * w2
+    assert rel(got, ref * 0.5) < 1e-6
+    # LoKr conv: w1 [a, b], w2 [c, d, kh, kw]
+    w1c, w2c = rn(2, 2), rn(3, 4, 3, 3)
+    kc = LokrModule(name="kc", file="kc.safetensors", alpha=None, w1=w1c, w2=w2c)
+    got = key_delta([(kc, 1.0)], "kc.weight", (6, 8, 3, 3))
+    refc = torch.zeros(6, 8, 3, 3, dtype=torch.float64)
+    for i in range(2):
+        for j in range(2):
+            refc[i * 3:(i + 1) * 3, j * 4:(j + 1) * 4] = w1c[i, j].double() * w2c.double()
+    assert rel(got, refc) < 1e-6
+
+
+def _dora_ref(W, dW, scale, ds, strength, base_norm_out):
+    W, dW, ds = W.double(), dW.double(), ds.double()
+    Wc = W + scale * dW
+    if ds.shape[0] == W.shape[0]:
+        src = W if base_norm_out else Wc
+        n = torch.sqrt((src.reshape(src.shape[0], -1) ** 2).sum(1)).reshape(-1, *[1] * (W.dim() - 1))
+    else:
+        n = torch.sqrt((Wc ** 2).sum(0, keepdim=True))
+    Wn = Wc * ds / (n + torch.finfo(torch.float32).eps)
+    return strength * (Wn - W)
+
+
+def test_dora_both_axes():
+    W = rn(10, 6)
+    d, u = rn(2, 6), rn(10, 2)
+    for ds, strength in [(rn(1, 6).abs() + 0.5, 1.0), (rn(10, 1).abs() + 0.5, 0.7)]:
+        e = lora("d", d, u, 1.0, dora=ds)
+        got = key_delta([(e, strength)], "d.weight", (10, 6), base_weight_fn=lambda k: W)
+        ref = _dora_ref(W, u @ d, 0.5, ds, strength, base_norm_out=True)
+        assert rel(got, ref) < 1e-5
+        got_l = key_delta([(e, strength)], "d.weight", (10, 6), base_weight_fn=lambda k: W, dora_mode="lycoris")
+        ref_l = _dora_ref(W, u @ d, 0.5, ds, strength, base_norm_out=False)
+        assert rel(got_l, ref_l) < 1e-5
+
+
+def test_dora_needs_base_weight():
+    e = lora("d", rn(2, 6), rn(10, 2), dora=torch.ones(1, 6))
+    try:
+        key_delta([(e, 1.0)], "d.weight", (10, 6))
+    except ValueError as err:
+        assert "d.safetensors" in str(err) and "d.weight" in str(err)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_diff_and_bias_and_iter():
+    shapes = {"m.a.weight": (4, 3), "m.a.bias": (4,)}
+    diff = DiffModule(name="a", file="f.safetensors", diff=rn(4, 3))
+    b = BiasDiffModule(name="a", file="f.safetensors", diff=rn(4))
+    lo = lora("a", rn(2, 3), rn(4, 2))
+    out = compute_deltas([(diff, 0.5), (b, 2.0), (lo, 1.0)], shapes, {"a": "m.a.weight"})
+    assert set(out) == {"m.a.weight", "m.a.bias"}
+    assert rel(out["m.a.weight"], 0.5 * diff.diff.double() + lo.up.double() @ lo.down.double()) < 1e-6
+    assert torch.allclose(out["m.a.bias"], 2.0 * b.diff)
+    it = iter_deltas([(lo, 1.0)], shapes, {"a": "m.a.weight"})
+    k, v = next(it)
+    assert k == "m.a.weight"
+
+
+def test_key_scale_and_one_rounding():
+    shape = (32, 24)
+    base = rn(*shape).to(torch.float16)
+    items = [(lora(f"x{i}", rn(4, 24) * 0.01, rn(32, 4) * 0.01), 1.0) for i in range(3)]
+    mod2host = {e.name: "w.weight" for e, _ in items}
+    deltas = compute_deltas(items, {"w.weight": shape}, mod2host, key_scale=lambda e, k: 0.5)
+    fused = apply_delta(base, deltas["w.weight"])
+    assert fused.dtype == torch.float16
+    exact = sum(0.5 * (e.up.double() @ e.down.double()) for e, _ in items)
+    assert torch.equal(fused, (base.float() + deltas["w.weight"]).to(torch.float16))
+    # one rounding of the fp32 sum equals rounding the fp64 truth (except at exact ties, absent here)
+    assert (fused.float() - (base.double() + exact).to(torch.float16).float()).abs().max() <= \
+        torch.finfo(torch.float16).eps * base.float().abs().max()
+    # sequential per-adapter rounding (diffusers-style) is generally different
+    seq = base.clone()
+    for e, _ in items:
+        seq = (seq.float() + 0.5 * (e.up @ e.down)).to(torch.float16)
+    assert (fused.float() - (base.double() + exact).float()).abs().sum() <= \
+        (seq.float() - (base.double() + exact).float()).abs().sum()

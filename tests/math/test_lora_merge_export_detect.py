@@ -1,0 +1,229 @@
+"""lora.merge (block weights, LiNeS, TIES, DARE), lora.export (randomized SVD), lora.detect."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _unet_keys import save  # noqa: E402
+
+from lora.detect import detect, match_name  # noqa: E402
+from lora.export import export_lora, full_svd_export, save_lora  # noqa: E402
+from lora.formats import LoraModule, read_adapter  # noqa: E402
+from lora.fuse import key_delta  # noqa: E402
+from lora.merge import (LAYOUTS, block_of, depth_count, iter_merged_deltas, lines_scale, merge_deltas,  # noqa: E402
+                        parse_block_weights, ties_combine, trim_top_k)
+
+LBW17 = {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0", "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0", "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0", "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0", "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+}
+
+
+def test_slot_counts_and_presets():
+    assert {k: sorted(v) for k, v in LAYOUTS.items()} == {"sd15": [17, 26], "sdxl": [12, 20]}
+    for arch, n in [("sd15", 17), ("sd15", 26), ("sdxl", 12), ("sdxl", 20)]:
+        bw = parse_block_weights(",".join(["0.5"] * n), arch)
+        assert len(bw.values) == n
+    with pytest.raises(ValueError, match="17 or 26"):
+        parse_block_weights("1,1,1", "sd15")
+    with pytest.raises(ValueError, match="12 or 20"):
+        parse_block_weights(",".join(["1"] * 17), "sdxl")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_block_weights("BOGUS", "sd15")
+    # presets reproduce the LBW 17-value table on the 17 slots
+    for name, vec in LBW17.items():
+        bw = parse_block_weights(name.lower(), "sd15")
+        got = [bw.weight(s) for s in LAYOUTS["sd15"][17]]
+        assert got == [float(x) for x in vec.split(",")], name
+    xl = parse_block_weights("OUTALL", "sdxl")
+    assert xl.weight("IN04") == 0 and xl.weight("OUT08") == 1 and xl.weight("BASE") == 1
+
+
+def test_block_of_and_unlisted_slots():
+    assert block_of("diffusion_model.input_blocks.4.1.proj_in.weight", "sd15") == "IN04"
+    assert block_of("diffusion_model.middle_block.1.proj_in.weight", "sd15") == "MID"
+    assert block_of("diffusion_model.output_blocks.11.1.proj_out.weight", "sd15") == "OUT11"
+    assert block_of("diffusion_model.time_embed.0.weight", "sdxl") == "BASE"
+    assert block_of("diffusion_model.out.2.weight", "sd15") == "BASE"
+    with pytest.raises(ValueError, match="input block 10"):
+        block_of("diffusion_model.input_blocks.10.0.in_layers.2.weight", "sdxl")
+    bw = parse_block_weights(",".join(["0"] * 17), "sd15")
+    assert bw.for_key("diffusion_model.input_blocks.3.0.op.weight") == 1.0  # IN03 not in the 17 slots
+    assert bw.for_key("diffusion_model.input_blocks.4.0.op.weight") == 0.0
+
+
+def test_lines_endpoints():
+    a, b = 0.3, 0.7
+    assert depth_count("sd15") == 25 and depth_count("sdxl") == 19
+    assert lines_scale("diffusion_model.input_blocks.0.0.weight", "sd15", a, b) == pytest.approx(a)
+    assert lines_scale("diffusion_model.output_blocks.11.1.proj_in.weight", "sd15", a, b) == pytest.approx(a + b)
+    assert lines_scale("diffusion_model.middle_block.1.proj_in.weight", "sd15", a, b) == pytest.approx(a + b / 2)
+    assert lines_scale("diffusion_model.output_blocks.8.1.proj_in.weight", "sdxl", a, b) == pytest.approx(a + b)
+    assert lines_scale("diffusion_model.time_embed.0.weight", "sdxl", a, b) == pytest.approx(a)
+
+
+def test_ties_hand_example():
+    t1 = torch.tensor([1.0, -2.0, 3.0, 0.1, -0.5])
+    t2 = torch.tensor([-4.0, 1.0, 2.0, 0.2, 0.4])
+    t3 = torch.tensor([2.0, -1.0, -0.5, 0.3, 3.0])
+    # density 0.6 -> keep top 3 by |x| of each
+    assert torch.equal(trim_top_k(t1, 0.6), torch.tensor([1.0, -2.0, 3.0, 0.0, 0.0]))
+    # trimmed: t1=[1,-2,3,0,0]  t2=[-4,1,2,0,0]  t3=[2,-1,0,0.3,3]  (t3: |3|,|2|,|-1| -> keep 3, 2, -1)
+    got = merge_deltas([t1, t2, t3], "ties", density=0.6)
+    # elem0: sum=-1 -> sign -, agreeing {-4} -> -4 ; elem1: sum=-2 -> -, {-2,-1} -> -1.5
+    # elem2: sum=5 -> +, {3,2} -> 2.5 ; elem3: all zero -> 0 ; elem4: {3} -> 3
+    assert torch.allclose(got, torch.tensor([-4.0, -1.5, 2.5, 0.0, 3.0]))
+    assert torch.allclose(ties_combine([torch.tensor([1.0, -1.0])]), torch.tensor([1.0, -1.0]))
+
+
+def test_dare_deterministic_and_unbiased():
+    d = torch.randn(200, 100, generator=torch.Generator().manual_seed(0))
+    a = merge_deltas([d], "dare", p=0.7, seed=5, key="k")
+    b = merge_deltas([d], "dare", p=0.7, seed=5, key="k")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, merge_deltas([d], "dare", p=0.7, seed=6, key="k"))
+    kept = (a != 0).float().mean()
+    assert abs(float(kept) - 0.3) < 0.02
+    mean = torch.stack([merge_deltas([d], "dare", p=0.5, seed=s, key="k") for s in range(200)]).mean(0)
+    assert float((mean - d).norm() / d.norm()) < 0.1
+
+
+def _lm(name, r=2, out=6, inn=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return LoraModule(name=name, file=name + ".safetensors", alpha=float(r), down=torch.randn(r, inn, generator=g),
+                      up=torch.randn(out, r, generator=g))
+
+
+def test_merged_deltas_accel_linear_and_order_independent():
+    shapes = {"w1": (6, 5), "w2": (6, 5)}
+    acc = [(_lm("a1", seed=1), 1.0), (_lm("a2", seed=2), 1.0)]
+    s1 = [(_lm("a1", seed=3), 0.8)]
+    s2 = [(_lm("a1", seed=4), 0.5), (_lm("a2", seed=5), 0.5)]
+    m2h = {"a1": "w1", "a2": "w2"}
+    for mode in ("linear", "ties", "dare", "dare_ties"):
+        out = dict(iter_merged_deltas(acc, [s1, s2], shapes, m2h, mode=mode, seed=3, density=0.5))
+        acc_only = key_delta([acc[0]], "w1", (6, 5))
+        styles = [key_delta(s1, "w1", (6, 5)), key_delta([s2[0]], "w1", (6, 5))]
+        exp = acc_only + merge_deltas(styles, mode, density=0.5, seed=3, key="w1", p=0.5)
+        assert torch.allclose(out["w1"], exp, atol=1e-6), mode
+        # key processing order does not change DARE masks
+        rev = dict(iter_merged_deltas(list(reversed(acc)), [list(reversed(s1)), list(reversed(s2))], shapes, m2h,
+                                      mode=mode, seed=3, density=0.5))
+        assert torch.allclose(rev["w2"], out["w2"], atol=1e-6)
+
+
+def _lowrank(m, n, svals, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(m, len(svals), generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, len(svals), generator=g))
+    return (u * torch.tensor(svals)) @ v.T
+
+
+def test_export_vs_full_svd_and_conv_shapes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    svals = [10.0 * 0.8 ** i for i in range(60)]
+    lin = _lowrank(120, 96, svals) + 1e-3 * torch.randn(120, 96, generator=g)
+    conv = _lowrank(32, 16 * 9, svals[:40], seed=1).reshape(32, 16, 3, 3)
+    deltas = {"diffusion_model.input_blocks.1.1.proj_in.weight": lin,
+              "diffusion_model.input_blocks.1.0.in_layers.2.weight": conv,
+              "diffusion_model.input_blocks.1.0.in_layers.2.bias": torch.randn(32, generator=g)}
+    sd, rep = export_lora(deltas, rank=16, seed=1, dtype=torch.float32)
+    sdf, repf = full_svd_export(deltas, rank=16, dtype=torch.float32)
+    for kr, kf in zip(rep.keys, repf.keys):
+        assert kr.rel_error <= kf.rel_error * (1 + 1e-3) + 1e-7, (kr, kf)
+    assert abs(rep.overall_rel_error - repf.overall_rel_error) <= 1e-3 * repf.overall_rel_error
+    n = "lora_unet_input_blocks_1_0_in_layers_2"
+    assert sd[n + ".lora_down.weight"].shape == (16, 16, 3, 3)
+    assert sd[n + ".lora_up.weight"].shape == (32, 16, 1, 1)
+    assert float(sd[n + ".alpha"]) == 16.0
+    assert torch.equal(sd[n + ".diff_b"], deltas["diffusion_model.input_blocks.1.0.in_layers.2.bias"])
+    # round trip through our reader: alpha/rank = 1
+    p = str(tmp_path / "exp.safetensors")
+    save_lora(p, sd, rep)
+    ad = read_adapter(p)
+    e = next(x for x in ad.entries if x.name == n and x.kind == "lora")
+    assert e.scale == 1.0
+    rebuilt = key_delta([(e, 1.0)], "k", (32, 16, 3, 3))
+    exp = (sd[n + ".lora_up.weight"].flatten(1) @ sd[n + ".lora_down.weight"].flatten(1)).reshape(32, 16, 3, 3)
+    assert torch.allclose(rebuilt, exp, atol=1e-5)
+
+
+def test_energy_threshold_rank():
+    svals = [4.0, 3.0, 2.0, 1.0]  # energies 16, 9, 4, 1 of 30
+    m = _lowrank(40, 30, svals)
+    # cumulative fro fractions: sqrt(16/30)=.730, sqrt(25/30)=.913, sqrt(29/30)=.983, 1
+    for e, r in [(0.7, 1), (0.9, 2), (0.95, 3), (0.99, 4)]:
+        _, rep = export_lora({"diffusion_model.out.2.weight": m}, energy=e, max_rank=20, dtype=torch.float32)
+        assert rep.keys[0].rank == r, (e, rep.keys[0])
+
+
+def _accel_file(path, ctx=768, te=False, rank=8, meta=None):
+    sd = {}
+    g = torch.Generator().manual_seed(0)
+    for blk in ["down_blocks_0_resnets_0", "down_blocks_0_resnets_1", "down_blocks_1_resnets_0",
+                "down_blocks_1_resnets_1", "down_blocks_2_resnets_0", "down_blocks_3_resnets_0", "mid_block_resnets_0",
+                "up_blocks_0_resnets_0", "up_blocks_1_resnets_0", "up_blocks_2_resnets_0"]:
+        for layer, inn in [("conv1", 8 * 9), ("conv2", 8 * 9), ("time_emb_proj", 16)]:
+            n = f"lora_unet_{blk}_{layer}"
+            shape = (rank, 8, 3, 3) if "conv" in layer else (rank, 16)
+            sd[n + ".lora_down.weight"] = torch.randn(*shape, generator=g)
+            sd[n + ".lora_up.weight"] = torch.randn(8, rank, *([1, 1] if "conv" in layer else []), generator=g)
+            sd[n + ".alpha"] = torch.tensor(float(rank))
+    n = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"
+    sd[n + ".lora_down.weight"] = torch.randn(rank, ctx, generator=g)
+    sd[n + ".lora_up.weight"] = torch.randn(8, rank, generator=g)
+    if te:
+        sd["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.randn(rank, 8, generator=g)
+        sd["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.randn(8, rank, generator=g)
+    return save(path, sd, meta)
+
+
+@pytest.mark.parametrize("name,kind,preset,steps", [
+    ("lcm-lora-sdv1-5.safetensors", "lcm", "lcm", None),
+    ("TCD-SD15-LoRA.safetensors", "tcd", "tcd", None),
+    ("Hyper-SD15-4steps-lora.safetensors", "hypersd", "hypersd_4step", 4),
+    ("Hyper-SD15-1step-lora.safetensors", "hypersd", "hypersd_1step_unified", 1),
+    ("Hyper-SD15-12steps-CFG-lora.safetensors", "hypersd", "hypersd_cfg_12step", 12),
+    ("pcm_sd15_smallcfg_2step_converted.safetensors", "pcm", "pcm_smallcfg_2step", 2),
+    ("pcm_sd15_normalcfg_16step_converted.safetensors", "pcm", "pcm_normalcfg_16step", 16),
+    ("pcm_sd15_lcmlike_lora_converted.safetensors", "pcm", "pcm_lcmlike", None),
+    ("AnimateLCM_sd15_t2v_lora.safetensors", "animatelcm", "animatelcm", None),
+])
+def test_detect_names(tmp_path, name, kind, preset, steps):
+    d = detect(_accel_file(str(tmp_path / name)))
+    assert (d.kind, d.preset_name, d.steps, d.base_model) == (kind, preset, steps, "sd15")
+    assert d.confidence == "high" and d.evidence
+
+
+def test_detect_lightning_sdxl_and_conflict(tmp_path):
+    d = detect(_accel_file(str(tmp_path / "sdxl_lightning_4step_lora.safetensors"), ctx=2048))
+    assert (d.kind, d.preset_name, d.steps, d.base_model, d.confidence) == \
+        ("lightning", "lightning_4step", 4, "sdxl", "high")
+    d = detect(_accel_file(str(tmp_path / "sdxl_lightning_8step_lora.safetensors"), ctx=768))
+    assert d.base_model == "sd15" and d.confidence == "low" and any("CONFLICT" in e for e in d.evidence)
+    assert match_name("pcm_sdxl_smallcfg_3step.safetensors")[1] is None  # no preset for 3 steps
+
+
+def test_detect_folder_metadata_structure(tmp_path):
+    p = _accel_file(str(tmp_path / "lcm-lora-sdxl" / "pytorch_lora_weights.safetensors"), ctx=2048)
+    d = detect(p)
+    assert d.kind == "lcm" and d.base_model == "sdxl"
+    d = detect(_accel_file(str(tmp_path / "x.safetensors"), meta={"modelspec.title": "TCD-SDXL-LoRA"}, ctx=2048))
+    assert d.kind == "tcd"
+    d = detect(_accel_file(str(tmp_path / "mystery.safetensors")))
+    assert d.kind == "unknown" and d.preset_name is None and d.confidence == "low" and d.accel_like_structure
+    assert any("structure alone" in e for e in d.evidence)
+    d = detect(_accel_file(str(tmp_path / "style.safetensors"), te=True, meta={"ss_network_alpha": "8"}))
+    assert d.kind == "unknown" and not d.accel_like_structure
+    assert any("text encoder" in e for e in d.evidence)
+    d = detect(_accel_file(str(tmp_path / "h.safetensors"), meta={"sshs_model_hash": "e476eb1da5df" + "0" * 52}))
+    assert (d.kind, d.preset_name, d.confidence) == ("hypersd", "hypersd_4step", "high")
+    d = detect(_accel_file(str(tmp_path / "sd2.safetensors"), ctx=1024))
+    assert d.base_model == "sd2"
+    assert json.dumps(d.evidence)
