@@ -313,10 +313,9 @@ def fused_step(
         raise ValueError(f"fused_step: backend must be None, 'auto', 'triton' or 'torch', got {backend!r}")
     if not x.is_cuda:
         return consistency_step(x, denoised, noise, coeffs, step, out, x0_out)
-    _check_args(x, denoised, noise, coeffs, step)  # argument errors surface as errors, not as a fallback
     try:
         return consistency_step(x, denoised, noise, coeffs, step, out, x0_out)
-    except (ValueError, IndexError, TypeError):
+    except (ValueError, IndexError, TypeError):  # argument errors surface as errors, not as a fallback
         raise
     except Exception as e:  # compile / driver failure (e.g. GPU arch unsupported by this triton)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():

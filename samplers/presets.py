@@ -77,3 +77,24 @@ def get_preset(name: str) -> Preset:
         return _BY_NAME[name]
     except (KeyError, TypeError):
         raise ValueError(f"preset name {name!r} is unknown; valid names: {', '.join(PRESET_NAMES)}") from None
+
+
+def preset_key(name: str) -> str:
+    """Stable snake_case key of a preset (the names ``lora.detect`` reports), e.g. 'PCM smallcfg 4-step' ->
+    'pcm_smallcfg_4step', 'SDXL-Lightning 8-step' -> 'lightning_8step', 'LCM-LoRA' -> 'lcm'."""
+    special = {"LCM-LoRA": "lcm", "PCM LCM-like": "pcm_lcmlike", "Hyper-SD 1-step unified": "hypersd_1step_unified",
+               "Hyper-SDXL 1-step UNet": "hypersdxl_1step_unet"}
+    if name in special:
+        return special[name]
+    key = name.lower().replace("sdxl-lightning", "lightning").replace("hyper-sd", "hypersd").replace("-step", "step")
+    return key.replace(" ", "_").replace("-", "_")
+
+
+PRESET_KEYS: dict[str, str] = {preset_key(p.name): p.name for p in PRESETS}
+
+
+def get_preset_by_key(key: str) -> Preset:
+    """The preset whose ``preset_key`` is ``key``; ``ValueError`` listing the valid keys otherwise."""
+    if key not in PRESET_KEYS:
+        raise ValueError(f"preset key {key!r} is unknown; valid keys: {', '.join(sorted(PRESET_KEYS))}")
+    return _BY_NAME[PRESET_KEYS[key]]

@@ -1,9 +1,6 @@
 """Fused consistency step: Triton kernel (interpreter on CPU, compiled on GPU) vs the PyTorch reference."""
 
 import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton are used; kernels also reads it lazily per call
-
 import subprocess
 import sys
 
@@ -23,7 +20,15 @@ from kernels import (
 )
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled Triton kernel")
+needs_cuda = lambda f: pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled Triton kernel")(f))  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 for each test only (never leaked into other tiers' processes/servers). kernels reads it
+    per call and builds the InterpretedFunction itself, so it does not matter whether triton was imported earlier."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
 
 SHAPES = [(1,), (7,), (3, 4, 17, 13), (2, 4, 5, 9, 11), (3 * 1024 + 77,)]  # last: > BLOCK, not a multiple of it
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float16: dict(atol=1e-3, rtol=1e-3), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
@@ -208,6 +213,19 @@ def test_dispatch(monkeypatch):
 def test_import_is_lazy():
     code = "import sys, kernels; kernels.fused_backend(__import__('torch').zeros(1)); " \
            "assert 'triton' not in sys.modules and 'comfy' not in sys.modules, sorted(m for m in sys.modules if 'triton' in m)"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True)
+
+
+@needs_triton
+def test_interpreter_works_when_triton_was_imported_first():
+    """Other test modules or the host may import triton before TRITON_INTERPRET=1 is set."""
+    code = ("import os, torch, triton; os.environ['TRITON_INTERPRET'] = '1'; "
+            "from kernels.consistency_step import consistency_step as f, consistency_step_reference as r; "
+            "from kernels import linear_coefficients as lc; c = lc(torch.tensor([2.0, 1.0, 0.0]), 0.5); "
+            "x = torch.randn(1500); a = f(x, x * 2, x * 3, c, 0); b = r(x, x * 2, x * 3, c, 0); "
+            "assert all(torch.equal(u, v) for u, v in zip(a, b))")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True)

@@ -1,9 +1,5 @@
 """Sync-free fused loop == the straightforward unfused loop; no host reads per step."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before kernels/triton are used
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -11,7 +7,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kernels import consistency_step_reference, linear_coefficients, sample_fused, triton_available
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled kernel, sync debug mode")
+needs_cuda = lambda f: pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled kernel, sync debug mode")(f))  # noqa: E731
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    """TRITON_INTERPRET=1 for each test only (never leaked into other tiers' processes/servers). kernels reads it
+    per call and builds the InterpretedFunction itself, so it does not matter whether triton was imported earlier."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 class ToyDenoiser:

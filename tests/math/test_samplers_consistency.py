@@ -31,12 +31,6 @@ def denoiser(x, sigma, **_):
     return 0.8 * torch.tanh(x / (1.0 + s * s).sqrt()) + 0.05 * s
 
 
-def host_like(ms):
-    """Mimic the host wrapper chain model.inner_model.inner_model.model_sampling."""
-    inner = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=ms))
-    return types.SimpleNamespace(inner_model=inner, __call__=None), inner
-
-
 class HostModel:
     def __init__(self, ms):
         self.inner_model = types.SimpleNamespace(inner_model=types.SimpleNamespace(model_sampling=ms))

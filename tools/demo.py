@@ -1,0 +1,76 @@
+"""`make demo`: run every workflows/api/*.json on a real headless ComfyUI, images to out/, print a table.
+
+Uses the stand-in SD1.5 checkpoint (at 128 px, the stand-in only has to be fast), or CHECKPOINT=/path/to/real.safetensors
+(SD1.5 or SDXL, at 512 / 1024 px).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tools import hostenv, standins
+from tools.checkpoints import detect_base
+from tools.hostenv import HostError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prepare(prompt: dict, ckpt_name: str, base: str, size: int) -> dict:
+    for node in prompt.values():
+        ins = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            ins["ckpt_name"] = ckpt_name
+        elif node["class_type"] == "EmptyLatentImage":
+            ins["width"] = ins["height"] = size
+        for key in ("lora_name",) + tuple(f"lora_{i}" for i in range(1, 9)):
+            if isinstance(ins.get(key), str):
+                ins[key] = ins[key].replace("sd15", base)
+    return prompt
+
+
+def main() -> int:
+    ckpt_env = os.environ.get("CHECKPOINT")
+    try:
+        if ckpt_env:
+            ckpt = Path(ckpt_env).expanduser().resolve()
+            base = detect_base(ckpt)
+            ckpt_name, size = ckpt.name, int(os.environ.get("SIZE", 512 if base == "sd15" else 1024))
+        else:
+            ckpt, base = None, "sd15"
+            ckpt_name, size = standins.checkpoint_name("sd15"), int(os.environ.get("SIZE", 128))
+        standin_dir = standins.ensure((base,))
+        out = REPO / "out"
+        out.mkdir(exist_ok=True)
+        workflows = sorted((REPO / "workflows" / "api").glob("*.json"))
+        if not workflows:
+            raise HostError("no workflows in workflows/api/")
+        rows = []
+        with hostenv.Server(output_dir=out / ".comfy", standin_dir=standin_dir, extra_checkpoint=ckpt) as srv:
+            for wf in workflows:
+                prompt = prepare(json.loads(wf.read_text()), ckpt_name, base, size)
+                steps = next((n["inputs"].get("steps") for n in prompt.values() if "steps" in n["inputs"]
+                              and isinstance(n["inputs"]["steps"], int)), "?")
+                t0 = time.perf_counter()
+                entry = srv.run(prompt)
+                dt = time.perf_counter() - t0
+                err = hostenv.error_message(entry)
+                images = srv.images(entry)
+                for i, img in enumerate(images):
+                    shutil.copy(img, out / f"{wf.stem}{'_' + str(i) if i else ''}.png")
+                rows.append((wf.stem, steps, dt / max(1, len(images)), "ok" if images and not err else f"FAILED {err}"))
+    except HostError as e:
+        print(f"make demo: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{'workflow':40s} {'steps':>5s} {'s/image':>8s}  result   (checkpoint {ckpt_name}, {size}px)")
+    for name, steps, sec, res in rows:
+        print(f"{name:40s} {str(steps):>5s} {sec:8.2f}  {res}")
+    print(f"\nimages in {out}/")
+    return 0 if all(r[3] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
