@@ -89,11 +89,28 @@ def fewstep_sample(model, x, sigmas, extra_args=None, callback=None, disable=Non
     factory = noise_factory(opts["batch_offset"], opts["noise_device"])
     step = dict(gamma=float(opts["gamma"]), boundary=bool(opts["boundary"]), final_step=opts["final_step"],
                 clean_intermediate=bool(opts["clean_intermediate"]))
-    if use_fused(opts["fused"], x):
-        from ..kernels import fused_sampling
-        return fused_sampling.sample(model, x, sigmas, extra_args, callback, disable, noise_factory=factory, **step)
+    if use_fused(opts["fused"], x) and float(sigmas[-1]) == 0.0:
+        return sample_fused(model, x, sigmas, extra_args, callback, disable, factory, **step)
     return consistency.sample_consistency(model, x, sigmas, extra_args, callback, disable,
                                           noise_sampler_factory=factory, **step)
+
+
+def sample_fused(model, x, sigmas, extra_args, callback, disable, factory, **step):
+    """The fused path: coefficients on the device and all step noise drawn before the loop, in the same order as
+    the unfused loop draws it, so a seed gives the same image either way."""
+    import torch
+
+    from ..kernels.loop import sample_fused as fused_loop
+
+    ms = consistency.resolve_model_sampling(model)
+    lin = consistency.linear_step_coefficients(consistency.step_coefficients(sigmas, ms, **step))
+    a_z = lin.a_z.tolist()
+    noise = None
+    if any(c > 0 for c in a_z):
+        sampler = factory(x, extra_args.get("seed"))
+        noise = torch.stack([sampler(sigmas[i], sigmas[i + 1]) if c > 0 else torch.zeros_like(x)
+                             for i, c in enumerate(a_z)])
+    return fused_loop(model, x, sigmas, lin.as_tensor(device=x.device), noise, extra_args, callback, disable)
 
 
 def make_sampler(kind: str, **options) -> comfy.samplers.KSAMPLER:

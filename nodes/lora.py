@@ -1,1 +1,497 @@
-NODES = []
+"""LoRA nodes: fuse an acceleration LoRA + style LoRAs exactly, save the fused model, export the merged delta.
+
+* FewStep LoRA Fuse -> a MODEL clone with one fp32 ``("diff", (delta,))`` patch per touched weight (the host adds
+  it to the fp32 weight and rounds once; unpatching restores the backed-up weights bit for bit), plus a report
+  (matched/unmatched keys, text-encoder keys ignored, detected base model and acceleration kind/preset).
+* FewStep Save Fused -> a ``.safetensors`` checkpoint with the fuse settings in its metadata.
+* FewStep Export LoRA -> the merged delta as a kohya LoRA by randomized SVD (rank or energy), with a report of the
+  per-key relative Frobenius error.
+
+All math lives in ``lora/`` (no comfy imports there); this module passes host facts in (the UNet key map, the
+diffusers->LDM map, weight shapes, base weights) and turns ``ValueError`` into one naming the node.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Optional
+
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..lora import detect as lora_detect
+from ..lora import export as lora_export
+from ..lora import formats, keys, merge
+from ..lora.fuse import target_key
+from ..samplers import presets
+from .sampling import checked
+
+LOG = logging.getLogger("fewstep")
+
+NONE = "none"
+FUSE_KEY = "fewstep_fuse"  # model_options key: list of fuse records (one per FewStep LoRA Fuse in the chain)
+N_STYLES = 3
+MOST_UNMATCHED = 0.5  # more than this fraction of an adapter's modules unmatched -> always an error
+
+FUSE = "FewStep LoRA Fuse"
+SAVE = "FewStep Save Fused"
+EXPORT = "FewStep Export LoRA"
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------- host facts
+
+def lora_options() -> list[str]:
+    import folder_paths
+    return [NONE] + list(folder_paths.get_filename_list("loras"))
+
+
+def resolve_lora(node: str, name: str) -> str:
+    import folder_paths
+    try:
+        return folder_paths.get_full_path_or_raise("loras", name)
+    except FileNotFoundError:
+        raise ValueError(f"{node}: LoRA file {name!r} is not in the loras folder(s)") from None
+
+
+def model_base(model) -> str:
+    """'sd15', 'sd2' or 'sdxl' from the model's UNet config (context width), else 'unknown'."""
+    cfg = getattr(model.model.model_config, "unet_config", {}) or {}
+    ctx = cfg.get("context_dim")
+    if cfg.get("adm_in_channels") and ctx == 2048:
+        return "sdxl"
+    return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(ctx, "unknown")
+
+
+class HostFacts:
+    """What lora/ needs from the host model: key mapper, weight shapes, base weights, architecture."""
+
+    def __init__(self, node: str, model):
+        import comfy.lora
+        import comfy.utils
+        base = model.model
+        self.model = model
+        self.base = model_base(model)
+        if self.base == "unknown":
+            raise ValueError(f"{node}: the model is not an SD1.x/SD2.x/SDXL UNet; LoRA fusing supports those only")
+        self.arch = merge.normalize_arch(self.base)
+        key_map = comfy.lora.model_lora_keys_unet(base, {})
+        d2l = comfy.utils.unet_to_diffusers(base.model_config.unet_config)
+        self.mapper = keys.KeyMapper(key_map, d2l)
+        self.sd = base.state_dict()
+        self.shapes = {k: tuple(v.shape) for k, v in self.sd.items() if k.startswith("diffusion_model.")}
+
+    def base_weight(self, key: str) -> torch.Tensor:
+        """Unpatched weight: the shared backup when some clone currently has the model patched."""
+        bk = self.model.backup.get(key)
+        w = bk.weight if bk is not None else self.sd[key]
+        return w.float()
+
+
+# ---------------------------------------------------------------- reading + checking adapters
+
+class Loaded:
+    def __init__(self, role: str, name: str, path: str, strength: float, adapter, matched, unmatched, det):
+        self.role, self.name, self.path, self.strength = role, name, path, strength
+        self.adapter, self.matched, self.unmatched, self.det = adapter, matched, unmatched, det
+
+    def pairs(self):
+        return [(e, self.strength) for e in self.adapter.entries if e.name in self.matched]
+
+
+def preset_display(det) -> str:
+    if det is None or not det.preset_name:
+        return NONE
+    try:
+        return presets.get_preset_by_key(det.preset_name).name
+    except ValueError:
+        return NONE
+
+
+def load_adapter(node: str, facts: HostFacts, role: str, name: str, strength: float, on_unmatched: str,
+                 path: Optional[str] = None) -> Loaded:
+    path = path or resolve_lora(node, name)
+    adapter = checked(node, formats.read_adapter, path)
+    modules = adapter.modules()
+    if not modules:
+        raise ValueError(f"{node}: {path}: no UNet LoRA modules found ({adapter.summary()})")
+    det = checked(node, lora_detect.detect, adapter)
+    if det.base_model and det.base_model != facts.base:
+        raise ValueError(f"{node}: {path} was made for {det.base_model.upper()} but the model is "
+                         f"{facts.base.upper()} ({'; '.join(det.evidence[:1])}). Use a LoRA for {facts.base.upper()}.")
+    matched, unmatched = facts.mapper.match(modules)
+    if len(unmatched) > MOST_UNMATCHED * len(modules):
+        checked(node, keys.require_all_matched, path, unmatched)
+    if unmatched:
+        if on_unmatched == "error":
+            checked(node, keys.require_all_matched, path, unmatched)
+        LOG.warning("%s: %s: %d of %d UNet modules match no model weight and are skipped, first: %s",
+                    node, path, len(unmatched), len(modules), unmatched[:5])
+    return Loaded(role, name, path, strength, adapter, matched, unmatched, det)
+
+
+def report_lines(a: Loaded) -> list[str]:
+    det = a.det
+    n_mod = len(a.adapter.modules())
+    lines = [f"[{a.role}] {a.name} (strength {a.strength:g})",
+             f"  format: {a.adapter.summary()}",
+             f"  UNet modules matched {len(a.matched)}/{n_mod}, unmatched {len(a.unmatched)}"
+             + (f" (skipped: {', '.join(a.unmatched[:5])}{' ...' if len(a.unmatched) > 5 else ''})"
+                if a.unmatched else ""),
+             f"  text-encoder keys ignored (not fused into the UNet): {len(a.adapter.text_encoder_keys)}",
+             f"  unrecognised tensor names left unused: {len(a.adapter.unknown_keys)}",
+             f"  base model: {det.base_model.upper() if det.base_model else 'unknown'}"]
+    if det.kind == "unknown":
+        lines.append(f"  detected: unknown -- not a recognised acceleration LoRA (confidence {det.confidence})")
+    else:
+        lines.append(f"  detected: {det.kind} -> preset {preset_display(det)} (confidence {det.confidence})")
+    lines += [f"    - {e}" for e in det.evidence]
+    return lines
+
+
+# ---------------------------------------------------------------- deltas from a fuse record
+
+def style_scale(arch: str, block_weights: str, lines_alpha: float, lines_beta: float):
+    bw = merge.parse_block_weights(block_weights, arch) if block_weights.strip() else None
+    lines = merge.lines_key_scale(arch, lines_alpha, lines_beta) if lines_beta != 0 else None
+    return merge.combine_key_scales(bw.key_scale() if bw else None, lines)
+
+
+def iter_record_deltas(node: str, facts: HostFacts, loaded: list[Loaded], rec: dict):
+    accel = [p for a in loaded if a.role == "accel" for p in a.pairs()]
+    styles = [a.pairs() for a in loaded if a.role == "style"]
+    scale = checked(node, style_scale, facts.arch, rec["block_weights"], rec["lines_alpha"], rec["lines_beta"])
+    return merge.iter_merged_deltas(
+        accel, styles, facts.shapes, {m: hk for a in loaded for m, hk in a.matched.items()},
+        mode=rec["merge_mode"], density=rec["density"], p=rec["drop_p"], seed=rec["seed"],
+        style_key_scale=scale, base_weight_fn=facts.base_weight)
+
+
+def target_keys(loaded: list[Loaded]) -> set[str]:
+    out = set()
+    for a in loaded:
+        for e in a.adapter.entries:
+            hk = a.matched.get(e.name)
+            if hk is not None:
+                out.add(target_key(e, hk))
+    return out
+
+
+def guarded(node: str, it):
+    """Iterate a lora/ generator, turning its ValueErrors into node errors."""
+    while True:
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+        except ValueError as e:
+            raise ValueError(f"{node}: {e}") from None
+
+
+def reload_records(node: str, facts: HostFacts, records: list[dict]) -> list[tuple[dict, list[Loaded]]]:
+    out = []
+    for rec in records:
+        loaded = [load_adapter(node, facts, a["role"], a["name"], a["strength"], rec["on_unmatched"], a["path"])
+                  for a in rec["adapters"]]
+        out.append((rec, loaded))
+    return out
+
+
+# ---------------------------------------------------------------- FewStep LoRA Fuse
+
+class FewStepLoraFuse(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        options = lora_options()
+        style_inputs = []
+        for i in range(1, N_STYLES + 1):
+            style_inputs += [
+                io.Combo.Input(f"style_lora_{i}", options=options, default=NONE,
+                               tooltip=f"Style LoRA {i} (any LoRA/LoCon/LoHa/LoKr/DoRA .safetensors; kohya, PEFT and "
+                                       f"diffusers key names). 'none' = unused."),
+                io.Float.Input(f"style_strength_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip=f"Strength of style LoRA {i} (0 = skip it)."),
+            ]
+        return io.Schema(
+            node_id="FewStepLoraFuse", display_name=FUSE, category="loaders",
+            description="Fuses an acceleration LoRA (LCM/TCD/PCM/Hyper-SD/Lightning) and up to 3 style LoRAs into "
+                        "the model exactly: one fp32 delta per weight, rounded once. Merges styles linearly or with "
+                        "TIES/DARE, with block weights and LiNeS; PEFT/diffusers keys that core ComfyUI drops are "
+                        "applied. The report says what matched and which preset the acceleration LoRA needs. The "
+                        "input model is untouched (clone + patches, unpatched bit-exactly).",
+            inputs=[
+                io.Model.Input("model", tooltip="SD1.5/SD2/SDXL model to fuse into (it is cloned, never modified)."),
+                io.Combo.Input("accel_lora", options=options, default=NONE,
+                               tooltip="Acceleration LoRA (LCM-LoRA, TCD, PCM, Hyper-SD, SDXL-Lightning). It is "
+                                       "always added linearly at full block weight; the report names its preset."),
+                io.Float.Input("accel_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Strength of the acceleration LoRA (model cards use 1.0; Hyper-SD "
+                                       "suggests 0.125 for some files)."),
+                *style_inputs,
+                io.Combo.Input("merge_mode", options=list(merge.MERGE_MODES), default="linear",
+                               tooltip="How style LoRAs combine: linear = plain sum (what chained LoraLoaders do); "
+                                       "ties = trim to top-density, elect sign, disjoint mean; dare = random drop "
+                                       "with rescale; dare_ties = both. The acceleration LoRA is always linear."),
+                io.Float.Input("density", default=0.2, min=0.01, max=1.0, step=0.01,
+                               tooltip="TIES: fraction of each style delta's largest entries kept."),
+                io.Float.Input("drop_p", default=0.5, min=0.0, max=0.99, step=0.01,
+                               tooltip="DARE: probability of dropping each delta entry (survivors scaled 1/(1-p))."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                             tooltip="DARE seed: the same seed gives the same merged weights."),
+                io.String.Input("block_weights", default="",
+                                tooltip="Per-block multipliers for the style LoRAs (not the acceleration LoRA): "
+                                        "empty = all 1; a LoRA-Block-Weight preset (ALL, NONE, INS, IND, INALL, "
+                                        "MIDD, OUTD, OUTS, OUTALL, MIDALL, ALL0.5) or a comma list (SD1.5: 17 or "
+                                        "26 values, SDXL: 12 or 20; BASE first). The layout follows the model."),
+                io.Float.Input("lines_alpha", default=1.0, min=0.0, max=2.0, step=0.01,
+                               tooltip="LiNeS: style scale at the shallowest block (and outside the block stack). "
+                                       "Only used when lines_beta is not 0."),
+                io.Float.Input("lines_beta", default=0.0, min=-2.0, max=2.0, step=0.01,
+                               tooltip="LiNeS: extra style scale added linearly with depth (deepest block gets "
+                                       "alpha+beta). 0 = LiNeS off."),
+                io.Combo.Input("on_unmatched", options=["error", "warn"], default="error",
+                               tooltip="A LoRA module that matches no model weight: 'error' stops, 'warn' skips it "
+                                       "and lists it in the report. Mostly-unmatched files always stop."),
+            ],
+            outputs=[io.Model.Output(tooltip="The fused model (a patched clone)."),
+                     io.String.Output(display_name="report", tooltip="What was matched, skipped and detected."),
+                     io.String.Output(display_name="preset",
+                                      tooltip="Preset display name detected for the acceleration LoRA, or 'none'.")])
+
+    @classmethod
+    def execute(cls, model, accel_lora, accel_strength, merge_mode, density, drop_p, seed, block_weights,
+                lines_alpha, lines_beta, on_unmatched, **styles) -> io.NodeOutput:
+        return io.NodeOutput(*fuse(model, accel_lora, accel_strength,
+                                   [(styles.get(f"style_lora_{i}", NONE), styles.get(f"style_strength_{i}", 1.0))
+                                    for i in range(1, N_STYLES + 1)],
+                                   merge_mode=merge_mode, density=density, drop_p=drop_p, seed=seed,
+                                   block_weights=block_weights, lines_alpha=lines_alpha, lines_beta=lines_beta,
+                                   on_unmatched=on_unmatched))
+
+
+def fuse(model, accel_lora: str, accel_strength: float, styles: list[tuple[str, float]], *, merge_mode="linear",
+         density=0.2, drop_p=0.5, seed=0, block_weights="", lines_alpha=1.0, lines_beta=0.0, on_unmatched="error"):
+    """The node body (also used by tests/bench): returns (patched clone, report, preset display name)."""
+    import comfy.utils
+    node = FUSE
+    t0 = time.perf_counter()
+    if merge_mode not in merge.MERGE_MODES:
+        raise ValueError(f"{node}: merge_mode must be one of {merge.MERGE_MODES}, got {merge_mode!r}")
+    if on_unmatched not in ("error", "warn"):
+        raise ValueError(f"{node}: on_unmatched must be 'error' or 'warn', got {on_unmatched!r}")
+    facts = HostFacts(node, model)
+    checked(node, style_scale, facts.arch, block_weights, lines_alpha, lines_beta)  # fail before reading files
+    loaded: list[Loaded] = []
+    if accel_lora != NONE and accel_strength != 0:
+        loaded.append(load_adapter(node, facts, "accel", accel_lora, accel_strength, on_unmatched))
+    for name, strength in styles:
+        if name != NONE and strength != 0:
+            loaded.append(load_adapter(node, facts, "style", name, strength, on_unmatched))
+    rec = {"adapters": [{"role": a.role, "name": a.name, "path": a.path, "strength": float(a.strength)}
+                        for a in loaded],
+           "merge_mode": merge_mode, "density": float(density), "drop_p": float(drop_p), "seed": int(seed),
+           "block_weights": block_weights, "lines_alpha": float(lines_alpha), "lines_beta": float(lines_beta),
+           "on_unmatched": on_unmatched, "base": facts.base}
+    m = model.clone()
+    n_keys = 0
+    if loaded:
+        total = len(target_keys(loaded))
+        pbar = comfy.utils.ProgressBar(total)
+        patches = {}
+        for key, delta in guarded(node, iter_record_deltas(node, facts, loaded, rec)):
+            pbar.update(1)
+            if delta is None or not torch.any(delta):
+                continue
+            patches[key] = ("diff", (delta.contiguous(),))
+        added = m.add_patches(patches, 1.0, 1.0)
+        n_keys = len(added)
+        if len(added) != len(patches):
+            missing = sorted(set(patches) - set(added))[:5]
+            raise ValueError(f"{node}: {len(patches) - len(added)} fused keys are not weights of the model, e.g. "
+                             f"{missing}")
+        m.model_options[FUSE_KEY] = list(model.model_options.get(FUSE_KEY, [])) + [rec]
+    accel = next((a for a in loaded if a.role == "accel"), None)
+    preset = preset_display(accel.det) if accel else NONE
+    head = (f"{node}: model {facts.base.upper()}, {len(loaded)} adapter(s), {n_keys} weights patched in "
+            f"{time.perf_counter() - t0:.2f} s; merge {merge_mode}"
+            + (f" (density {density:g})" if merge_mode in ("ties", "dare_ties") else "")
+            + (f" (drop_p {drop_p:g}, seed {seed})" if merge_mode in ("dare", "dare_ties") else "")
+            + (f"; block weights '{block_weights}'" if block_weights.strip() else "")
+            + (f"; LiNeS alpha {lines_alpha:g} beta {lines_beta:g}" if lines_beta != 0 else ""))
+    lines = [head]
+    for a in loaded:
+        lines += report_lines(a)
+    if not loaded:
+        lines.append("no LoRA selected (all 'none' or strength 0): the model is returned unchanged")
+    lines.append(f"preset for sampling: {preset}" if preset != NONE else
+                 "preset for sampling: none (no recognised acceleration LoRA)")
+    report = "\n".join(lines)
+    LOG.info("%s", report)
+    return m, report, preset
+
+
+# ---------------------------------------------------------------- FewStep Save Fused
+
+def fuse_records(model) -> list[dict]:
+    return list(model.model_options.get(FUSE_KEY, []))
+
+
+class FewStepSaveFused(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepSaveFused", display_name=SAVE, category="advanced/model_merging", is_output_node=True,
+            description="Saves the fused model (and optionally CLIP and VAE) as a .safetensors checkpoint in the "
+                        "output folder, with the fused adapters and fuse settings in its metadata.",
+            inputs=[io.Model.Input("model", tooltip="Model from FewStep LoRA Fuse (any MODEL works)."),
+                    io.Clip.Input("clip", optional=True, tooltip="Optional CLIP to include in the checkpoint."),
+                    io.Vae.Input("vae", optional=True, tooltip="Optional VAE to include in the checkpoint."),
+                    io.String.Input("filename_prefix", default="checkpoints/fewstep_fused",
+                                    tooltip="Path under the output folder; a counter and .safetensors are added."),
+                    io.Combo.Input("dtype", options=list(DTYPES), default="fp16",
+                                   tooltip="Stored dtype of the floating-point weights (fused in fp32, rounded "
+                                           "once into this).")],
+            outputs=[io.String.Output(display_name="path", tooltip="Path of the saved file.")])
+
+    @classmethod
+    def execute(cls, model, filename_prefix, dtype, clip=None, vae=None) -> io.NodeOutput:
+        prompt = getattr(getattr(cls, "hidden", None), "prompt", None)
+        path = save_fused(model, filename_prefix, dtype, clip=clip, vae=vae, prompt=prompt)
+        return io.NodeOutput(path)
+
+
+def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, prompt=None,
+               output_dir: Optional[str] = None) -> str:
+    import comfy.model_management
+    import comfy.utils
+    import folder_paths
+    node = SAVE
+    if dtype not in DTYPES:
+        raise ValueError(f"{node}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    out_dir = output_dir or folder_paths.get_output_directory()
+    try:
+        folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+    except Exception as e:
+        raise ValueError(f"{node}: filename_prefix {filename_prefix!r}: {e}") from None
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
+    records = fuse_records(model)
+    metadata = {"fewstep.fuse": json.dumps(records), "fewstep.dtype": dtype,
+                "fewstep.adapters": ", ".join(f"{a['role']}:{a['name']}@{a['strength']:g}"
+                                              for r in records for a in r["adapters"])}
+    base = model_base(model)
+    if base == "sdxl":
+        metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
+                         "modelspec.implementation": "sgm", "modelspec.title": f"{filename} {counter}"})
+    if prompt is not None:
+        metadata["prompt"] = json.dumps(prompt)
+    load = [model] + ([clip.load_model()] if clip is not None else [])
+    comfy.model_management.load_models_gpu(load, force_patch_weights=True)
+    sd = model.model.state_dict_for_saving(clip.get_sd() if clip is not None else None,
+                                           vae.get_sd() if vae is not None else None, None)
+    want = DTYPES[dtype]
+    sd = {k: (t.to(want) if t.is_floating_point() else t).contiguous() for k, t in sd.items()}
+    comfy.utils.save_torch_file(sd, path, metadata=metadata)
+    LOG.info("%s: saved %d tensors (%s) to %s", node, len(sd), dtype, path)
+    return path
+
+
+# ---------------------------------------------------------------- FewStep Export LoRA
+
+class FewStepExportLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepExportLora", display_name=EXPORT, category="advanced/model_merging", is_output_node=True,
+            description="Exports what FewStep LoRA Fuse added (acceleration + merged styles) as one kohya LoRA by "
+                        "seeded randomized SVD, at a fixed rank or an energy threshold. The report lists the "
+                        "overall and worst per-key relative Frobenius errors.",
+            inputs=[io.Model.Input("model", tooltip="Model from FewStep LoRA Fuse (its fuse settings are re-read "
+                                                    "from the model; the deltas are recomputed from the files)."),
+                    io.Combo.Input("mode", options=["rank", "energy"], default="rank",
+                                   tooltip="rank = fixed rank for every weight; energy = smallest rank keeping "
+                                           "this fraction of each delta's Frobenius norm."),
+                    io.Int.Input("rank", default=64, min=1, max=1024,
+                                 tooltip="Rank in 'rank' mode; the rank cap in 'energy' mode."),
+                    io.Float.Input("energy", default=0.99, min=0.5, max=1.0, step=0.001,
+                                   tooltip="Energy mode: kept fraction sqrt(sum of kept sigma^2 / total)."),
+                    io.Combo.Input("dtype", options=["fp16", "bf16", "fp32"], default="fp16",
+                                   tooltip="Stored dtype of the LoRA factors (errors are measured after the cast)."),
+                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
+                                 tooltip="Seed of the randomized SVD sketch (same seed, same file)."),
+                    io.String.Input("filename_prefix", default="loras/fewstep_export",
+                                    tooltip="Path under the output folder; a counter and .safetensors are added.")],
+            outputs=[io.String.Output(display_name="report", tooltip="Errors of the export and the file path.")])
+
+    @classmethod
+    def execute(cls, model, mode, rank, energy, dtype, seed, filename_prefix) -> io.NodeOutput:
+        _path, report = export_fused(model, mode=mode, rank=rank, energy=energy, dtype=dtype, seed=seed,
+                                     filename_prefix=filename_prefix)
+        return io.NodeOutput(report)
+
+
+def fused_deltas(node: str, model):
+    """Recompute (key, fp32 delta) of every fuse record on ``model`` (records summed per key when chained)."""
+    records = fuse_records(model)
+    if not records:
+        raise ValueError(f"{node}: the model carries no FewStep LoRA Fuse settings; connect the MODEL output of "
+                         "FewStep LoRA Fuse")
+    facts = HostFacts(node, model)
+    groups = reload_records(node, facts, records)
+    if len(groups) == 1:
+        rec, loaded = groups[0]
+        return iter_record_deltas(node, facts, loaded, rec)  # errors are named by the caller's checked()
+    acc: dict[str, torch.Tensor] = {}
+    for rec, loaded in groups:
+        for k, d in guarded(node, iter_record_deltas(node, facts, loaded, rec)):
+            acc[k] = d if k not in acc else acc[k] + d
+    return iter(acc.items())
+
+
+def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed=0,
+                 filename_prefix="loras/fewstep_export", output_dir: Optional[str] = None, method="randomized"):
+    """The node body: returns (path, report)."""
+    import folder_paths
+    node = EXPORT
+    if dtype not in DTYPES:
+        raise ValueError(f"{node}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if mode not in ("rank", "energy"):
+        raise ValueError(f"{node}: mode must be 'rank' or 'energy', got {mode!r}")
+    t0 = time.perf_counter()
+    deltas = ((k, d) for k, d in fused_deltas(node, model) if torch.any(d))
+    kw = dict(rank=rank, energy=None, dtype=DTYPES[dtype]) if mode == "rank" else \
+        dict(rank=None, energy=energy, max_rank=rank, dtype=DTYPES[dtype])
+    if method == "full":
+        sd, rep = checked(node, lora_export.full_svd_export, deltas, **kw)
+    else:
+        sd, rep = checked(node, lora_export.export_lora, deltas, seed=seed, **kw)
+    out_dir = output_dir or folder_paths.get_output_directory()
+    folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
+    records = fuse_records(model)
+    meta = {"fewstep.fuse": json.dumps(records), "fewstep.export": json.dumps(
+        {"mode": mode, "rank": rank, "energy": energy, "seed": seed, "method": rep.method,
+         "overall_rel_error": rep.overall_rel_error})}
+    checked(node, lora_export.save_lora, path, sd, rep, meta)
+    worst = rep.worst(10)
+    ranks = [k.rank for k in rep.keys if k.rank]
+    lines = [f"{node}: {len(rep.keys)} weights exported ({rep.method} SVD, "
+             + (f"rank {rank}" if mode == "rank" else f"energy {energy:g}, rank cap {rank}")
+             + f", ranks {min(ranks) if ranks else 0}..{max(ranks) if ranks else 0}) in "
+               f"{time.perf_counter() - t0:.2f} s",
+             f"overall relative Frobenius error: {rep.overall_rel_error:.4%}",
+             f"file: {path}",
+             "worst keys (relative Frobenius error, rank):"]
+    lines += [f"  {k.rel_error:.4%}  r={k.rank}  {k.key}" for k in worst]
+    if rep.skipped_zero:
+        lines.append(f"zero deltas skipped: {len(rep.skipped_zero)}")
+    report = "\n".join(lines)
+    LOG.info("%s", report)
+    return path, report
+
+
+NODES = [FewStepLoraFuse, FewStepSaveFused, FewStepExportLora]

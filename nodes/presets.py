@@ -80,13 +80,17 @@ class FewStepSettings(io.ComfyNode):
                     io.Combo.Input("noise_device", options=list(engine.NOISE_DEVICES), default="cpu",
                                    tooltip="Where step noise is drawn ('cpu' reproduces a seed on any device)."),
                     io.Combo.Input("fused", options=list(engine.FUSED_MODES), default="auto",
-                                   tooltip="Fused CUDA step kernel: auto / on / off.")],
+                                   tooltip="Fused CUDA step kernel: auto / on / off."),
+                    io.Int.Input("batch_offset", default=0, min=0, max=4096,
+                                 tooltip="Batch index of the first image; to re-render image k of a batch alone, "
+                                         "pick it with LatentFromBatch(k) and set this to k.")],
             outputs=[io.Model.Output()])
 
     @classmethod
-    def execute(cls, model, preset, gamma, final_step, noise_device, fused) -> io.NodeOutput:
+    def execute(cls, model, preset, gamma, final_step, noise_device, fused, batch_offset) -> io.NodeOutput:
         node = "FewStep Settings"
-        settings = {"final_step": final_step, "noise_device": noise_device, "fused": fused}
+        settings = {"final_step": final_step, "noise_device": noise_device, "fused": fused,
+                    "batch_offset": batch_offset}
         m = model.clone()
         if preset != NONE:
             p = checked(node, preset_table.get_preset, preset)

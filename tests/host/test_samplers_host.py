@@ -1,0 +1,185 @@
+"""Tier b: the pack's samplers inside the real host's sampling path (comfy.sample / KSAMPLER / registry)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.host
+
+SIZE = 8  # latent side: the stand-in SD1.5 UNet is real-size, keep it cheap
+
+
+@pytest.fixture(scope="session")
+def sd15(host, standin_dir):
+    import comfy.sd
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+        str(standin_dir / "checkpoints" / "fewstep-standin-sd15.safetensors"))[:3]
+    tokens = clip.tokenize("a red boat on a lake")
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return model, [[cond, {"pooled_output": pooled}]]
+
+
+@pytest.fixture(scope="session")
+def registered(host):
+    from fewstep.nodes import registry
+    registry.register()
+    registry.register()  # idempotent
+    return registry
+
+
+@pytest.fixture
+def replay_noise(monkeypatch):
+    """Make core and fewstep draw the same step noise: both look default_noise_sampler up at call time."""
+    import comfy.k_diffusion.sampling as K
+
+    def factory(x, seed=None):
+        g = torch.Generator().manual_seed(1234)
+        return lambda *_: torch.randn(x.shape, generator=g).to(x)
+
+    monkeypatch.setattr(K, "default_noise_sampler", factory)
+
+
+def run(model, cond, sampler, scheduler, steps, seed=7, batch=1, cfg=1.0, denoise=1.0, latent=None):
+    import comfy.sample
+    latent = torch.zeros(batch, 4, SIZE, SIZE) if latent is None else latent
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, cond, cond, latent,
+                               denoise=denoise, seed=seed, disable_pbar=True)
+
+
+def test_registry_names_in_place_and_idempotent(registered):
+    import comfy.samplers as S
+    import nodes
+    for name in ("fewstep_lcm", "fewstep_tcd", "fewstep_pcm", "fewstep_auto"):
+        assert S.KSAMPLER_NAMES.count(name) == 1 and S.SAMPLER_NAMES.count(name) == 1
+    assert S.KSampler.SAMPLERS is S.SAMPLER_NAMES and S.KSampler.SCHEDULERS is S.SCHEDULER_NAMES
+    assert "fewstep_tcd" in nodes.KSampler.INPUT_TYPES()["required"]["sampler_name"][0]
+    assert "fewstep_lcm50" in nodes.KSampler.INPUT_TYPES()["required"]["scheduler"][0]
+    assert "lcm" in S.SAMPLER_NAMES and S.SAMPLER_NAMES.count("lcm") == 1  # core name untouched
+
+
+def test_lcm_schedule_is_diffusers_grid(sd15, registered):
+    import comfy.samplers
+    model, _ = sd15
+    ms = model.get_model_object("model_sampling")
+    sig = comfy.samplers.calculate_sigmas(ms, "fewstep_lcm50", 4)
+    assert ms.timestep(sig[:-1]).tolist() == [999, 759, 499, 259] and float(sig[-1]) == 0.0
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_txt2img_equals_core_lcm_recipe(sd15, registered, replay_noise, steps):
+    """fewstep_lcm on the plain model == core lcm + ModelSamplingDiscrete(lcm) + simple (fp32, 1e-4 relative)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    model, cond = sd15
+    core_model = ModelSamplingDiscrete().patch(model, "lcm", False)[0]
+    ref = run(core_model, cond, "lcm", "simple", steps)
+    ours = run(model, cond, "fewstep_lcm", "fewstep_lcm50", steps)
+    assert torch.isfinite(ours).all()
+    # The stand-in's x0 at sigma 14.6 reaches ~1e2 (its eps is random, not the noise): compare at the latent's scale.
+    scale = max(1.0, ref.abs().max().item())
+    assert (ours - ref).abs().max().item() < 1e-4 * scale
+
+
+def test_tcd_gamma_from_settings_patch_changes_result_and_input_untouched(sd15, registered):
+    from fewstep.nodes.presets import FewStepSettings
+    model, cond = sd15
+    before = dict(model.model_options.get("transformer_options", {}))
+    m0 = FewStepSettings.execute(model, "none", 0.0, "x0", "cpu", "off", 0)[0]
+    m1 = FewStepSettings.execute(model, "none", 0.9, "x0", "cpu", "off", 0)[0]
+    assert model.model_options.get("transformer_options", {}) == before
+    a = run(m0, cond, "fewstep_tcd", "fewstep_lcm50", 3)
+    b = run(m1, cond, "fewstep_tcd", "fewstep_lcm50", 3)
+    c = run(m1, cond, "fewstep_tcd", "fewstep_lcm50", 3)
+    assert not torch.allclose(a, b) and torch.equal(b, c)
+
+
+def test_auto_sampler_and_scheduler_follow_preset(sd15, registered):
+    import comfy.samplers
+    from fewstep.nodes.presets import FewStepSettings
+    model, cond = sd15
+    m = FewStepSettings.execute(model, "PCM smallcfg 4-step", -1.0, "x0", "cpu", "off", 0)[0]
+    ms = m.get_model_object("model_sampling")
+    sig = comfy.samplers.calculate_sigmas(ms, "fewstep_auto", 4)
+    assert ms.timestep(sig[:-1]).tolist() == [999, 739, 499, 239]
+    assert model.get_model_object("model_sampling") is not ms  # the input model keeps its own
+    out = run(m, cond, "fewstep_auto", "fewstep_auto", 4)
+    assert torch.isfinite(out).all()
+
+
+def test_batch_size_never_changes_an_image(sd15, registered):
+    model, cond = sd15
+    one = run(model, cond, "fewstep_tcd", "fewstep_lcm50", 3, batch=1)
+    two = run(model, cond, "fewstep_tcd", "fewstep_lcm50", 3, batch=2)
+    three = run(model, cond, "fewstep_tcd", "fewstep_lcm50", 3, batch=3)
+    # equal up to batched-matmul rounding (values reach ~1e2); whole-batch step noise would differ by O(1)
+    assert torch.allclose(three[:1], one, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(three[:2], two, rtol=1e-5, atol=1e-3)
+    assert not torch.allclose(three[1], three[0])
+
+
+def test_callback_gets_x0_every_step_and_interrupt_stops(sd15, registered):
+    import comfy.model_management as mm
+    import comfy.samplers
+    from fewstep.nodes import engine
+    model, cond = sd15
+    seen = []
+
+    def cb(step, x0, x, total):
+        seen.append(step)
+        if step == 1:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    sampler = engine.make_sampler("tcd", gamma=0.5)
+    ms = model.get_model_object("model_sampling")
+    from fewstep.samplers import schedules
+    sigmas = schedules.timesteps_to_sigmas(schedules.lcm_timesteps(6), ms)
+    latent = torch.zeros(1, 4, SIZE, SIZE)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(cond, cond)
+    guider.set_cfg(1.0)
+    with pytest.raises(mm.InterruptProcessingException):
+        guider.sample(noise, latent, sampler, sigmas, callback=cb, disable_pbar=True, seed=3)
+    mm.interrupt_current_processing(False)
+    assert seen == [0, 1]
+
+
+def test_flow_model_rejected_with_clear_error(sd15, registered):
+    import comfy.model_sampling
+    from fewstep.nodes.sampling import FewStepScheduleLCM
+
+    class Flow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    model, _ = sd15
+    m = model.clone()
+    m.add_object_patch("model_sampling", Flow(m.model.model_config))
+    with pytest.raises(ValueError, match="FewStep LCM Schedule.*discrete VP"):
+        FewStepScheduleLCM.execute(m, 4, 1.0, "50")
+
+
+def test_fused_path_equals_unfused_through_interpreter(sd15, registered, monkeypatch):
+    """The fused loop (Triton interpreter on CPU) gives the unfused image with the same seed."""
+    pytest.importorskip("triton")
+    from fewstep.kernels import consistency_step
+    from fewstep.nodes import engine
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FEWSTEP_ALLOW_TRITON_INTERPRETER", "1")
+    monkeypatch.setattr(engine, "use_fused", lambda mode, x: mode == "on")
+    assert consistency_step.fused_backend(torch.zeros(2)) == "triton"
+    model, cond = sd15
+    import comfy.samplers
+    ms = model.get_model_object("model_sampling")
+    from fewstep.samplers import schedules
+    sigmas = schedules.timesteps_to_sigmas(schedules.lcm_timesteps(3), ms)
+    outs = []
+    for fused in ("off", "on"):
+        latent = torch.zeros(1, 4, SIZE, SIZE)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(cond, cond)
+        guider.set_cfg(1.0)
+        outs.append(guider.sample(noise, latent, engine.make_sampler("tcd", gamma=0.4, fused=fused), sigmas,
+                                  disable_pbar=True, seed=5))
+    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
