@@ -1,6 +1,6 @@
 """Per-step sampler overhead outside the UNet: fewstep vs core ComfyUI ``lcm`` and ``euler`` in the same run.
 
-    python -m bench.bench_sampler_overhead [--reps 7] [--cfg 1.0 2.0] [--dtype fp16] [--json out.json]
+    python -m bench.bench_sampler_overhead [--reps 15] [--cfg 1.0 2.0] [--dtype fp16] [--json out.json]
 
 What it measures (CPU is fine; no GPU needed):
 
@@ -468,7 +468,7 @@ def machine_info() -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=7, help="paired (4-step, 8-step) timing repetitions; median reported")
+    p.add_argument("--reps", type=int, default=15, help="paired (4-step, 8-step) timing repetitions; median reported")
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0])
     p.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16",
                    help="stub UNet dtype (fp16 = what the host casts to on a GPU)")
@@ -478,6 +478,7 @@ def main(argv=None) -> dict:
     p.add_argument("--json", help="write all numbers here")
     args = p.parse_args(argv)
 
+    threads_before = torch.get_num_threads()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     import_host()
@@ -505,6 +506,7 @@ def main(argv=None) -> dict:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
         print(f"\nwrote {args.json}")
+    torch.set_num_threads(threads_before)
     return result
 
 

@@ -106,10 +106,15 @@ def sample_fused(model, x, sigmas, extra_args, callback, disable, factory, **ste
     lin = consistency.linear_step_coefficients(consistency.step_coefficients(sigmas, ms, **step))
     a_z = lin.a_z.tolist()
     noise = None
-    if any(c > 0 for c in a_z):
+    noisy = [i for i, c in enumerate(a_z) if c > 0]
+    if noisy:
         sampler = factory(x, extra_args.get("seed"))
-        noise = torch.stack([sampler(sigmas[i], sigmas[i + 1]) if c > 0 else torch.zeros_like(x)
-                             for i, c in enumerate(a_z)])
+        if isinstance(sampler, BatchStepNoise):
+            drawn = sampler.pre_draw(len(noisy))  # one host->device copy for the whole run
+        else:
+            drawn = torch.stack([sampler(sigmas[i], sigmas[i + 1]) for i in noisy])
+        noise = x.new_zeros((len(a_z), *x.shape))
+        noise[noisy] = drawn.to(x)
     return fused_loop(model, x, sigmas, lin.as_tensor(device=x.device), noise, extra_args, callback, disable)
 
 

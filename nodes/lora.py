@@ -301,9 +301,11 @@ def fuse(model, accel_lora: str, accel_strength: float, styles: list[tuple[str, 
         total = len(target_keys(loaded))
         pbar = comfy.utils.ProgressBar(total)
         patches = {}
+        # Block weights / LiNeS can scale a key to exactly 0: skip those (no patch, weight untouched).
+        maybe_zero = bool(block_weights.strip()) or lines_beta != 0
         for key, delta in guarded(node, iter_record_deltas(node, facts, loaded, rec)):
             pbar.update(1)
-            if delta is None or not torch.any(delta):
+            if delta is None or (maybe_zero and not torch.any(delta)):
                 continue
             patches[key] = ("diff", (delta.contiguous(),))
         added = m.add_patches(patches, 1.0, 1.0)
