@@ -1,0 +1,51 @@
+"""Bad set-up input gets a clear message and a non-zero exit (COMFYUI_DIR, CHECKPOINT, PORT)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.e2e
+
+
+def run(args, **env):
+    full = {**os.environ, **env}
+    return subprocess.run(args, cwd=REPO, env=full, capture_output=True, text=True, timeout=300)
+
+
+def test_comfyui_dir_that_is_not_comfyui(tmp_path):
+    r = run([sys.executable, "tools/setup_env.py"], COMFYUI_DIR=str(tmp_path))
+    assert r.returncode == 2
+    assert f"COMFYUI_DIR={tmp_path} is not a ComfyUI install" in r.stderr
+
+
+def test_demo_checkpoint_missing(tmp_path):
+    r = run([sys.executable, "-m", "tools.demo"], CHECKPOINT=str(tmp_path / "nope.safetensors"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_demo_checkpoint_not_sd(standin_dir):
+    lora = standin_dir / "loras" / "style-sd15-kohya.safetensors"
+    r = run([sys.executable, "-m", "tools.demo"], CHECKPOINT=str(lora))
+    assert r.returncode == 2 and "not an SD1.5 or SDXL checkpoint" in r.stderr
+
+
+def test_demo_checkpoint_pickle_refused(tmp_path):
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"\x80\x04not really a pickle")
+    r = run([sys.executable, "-m", "tools.demo"], CHECKPOINT=str(bad))
+    assert r.returncode == 2 and "never unpickles" in r.stderr
+
+
+def test_serve_port_in_use(standin_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = run([sys.executable, "-m", "tools.serve", "--port", str(port)])
+    assert r.returncode == 2 and f"port {port} is already in use" in r.stderr
