@@ -101,6 +101,7 @@ def sample_fused(model, x, sigmas, extra_args, callback, disable, factory, **ste
     import torch
 
     from ..kernels.loop import sample_fused as fused_loop
+    from .graphs import with_graph_capture
 
     ms = consistency.resolve_model_sampling(model)
     lin = consistency.linear_step_coefficients(consistency.step_coefficients(sigmas, ms, **step))
@@ -115,6 +116,7 @@ def sample_fused(model, x, sigmas, extra_args, callback, disable, factory, **ste
             drawn = torch.stack([sampler(sigmas[i], sigmas[i + 1]) for i in noisy])
         noise = x.new_zeros((len(a_z), *x.shape))
         noise[noisy] = drawn.to(x)
+    extra_args = with_graph_capture(model, x, extra_args)
     return fused_loop(model, x, sigmas, lin.as_tensor(device=x.device), noise, extra_args, callback, disable)
 
 
