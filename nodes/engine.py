@@ -85,6 +85,9 @@ def use_fused(mode: str, x) -> bool:
 def fewstep_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, *, kind="consistency", **node_options):
     """k-diffusion sampler entry point shared by every fewstep SAMPLER and dropdown name."""
     extra_args = {} if extra_args is None else extra_args
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"fewstep {kind} sampler: the sigmas input has {sigmas.numel()} value(s); at least 2 (one "
+                         "step) are needed. Check the SIGMAS wired into the sampler (e.g. a SplitSigmas at the end).")
     opts = resolve_options(kind, node_options, extra_args)
     factory = noise_factory(opts["batch_offset"], opts["noise_device"])
     step = dict(gamma=float(opts["gamma"]), boundary=bool(opts["boundary"]), final_step=opts["final_step"],

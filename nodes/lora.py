@@ -264,12 +264,14 @@ class FewStepLoraFuse(io.ComfyNode):
     @classmethod
     def execute(cls, model, accel_lora, accel_strength, merge_mode, density, drop_p, seed, block_weights,
                 lines_alpha, lines_beta, on_unmatched, **styles) -> io.NodeOutput:
-        return io.NodeOutput(*fuse(model, accel_lora, accel_strength,
-                                   [(styles.get(f"style_lora_{i}", NONE), styles.get(f"style_strength_{i}", 1.0))
-                                    for i in range(1, N_STYLES + 1)],
-                                   merge_mode=merge_mode, density=density, drop_p=drop_p, seed=seed,
-                                   block_weights=block_weights, lines_alpha=lines_alpha, lines_beta=lines_beta,
-                                   on_unmatched=on_unmatched))
+        m, report, preset = fuse(model, accel_lora, accel_strength,
+                                 [(styles.get(f"style_lora_{i}", NONE), styles.get(f"style_strength_{i}", 1.0))
+                                  for i in range(1, N_STYLES + 1)],
+                                 merge_mode=merge_mode, density=density, drop_p=drop_p, seed=seed,
+                                 block_weights=block_weights, lines_alpha=lines_alpha, lines_beta=lines_beta,
+                                 on_unmatched=on_unmatched)
+        # The report also goes to the UI / history ("text"), so it is readable without a display node.
+        return io.NodeOutput(m, report, preset, ui={"text": [report]})
 
 
 def fuse(model, accel_lora: str, accel_strength: float, styles: list[tuple[str, float]], *, merge_mode="linear",

@@ -48,6 +48,7 @@ def tcd_custom(batch=1, batch_index=None, batch_offset=0, seed=11):
     p["11"] = {"class_type": "FewStepScheduleTCD", "inputs": {"model": ["1", 0], "steps": 3, "strength": 1.0,
                                                             "original_steps": "50"}}
     p["12"]["inputs"]["noise_seed"] = seed
+    p["13"]["inputs"]["cfg"] = 1.0  # one UNet pass per step
     if batch_index is not None:
         p["20"] = {"class_type": "LatentFromBatch", "inputs": {"samples": ["5", 0], "batch_index": batch_index,
                                                               "length": 1}}

@@ -49,3 +49,29 @@ def test_serve_port_in_use(standin_dir):
         port = s.getsockname()[1]
         r = run([sys.executable, "-m", "tools.serve", "--port", str(port)])
     assert r.returncode == 2 and f"port {port} is already in use" in r.stderr
+
+
+def test_serve_answers_object_info_with_the_pack(standin_dir):
+    import json
+    import time
+    import urllib.request
+    from tools.hostenv import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tools.serve", "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info", timeout=5) as r:
+                    info = json.loads(r.read())
+                break
+            except OSError:
+                assert proc.poll() is None, "make serve exited early"
+                time.sleep(1)
+        else:
+            pytest.fail("make serve did not answer /object_info")
+        assert {"FewStepSamplerTCD", "FewStepPreset", "FewStepSettings"} <= set(info)
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -164,9 +164,19 @@ def test_block_weights_zero_block_untouched(L, model):
         L.fuse(model, L.NONE, 1.0, [(KOHYA, 1.0)], block_weights="1,0,1")
 
 
+@pytest.fixture()
+def small_styles(loras_tmp, standin_dir):
+    """The kohya and LoHa style files cut to the 8 modules of down_blocks.0.attentions.0 (fast merges)."""
+    from safetensors.torch import load_file
+    for src, dst in ((KOHYA, "small-kohya.safetensors"), ("style-sd15-loha.safetensors", "small-loha.safetensors")):
+        sd = load_file(str(standin_dir / "loras" / src))
+        _write(loras_tmp / dst, {k: v for k, v in sd.items() if "down_blocks_0_attentions_0_" in k})
+    return [("small-kohya.safetensors", 1.0), ("small-loha.safetensors", 1.0)]
+
+
 @pytest.mark.parametrize("mode", ["ties", "dare", "dare_ties"])
-def test_merge_modes_deterministic(L, model, mode):
-    styles = [(KOHYA, 1.0), ("style-sd15-loha.safetensors", 1.0)]
+def test_merge_modes_deterministic(L, model, mode, small_styles):
+    styles = small_styles
     a, rep, _ = L.fuse(model, L.NONE, 1.0, styles, merge_mode=mode, seed=3, density=0.3, drop_p=0.5)
     b, _, _ = L.fuse(model, L.NONE, 1.0, styles, merge_mode=mode, seed=3, density=0.3, drop_p=0.5)
     lin, _, _ = L.fuse(model, L.NONE, 1.0, styles)
@@ -179,15 +189,15 @@ def test_merge_modes_deterministic(L, model, mode):
         assert not torch.equal(delta_of(a, k), delta_of(c, k))
 
 
-def test_svd_export_refuses_within_reported_error(L, model, loras_tmp, tmp_path):
+def test_svd_export_refuses_within_reported_error(L, model, loras_tmp, tmp_path, small_styles):
     import re
-    m, _, _ = L.fuse(model, L.NONE, 1.0, [(KOHYA, 1.0), ("style-sd15-loha.safetensors", 1.0)])
+    m, _, _ = L.fuse(model, L.NONE, 1.0, small_styles)
     path, report = L.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"))
     overall = float(re.search(r"overall relative Frobenius error: ([\d.]+)%", report).group(1)) / 100
-    assert 0 < overall < 1 and report.count("  r=8 ") == 10, report
+    assert 0 < overall < 1 and report.count("  r=8 ") == 8, report
     shutil.copy(path, loras_tmp / "exported.safetensors")
     e, rep2, _ = L.fuse(model, L.NONE, 1.0, [("exported.safetensors", 1.0)])
-    assert "matched 128/128" in rep2, rep2
+    assert "matched 8/8" in rep2, rep2
     num = den = 0.0
     for k in m.patches:
         d, r = delta_of(m, k).double(), delta_of(e, k).double()
@@ -250,7 +260,7 @@ def test_pickle_file_refused(L, model, loras_tmp):
 
 def test_shape_mismatch(L, model, loras_tmp, standin_dir):
     sd = _kohya(standin_dir)
-    key = sorted(k for k in sd if k.endswith("attn1.to_q.lora_up.weight"))[0]
+    key = sorted(k for k in sd if k.endswith("attn1_to_q.lora_up.weight"))[0]
     sd[key] = torch.cat([sd[key], sd[key][:1]])  # one output row too many
     _write(loras_tmp / "shape.safetensors", sd)
     with pytest.raises(ValueError, match=r"FewStep LoRA Fuse: .*shape\.safetensors") as e:

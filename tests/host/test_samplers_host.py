@@ -183,3 +183,30 @@ def test_fused_path_equals_unfused_through_interpreter(sd15, registered, monkeyp
         outs.append(guider.sample(noise, latent, engine.make_sampler("tcd", gamma=0.4, fused=fused), sigmas,
                                   disable_pbar=True, seed=5))
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+
+
+def test_inpaint_mask_keeps_unmasked_latent(sd15, registered):
+    """Masks work through the host's KSamplerX0Inpaint wrapper: where the mask is 0 the latent is kept."""
+    import comfy.samplers
+    from fewstep.nodes import engine
+    from fewstep.samplers import schedules
+    model, cond = sd15
+    ms = model.get_model_object("model_sampling")
+    sigmas = schedules.timesteps_to_sigmas(schedules.lcm_timesteps(2), ms)
+    latent = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., SIZE // 2:] = 1.0
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(2))
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(cond, cond)
+    guider.set_cfg(1.0)
+    out = guider.sample(noise, latent, engine.make_sampler("lcm"), sigmas, denoise_mask=mask, disable_pbar=True, seed=1)
+    assert torch.allclose(out[..., : SIZE // 2], latent[..., : SIZE // 2], atol=1e-4)
+    assert not torch.allclose(out[..., SIZE // 2:], latent[..., SIZE // 2:], atol=1e-2)
+
+
+def test_too_short_sigmas_rejected(sd15, registered):
+    from fewstep.nodes import engine
+    model, _ = sd15
+    with pytest.raises(ValueError, match="fewstep lcm sampler: the sigmas input has 1 value"):
+        engine.fewstep_sample(None, torch.zeros(1, 4, SIZE, SIZE), torch.tensor([1.0]), kind="lcm")
