@@ -133,32 +133,30 @@ def _sigmas(node, model, fn, *args):
     return io.NodeOutput(checked(node, lambda: schedules.timesteps_to_sigmas(fn(*args), ms).cpu()))
 
 
-class FewStepScheduleLCM(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="FewStepScheduleLCM", display_name="FewStep LCM Schedule", category=CAT_SCHEDULERS,
-                         description="diffusers-exact LCM skipping-step timesteps (999, 759, 499, 259 for 4 steps of "
-                                     "50) with exact img2img strength, as sigmas of the given model.",
-                         inputs=[model_input(), steps_input(), strength_input(), original_steps_input()],
-                         outputs=[io.Sigmas.Output()])
+def _grid_schedule_node(node_id, display, description, grid_fn):
+    class _Node(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id=node_id, display_name=display, category=CAT_SCHEDULERS, description=description,
+                             inputs=[model_input(), steps_input(), strength_input(), original_steps_input()],
+                             outputs=[io.Sigmas.Output()])
 
-    @classmethod
-    def execute(cls, model, steps, strength, original_steps) -> io.NodeOutput:
-        return _sigmas("FewStep LCM Schedule", model, schedules.lcm_timesteps, steps, int(original_steps), strength)
+        @classmethod
+        def execute(cls, model, steps, strength, original_steps) -> io.NodeOutput:
+            return _sigmas(display, model, grid_fn, steps, int(original_steps), strength)
+
+    _Node.__name__ = _Node.__qualname__ = node_id
+    return _Node
 
 
-class FewStepScheduleTCD(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(node_id="FewStepScheduleTCD", display_name="FewStep TCD Schedule", category=CAT_SCHEDULERS,
-                         description="diffusers TCDScheduler timesteps (the LCM grid by default) with exact img2img "
-                                     "strength, as sigmas of the given model.",
-                         inputs=[model_input(), steps_input(), strength_input(), original_steps_input()],
-                         outputs=[io.Sigmas.Output()])
-
-    @classmethod
-    def execute(cls, model, steps, strength, original_steps) -> io.NodeOutput:
-        return _sigmas("FewStep TCD Schedule", model, schedules.tcd_timesteps, steps, int(original_steps), strength)
+FewStepScheduleLCM = _grid_schedule_node(
+    "FewStepScheduleLCM", "FewStep LCM Schedule",
+    "diffusers-exact LCM skipping-step timesteps (999, 759, 499, 259 for 4 steps of 50) with exact img2img strength, "
+    "as sigmas of the given model.", schedules.lcm_timesteps)
+FewStepScheduleTCD = _grid_schedule_node(
+    "FewStepScheduleTCD", "FewStep TCD Schedule",
+    "diffusers TCDScheduler timesteps (the LCM grid by default) with exact img2img strength, as sigmas of the given "
+    "model.", schedules.tcd_timesteps)
 
 
 class FewStepSchedulePCM(io.ComfyNode):

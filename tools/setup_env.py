@@ -105,7 +105,7 @@ def ensure_requirements(comfy_dir: Path) -> None:
     dev = (REPO / "requirements-dev.txt").read_text()
     pack = (REPO / "requirements.txt").read_text()
     stamp = VENV / ".fewstep-reqs"
-    digest = digest_of(*reqs, dev, pack, str(comfy_dir))
+    digest = digest_of(*reqs, dev, pack)
     if stamp_ok(stamp, digest):
         return
     pip(*reqs, "-r", str(REPO / "requirements.txt"), "-r", str(REPO / "requirements-dev.txt"))
