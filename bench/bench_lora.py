@@ -1,0 +1,128 @@
+"""Benchmark: FewStep LoRA Fuse vs core chained LoraLoaderModelOnly, and randomized vs full SVD export.
+
+    python bench/bench_lora.py [--base sd15|sdxl] [--svd-keys 4] [--rank 64]
+
+Fuse: LCM-LoRA-shaped stand-in (full UNet, rank 64) + 2 style LoRAs into the stand-in checkpoint. Times include
+patching the weights (``patch_model``), so both sides do the same work; peak RSS is sampled every 10 ms and given
+as the increase over the base-model-loaded baseline. SVD: randomized vs exact SVD of the biggest merged deltas at
+the same rank (errors shown, so "equal error" can be checked).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+
+
+class Peak:
+    """Peak RSS (bytes) while the block runs, sampled on a thread."""
+
+    def __init__(self):
+        self.proc = psutil.Process(os.getpid())
+
+    def __enter__(self):
+        gc.collect()
+        self.start = self.proc.memory_info().rss
+        self.peak = self.start
+        self.stop = False
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.01)
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self.stop = True
+        self.t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", choices=["sd15", "sdxl"], default="sdxl")
+    ap.add_argument("--svd-keys", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=64)
+    args = ap.parse_args()
+
+    from tools import hostenv, standins
+    d = standins.ensure((args.base,))
+    hostenv.import_host()
+    import comfy.model_management  # noqa: F401
+    import comfy.sd
+    import folder_paths
+    import nodes
+    folder_paths.add_model_folder_path("loras", str(d / "loras"))
+    from fewstep.lora import export as lx
+    from fewstep.nodes import lora as L
+
+    tag = "sd15" if args.base == "sd15" else "sdxl"
+    accel = f"lcm-lora-{tag}-standin.safetensors"
+    styles = [f"style-{tag}-kohya.safetensors", f"style-{tag}-peft.safetensors"]
+    proc = psutil.Process(os.getpid())
+    model = comfy.sd.load_checkpoint_guess_config(str(d / "checkpoints" / standins.checkpoint_name(args.base)),
+                                                  output_clip=False, output_vae=False)[0]
+    gc.collect()
+    base_rss = proc.memory_info().rss
+    print(f"base {args.base}: model loaded, RSS {base_rss / 2**30:.2f} GiB, torch threads {torch.get_num_threads()}")
+    rows = []
+
+    with Peak() as p:
+        m, report, preset = L.fuse(model, accel, 1.0, [(styles[0], 0.8), (styles[1], 0.6)])
+    t_fuse = p.seconds
+    with Peak() as q:
+        m.patch_model()
+    rows.append(("fewstep fuse (deltas)", t_fuse, p.peak - base_rss))
+    rows.append(("fewstep fuse + patch_model", t_fuse + q.seconds, max(p.peak, q.peak) - base_rss))
+    m.unpatch_model()
+    del m
+    gc.collect()
+
+    with Peak() as p:
+        c = model
+        for name, s in [(accel, 1.0), (styles[0], 0.8), (styles[1], 0.6)]:
+            c = nodes.LoraLoaderModelOnly().load_lora_model_only(c, name, s)[0]
+        t_load = time.perf_counter() - p.t0
+        c.patch_model()
+    rows.append(("core LoraLoaderModelOnly x3 (load)", t_load, None))
+    rows.append(("core LoraLoaderModelOnly x3 + patch_model", p.seconds, p.peak - base_rss))
+    n_core = len(c.patches)
+    c.unpatch_model()
+    del c
+    gc.collect()
+
+    print(f"\nFuse ({args.base} stand-in; LCM-shaped rank-64 full-UNet + 2 rank-8 attention styles; "
+          f"core patched {n_core} keys — it drops the PEFT style's attention keys)")
+    print(f"{'what':45s} {'seconds':>9s} {'peak RSS over base':>20s}")
+    for what, s, mem in rows:
+        print(f"{what:45s} {s:9.2f} {('-' if mem is None else f'{mem / 2**30:.2f} GiB'):>20s}")
+
+    # SVD export on the biggest merged deltas.
+    m, _, _ = L.fuse(model, accel, 1.0, [(styles[0], 0.8), (styles[1], 0.6)])
+    big = sorted(m.patches, key=lambda k: -m.patches[k][-1][1][1][0].numel())[: args.svd_keys]
+    deltas = {k: m.patches[k][-1][1][1][0] for k in big}
+    print(f"\nSVD export at rank {args.rank} of {len(big)} biggest deltas: "
+          + ", ".join(f"{k.replace('diffusion_model.', '')} {tuple(deltas[k].shape)}" for k in big))
+    print(f"{'method':12s} {'seconds':>9s} {'overall rel. Frobenius error':>30s}")
+    for method, fn in (("randomized", lx.export_lora), ("full", lx.full_svd_export)):
+        t = time.perf_counter()
+        _, rep = fn(deltas, rank=args.rank, dtype=torch.float32)
+        print(f"{method:12s} {time.perf_counter() - t:9.2f} {rep.overall_rel_error:30.6f}")
+
+
+if __name__ == "__main__":
+    main()
