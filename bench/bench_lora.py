@@ -113,8 +113,9 @@ def main():
 
     # SVD export on the biggest merged deltas.
     m, _, _ = L.fuse(model, accel, 1.0, [(styles[0], 0.8), (styles[1], 0.6)])
-    big = sorted(m.patches, key=lambda k: -m.patches[k][-1][1][1][0].numel())[: args.svd_keys]
-    deltas = {k: m.patches[k][-1][1][1][0] for k in big}
+    sd = m.model.state_dict()
+    big = sorted(m.patches, key=lambda k: -sd[k].numel())[: args.svd_keys]
+    deltas = {k: m.patches[k][-1][1].compute(device=None) for k in big}
     print(f"\nSVD export at rank {args.rank} of {len(big)} biggest deltas: "
           + ", ".join(f"{k.replace('diffusion_model.', '')} {tuple(deltas[k].shape)}" for k in big))
     print(f"{'method':12s} {'seconds':>9s} {'overall rel. Frobenius error':>30s}")

@@ -328,6 +328,21 @@ def iter_merged_deltas(accel: Sequence[tuple[Entry, float]], styles: Sequence[Se
         style_key_scale: one callback for all styles or one per style (block weights, LiNeS).
         mode, density, p, seed: merge parameters (``merge_deltas``).
     """
+    for key, (shape, accel_items, present) in plan_merge(accel, styles, weight_shapes, module_to_host, mode=mode,
+                                                         accel_key_scale=accel_key_scale,
+                                                         style_key_scale=style_key_scale).items():
+        yield key, merged_key_delta(key, shape, accel_items, present, mode=mode, density=density, p=p, seed=seed,
+                                    base_weight_fn=base_weight_fn, device=device, dora_mode=dora_mode)
+
+
+KeyPlan = tuple  # (shape, accel items, [(style index, items), ...])
+
+
+def plan_merge(accel: Sequence[tuple[Entry, float]], styles: Sequence[Sequence[tuple[Entry, float]]],
+               weight_shapes: dict[str, Sequence[int]], module_to_host: dict[str, str], *, mode: str = "linear",
+               accel_key_scale: Optional[KeyScaleFn] = None, style_key_scale: StyleScale = None) -> dict[str, KeyPlan]:
+    """Which entries (with their block-weight / LiNeS-scaled strengths) land on which host key, without computing
+    any delta: ``{key: (shape, accel_items, [(style_index, items), ...])}`` in a stable key order."""
     if mode not in MERGE_MODES:
         raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
     if style_key_scale is None or callable(style_key_scale):
@@ -342,29 +357,38 @@ def iter_merged_deltas(accel: Sequence[tuple[Entry, float]], styles: Sequence[Se
     for g in g_styles:
         for k in g:
             keys.setdefault(k, None)
+    plan = {}
     for key in keys:
         shape = weight_shapes.get(key)
         if shape is None:
             items = g_accel.get(key) or next(g[key] for g in g_styles if key in g)
             e = items[0][0]
             raise ValueError(f"{e.file}: module '{e.name}' maps to '{key}', which is not a weight of the model")
-        total: Optional[torch.Tensor] = None
-        if key in g_accel:
-            total = key_delta(g_accel[key], key, shape, base_weight_fn, device, dora_mode)
-        present = [(i, g[key]) for i, g in enumerate(g_styles) if key in g]
-        if present:
-            if mode == "linear":
-                sd = key_delta([it for _, items in present for it in items], key, shape, base_weight_fn, device,
-                               dora_mode)
+        plan[key] = (shape, g_accel.get(key, []), [(i, g[key]) for i, g in enumerate(g_styles) if key in g])
+    return plan
+
+
+def merged_key_delta(key: str, shape: Sequence[int], accel_items, present, *, mode: str = "linear",
+                     density: float = 0.2, p: float = 0.5, seed: int = 0,
+                     base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
+                     dora_mode: str = "comfyui") -> Optional[torch.Tensor]:
+    """fp32 delta of one key from its ``plan_merge`` entry: accel (linear) + merge(style deltas)."""
+    total: Optional[torch.Tensor] = None
+    if accel_items:
+        total = key_delta(accel_items, key, shape, base_weight_fn, device, dora_mode)
+    if present:
+        if mode == "linear":
+            sd = key_delta([it for _, items in present for it in items], key, shape, base_weight_fn, device,
+                           dora_mode)
+        else:
+            per = [key_delta(items, key, shape, base_weight_fn, device, dora_mode) for _, items in present]
+            # DARE seeds use the style's position in ``styles`` so adding/removing other styles for
+            # other keys does not change this key's mask.
+            if mode in ("dare", "dare_ties"):
+                dropped = [dare_drop(d, p, seed, key, i) for (i, _), d in zip(present, per)]
+                sd = dropped[0] if mode == "dare" and len(dropped) == 1 else (
+                    torch.stack(dropped).sum(0) if mode == "dare" else ties_combine(dropped))
             else:
-                per = [key_delta(items, key, shape, base_weight_fn, device, dora_mode) for _, items in present]
-                # DARE seeds use the style's position in ``styles`` so adding/removing other styles for
-                # other keys does not change this key's mask.
-                if mode in ("dare", "dare_ties"):
-                    dropped = [dare_drop(d, p, seed, key, i) for (i, _), d in zip(present, per)]
-                    sd = dropped[0] if mode == "dare" and len(dropped) == 1 else (
-                        torch.stack(dropped).sum(0) if mode == "dare" else ties_combine(dropped))
-                else:
-                    sd = merge_deltas(per, "ties", density=density)
-            total = sd if total is None else total + sd
-        yield key, total
+                sd = merge_deltas(per, "ties", density=density)
+        total = sd if total is None else total + sd
+    return total

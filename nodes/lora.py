@@ -1,8 +1,10 @@
 """LoRA nodes: fuse an acceleration LoRA + style LoRAs exactly, save the fused model, export the merged delta.
 
-* FewStep LoRA Fuse -> a MODEL clone with one fp32 ``("diff", (delta,))`` patch per touched weight (the host adds
-  it to the fp32 weight and rounds once; unpatching restores the backed-up weights bit for bit), plus a report
-  (matched/unmatched keys, text-encoder keys ignored, detected base model and acceleration kind/preset).
+* FewStep LoRA Fuse -> a MODEL clone with one lazy ``FusedDelta`` patch per touched weight: when the host patches
+  the weight it computes that weight's whole delta (all adapters, one fp32 GEMM for plain LoRAs), adds it to the fp32
+  weight and rounds once; unpatching restores the backed-up weights bit for bit. Only the LoRA factors are held,
+  so the extra memory while patching is one layer's delta. Plus a report (matched/unmatched keys, text-encoder keys
+  ignored, detected base model and acceleration kind/preset).
 * FewStep Save Fused -> a ``.safetensors`` checkpoint with the fuse settings in its metadata.
 * FewStep Export LoRA -> the merged delta as a kohya LoRA by randomized SVD (rank or energy), with a report of the
   per-key relative Frobenius error.
@@ -12,6 +14,7 @@ diffusers->LDM map, weight shapes, base weights) and turns ``ValueError`` into o
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,12 +22,13 @@ import time
 from typing import Optional
 
 import torch
+from comfy.weight_adapter.base import WeightAdapterBase
 from comfy_api.v0_0_2 import io
 
 from ..lora import detect as lora_detect
 from ..lora import export as lora_export
 from ..lora import formats, keys, merge
-from ..lora.fuse import target_key
+from ..lora.fuse import key_delta
 from ..samplers import presets
 from .sampling import checked
 
@@ -40,6 +44,29 @@ SAVE = "FewStep Save Fused"
 EXPORT = "FewStep Export LoRA"
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ---------------------------------------------------------------- lazy patch
+
+class FusedDelta(WeightAdapterBase):
+    """A host weight patch that computes its weight's merged fp32 delta only when the host patches the weight."""
+
+    name = "fewstep_fused"
+
+    def __init__(self, node: str, compute):
+        self.node, self.compute = node, compute
+        self.loaded_keys: set[str] = set()
+        self.weights: list[torch.Tensor] = []
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        try:
+            delta = self.compute(device=weight.device)
+        except ValueError as e:
+            raise ValueError(f"{self.node}: {e}") from None
+        if delta is not None and strength != 0.0:
+            weight += function((strength * delta).to(weight.dtype))
+        return weight
 
 
 # ---------------------------------------------------------------- host facts
@@ -160,24 +187,30 @@ def style_scale(arch: str, block_weights: str, lines_alpha: float, lines_beta: f
     return merge.combine_key_scales(bw.key_scale() if bw else None, lines)
 
 
-def iter_record_deltas(node: str, facts: HostFacts, loaded: list[Loaded], rec: dict):
+def plan_record(node: str, facts: HostFacts, loaded: list[Loaded], rec: dict) -> dict:
+    """Which (entry, scaled strength) pairs land on which weight, for one fuse record; no delta computed yet."""
     accel = [p for a in loaded if a.role == "accel" for p in a.pairs()]
     styles = [a.pairs() for a in loaded if a.role == "style"]
     scale = checked(node, style_scale, facts.arch, rec["block_weights"], rec["lines_alpha"], rec["lines_beta"])
-    return merge.iter_merged_deltas(
-        accel, styles, facts.shapes, {m: hk for a in loaded for m, hk in a.matched.items()},
-        mode=rec["merge_mode"], density=rec["density"], p=rec["drop_p"], seed=rec["seed"],
-        style_key_scale=scale, base_weight_fn=facts.base_weight)
+    return checked(node, merge.plan_merge, accel, styles, facts.shapes,
+                   {m: hk for a in loaded for m, hk in a.matched.items()}, mode=rec["merge_mode"],
+                   style_key_scale=scale)
 
 
-def target_keys(loaded: list[Loaded]) -> set[str]:
-    out = set()
-    for a in loaded:
-        for e in a.adapter.entries:
-            hk = a.matched.get(e.name)
-            if hk is not None:
-                out.add(target_key(e, hk))
-    return out
+def check_shapes(node: str, key: str, shape, accel_items, present) -> None:
+    """Shape errors at fuse time, not at sampling time: the delta is computed on the meta device (no memory, no
+    work). DoRA entries need the base weight and are checked when they are applied."""
+    items = [it for it in [*accel_items, *(i for _, its in present for i in its)]
+             if getattr(it[0], "dora_scale", None) is None]
+    if items:
+        checked(node, key_delta, items, key, shape, device=torch.device("meta"))
+
+
+def iter_record_deltas(node: str, facts: HostFacts, loaded: list[Loaded], rec: dict):
+    for key, (shape, accel_items, present) in plan_record(node, facts, loaded, rec).items():
+        yield key, merge.merged_key_delta(key, shape, accel_items, present, mode=rec["merge_mode"],
+                                          density=rec["density"], p=rec["drop_p"], seed=rec["seed"],
+                                          base_weight_fn=facts.base_weight)
 
 
 def guarded(node: str, it):
@@ -300,16 +333,18 @@ def fuse(model, accel_lora: str, accel_strength: float, styles: list[tuple[str, 
     m = model.clone()
     n_keys = 0
     if loaded:
-        total = len(target_keys(loaded))
-        pbar = comfy.utils.ProgressBar(total)
+        plan = plan_record(node, facts, loaded, rec)
+        pbar = comfy.utils.ProgressBar(len(plan))
         patches = {}
-        # Block weights / LiNeS can scale a key to exactly 0: skip those (no patch, weight untouched).
-        maybe_zero = bool(block_weights.strip()) or lines_beta != 0
-        for key, delta in guarded(node, iter_record_deltas(node, facts, loaded, rec)):
+        for key, (shape, accel_items, present) in plan.items():
             pbar.update(1)
-            if delta is None or (maybe_zero and not torch.any(delta)):
+            # Block weights / LiNeS can scale a key to exactly 0: no patch, the weight stays untouched.
+            if all(st == 0 for _, st in accel_items) and all(st == 0 for _, items in present for _, st in items):
                 continue
-            patches[key] = ("diff", (delta.contiguous(),))
+            check_shapes(node, key, shape, accel_items, present)
+            patches[key] = FusedDelta(node, functools.partial(
+                merge.merged_key_delta, key, shape, accel_items, present, mode=rec["merge_mode"],
+                density=rec["density"], p=rec["drop_p"], seed=rec["seed"], base_weight_fn=facts.base_weight))
         added = m.add_patches(patches, 1.0, 1.0)
         n_keys = len(added)
         if len(added) != len(patches):
