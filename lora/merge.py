@@ -372,7 +372,12 @@ def merged_key_delta(key: str, shape: Sequence[int], accel_items, present, *, mo
                      density: float = 0.2, p: float = 0.5, seed: int = 0,
                      base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
                      dora_mode: str = "comfyui") -> Optional[torch.Tensor]:
-    """fp32 delta of one key from its ``plan_merge`` entry: accel (linear) + merge(style deltas)."""
+    """fp32 delta of one key from its ``plan_merge`` entry: accel (linear) + merge(style deltas).
+
+    In linear mode every adapter's plain-LoRA factors go into one GEMM (accel and styles together)."""
+    if mode == "linear":
+        items = list(accel_items) + [it for _, its in present for it in its]
+        return key_delta(items, key, shape, base_weight_fn, device, dora_mode) if items else None
     total: Optional[torch.Tensor] = None
     if accel_items:
         total = key_delta(accel_items, key, shape, base_weight_fn, device, dora_mode)
