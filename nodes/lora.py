@@ -418,7 +418,9 @@ def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, pro
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
     records = fuse_records(model)
-    metadata = {"fewstep.fuse": json.dumps(records), "fewstep.dtype": dtype,
+    # File names and settings only: local paths stay out of a file people share.
+    public = [{**r, "adapters": [{k: v for k, v in a.items() if k != "path"} for a in r["adapters"]]} for r in records]
+    metadata = {"fewstep.fuse": json.dumps(public), "fewstep.dtype": dtype,
                 "fewstep.adapters": ", ".join(f"{a['role']}:{a['name']}@{a['strength']:g}"
                                               for r in records for a in r["adapters"])}
     base = model_base(model)
