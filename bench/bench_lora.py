@@ -107,12 +107,15 @@ def main():
         gc.collect()
         return out
 
-    # Alternate and keep each path's best run, so neither gains from the other warming the page cache.
+    # Alternate three times and keep each path's best run, so neither gains from the other warming the page cache.
     fs, cs = [], []
-    for _ in range(2):
+    for _ in range(3):
         cs.append(run_core())
         fs.append(run_fewstep())
     f, c = min(fs, key=lambda r: r[2]), min(cs, key=lambda r: r[1])
+    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    print(f"fuse+patch seconds, all runs: fewstep {[round(r[2], 2) for r in fs]}, core {[round(r[1], 2) for r in cs]}; "
+          f"median ratio {med([r[1] for r in cs]) / med([r[2] for r in fs]):.2f}x")
     rows += [("fewstep fuse (plan only; deltas computed at patch)", f[0], f[1]),
              ("fewstep fuse + patch_model", f[2], f[3]),
              ("core LoraLoaderModelOnly x3 (load)", c[0], None),

@@ -148,10 +148,12 @@ def dora_delta(entry: Entry, key: str, shape: Sequence[int], strength: float, ba
 
 def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[int],
               base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
-              dora_mode: str = "comfyui") -> torch.Tensor:
+              dora_mode: str = "comfyui", out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Summed fp32 delta for one host key from ``(entry, effective_strength)`` pairs.
 
     Plain LoRAs: one GEMM over the rank-concatenated factors. Others: added one by one.
+    With ``out`` (a contiguous fp32 tensor of ``shape``, e.g. the weight being patched) the delta is accumulated
+    into it -- the GEMM writes straight into ``out`` (``addmm_``), so no delta-sized tensor is allocated.
     """
     shape = tuple(int(s) for s in shape)
     bs: list[torch.Tensor] = []
@@ -167,7 +169,13 @@ def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[in
             as_.append(a)
         else:
             rest.append((entry, strength))
-    if bs:
+    if out is not None:
+        if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"key_delta: out for '{key}' must be a contiguous float32 tensor of shape {shape}")
+        total = out
+        if bs:
+            total.view(shape[0], -1).addmm_(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+    elif bs:
         total = (torch.cat(bs, dim=1) @ torch.cat(as_, dim=0)).reshape(shape)
     else:
         total = torch.zeros(shape, dtype=torch.float32, device=device)

@@ -371,13 +371,20 @@ def plan_merge(accel: Sequence[tuple[Entry, float]], styles: Sequence[Sequence[t
 def merged_key_delta(key: str, shape: Sequence[int], accel_items, present, *, mode: str = "linear",
                      density: float = 0.2, p: float = 0.5, seed: int = 0,
                      base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
-                     dora_mode: str = "comfyui") -> Optional[torch.Tensor]:
+                     dora_mode: str = "comfyui", out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """fp32 delta of one key from its ``plan_merge`` entry: accel (linear) + merge(style deltas).
 
-    In linear mode every adapter's plain-LoRA factors go into one GEMM (accel and styles together)."""
+    In linear mode every adapter's plain-LoRA factors go into one GEMM (accel and styles together).
+    With ``out`` the delta is added into it (in linear mode without materialising it) and ``out`` is returned."""
     if mode == "linear":
         items = list(accel_items) + [it for _, its in present for it in its]
-        return key_delta(items, key, shape, base_weight_fn, device, dora_mode) if items else None
+        if not items:
+            return out
+        return key_delta(items, key, shape, base_weight_fn, device, dora_mode, out=out)
+    if out is not None:
+        delta = merged_key_delta(key, shape, accel_items, present, mode=mode, density=density, p=p, seed=seed,
+                                 base_weight_fn=base_weight_fn, device=device, dora_mode=dora_mode)
+        return out if delta is None else out.add_(delta)
     total: Optional[torch.Tensor] = None
     if accel_items:
         total = key_delta(accel_items, key, shape, base_weight_fn, device, dora_mode)

@@ -60,7 +60,13 @@ class FusedDelta(WeightAdapterBase):
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
+        probe = weight.new_zeros(())
         try:
+            if (strength == 1.0 and function(probe) is probe and weight.dtype == torch.float32
+                    and weight.is_contiguous()):
+                # The usual case: the host hands us its fp32 working copy; accumulate straight into it.
+                self.compute(device=weight.device, out=weight)
+                return weight
             delta = self.compute(device=weight.device)
         except ValueError as e:
             raise ValueError(f"{self.node}: {e}") from None
