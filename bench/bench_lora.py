@@ -76,8 +76,11 @@ def main():
     # drop a PEFT file's attention keys and do less work).
     styles = [f"style-{tag}-kohya.safetensors", f"style-{tag}-kohya-ldm.safetensors"]
     proc = psutil.Process(os.getpid())
+    # SDXL in fp32 plus the host's backup copy does not fit 24 GiB of RAM: keep the UNet weights in fp16 there
+    # (the host computes in fp32 via manual cast; patching works on an fp32 copy of each weight either way).
+    opts = {"dtype": torch.float16} if args.base == "sdxl" else {}
     model = comfy.sd.load_checkpoint_guess_config(str(d / "checkpoints" / standins.checkpoint_name(args.base)),
-                                                  output_clip=False, output_vae=False)[0]
+                                                  output_clip=False, output_vae=False, model_options=opts)[0]
     gc.collect()
     base_rss = proc.memory_info().rss
     print(f"base {args.base}: model loaded, RSS {base_rss / 2**30:.2f} GiB, torch threads {torch.get_num_threads()}")
