@@ -1,5 +1,9 @@
 """Per-step linear coefficients of the consistency (LCM / TCD-style) step.
 
+The sampler builds its table with ``samplers.consistency.linear_step_coefficients`` (which also handles the
+diffusers final step); this host-free builder, from per-step sigma_s / c_skipv / c_out, serves the kernel tests and
+benchmarks. ``tests/math/test_coefficients_agree.py`` keeps the two equal.
+
 k-diffusion VE space, ``x = x0 + sigma * eps``. For step ``i`` with model output ``D_raw`` (x0 after CFG):
 
     D      = c_out[i] * D_raw + c_skipv[i] * x          (optional LCM boundary condition;
