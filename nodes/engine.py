@@ -13,7 +13,10 @@ import comfy.k_diffusion.sampling as ksampling
 import comfy.samplers
 
 from ..samplers import consistency
+from ..samplers.lcm import LCM_STEP
 from ..samplers.noise import BatchStepNoise
+from ..samplers.pcm import PCM_STEP
+from ..samplers.tcd import TCD_STEP
 
 log = logging.getLogger("fewstep")
 
@@ -22,13 +25,9 @@ NOISE_DEVICES = ("cpu", "gpu")
 FUSED_MODES = ("auto", "on", "off")
 
 # kind -> fixed step parameters; gamma for "tcd"/"consistency" comes from options.
-KIND_PARAMS = {
-    "lcm": dict(gamma=1.0, boundary=True, clean_intermediate=True),
-    "tcd": dict(boundary=False, clean_intermediate=False),
-    "pcm": dict(gamma=0.0, boundary=False, clean_intermediate=False),
-    "ddim": dict(gamma=0.0, boundary=False, clean_intermediate=False),
-    "consistency": dict(),
-}
+# The named samplers' own switches (samplers/lcm.py, tcd.py, pcm.py): one definition for both entry points.
+# "ddim" (Hyper-SD / Lightning presets: Euler/DDIM on trailing timesteps) is the same deterministic step as PCM.
+KIND_PARAMS = {"lcm": LCM_STEP, "tcd": TCD_STEP, "pcm": PCM_STEP, "ddim": PCM_STEP, "consistency": {}}
 DEFAULTS = dict(gamma=0.3, boundary=False, clean_intermediate=False, final_step="x0", noise_device="cpu",
                 batch_offset=0, fused="auto")
 

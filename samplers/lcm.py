@@ -13,7 +13,10 @@ import torch
 
 from .consistency import sample_consistency
 
-__all__ = ["sample_lcm_exact"]
+__all__ = ["LCM_STEP", "sample_lcm_exact"]
+
+#: The consistency-step switches that make it LCM (shared with the node layer).
+LCM_STEP = dict(gamma=1.0, boundary=True, clean_intermediate=True)
 
 
 def sample_lcm_exact(
@@ -34,7 +37,6 @@ def sample_lcm_exact(
     ``samplers.consistency.sample_consistency``.
     """
     return sample_consistency(
-        model, x, sigmas, extra_args, callback, disable, gamma=1.0, boundary=True, final_step="x0",
-        clean_intermediate=True, noise_sampler=noise_sampler, noise_sampler_factory=noise_sampler_factory,
+        model, x, sigmas, extra_args, callback, disable, final_step="x0", **LCM_STEP, noise_sampler=noise_sampler, noise_sampler_factory=noise_sampler_factory,
         model_sampling=model_sampling,
     )

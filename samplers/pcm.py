@@ -13,7 +13,10 @@ import torch
 
 from .consistency import sample_consistency
 
-__all__ = ["sample_pcm"]
+__all__ = ["PCM_STEP", "sample_pcm"]
+
+#: Deterministic DDIM jumps between phase edges (shared with the node layer).
+PCM_STEP = dict(gamma=0.0, boundary=False, clean_intermediate=False)
 
 
 def sample_pcm(
@@ -34,6 +37,6 @@ def sample_pcm(
         Other arguments as in ``samplers.consistency.sample_consistency``.
     """
     return sample_consistency(
-        model, x, sigmas, extra_args, callback, disable, gamma=0.0, boundary=False, final_step=final_step,
+        model, x, sigmas, extra_args, callback, disable, final_step=final_step, **PCM_STEP,
         model_sampling=model_sampling,
     )

@@ -13,7 +13,10 @@ import torch
 
 from .consistency import sample_consistency
 
-__all__ = ["sample_tcd"]
+__all__ = ["TCD_STEP", "sample_tcd"]
+
+#: The consistency-step switches that make it TCD; gamma is the caller's (shared with the node layer).
+TCD_STEP = dict(boundary=False, clean_intermediate=False)
 
 
 def sample_tcd(
@@ -38,7 +41,7 @@ def sample_tcd(
         Other arguments as in ``samplers.consistency.sample_consistency``.
     """
     return sample_consistency(
-        model, x, sigmas, extra_args, callback, disable, gamma=gamma, boundary=False, final_step=final_step,
-        clean_intermediate=False, noise_sampler=noise_sampler, noise_sampler_factory=noise_sampler_factory,
+        model, x, sigmas, extra_args, callback, disable, gamma=gamma, final_step=final_step, **TCD_STEP,
+        noise_sampler=noise_sampler, noise_sampler_factory=noise_sampler_factory,
         model_sampling=model_sampling,
     )
