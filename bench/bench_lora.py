@@ -1,16 +1,25 @@
 """Benchmark: FewStep LoRA Fuse vs core chained LoraLoaderModelOnly, and randomized vs full SVD export.
 
-    python bench/bench_lora.py [--base sd15|sdxl] [--svd-keys 4] [--rank 64]
+    python bench/bench_lora.py [--base sd15|sdxl] [--styles attn|transformer] [--style-rank 32] [--svd-keys 4]
+                               [--rank 64]
 
 Fuse: LCM-LoRA-shaped stand-in (full UNet, rank 64) + 2 style LoRAs into the stand-in checkpoint. Times include
 patching the weights (``patch_model``), so both sides do the same work; peak RSS is sampled every 10 ms and given
-as the increase over the base-model-loaded baseline. SVD: randomized vs exact SVD of the biggest merged deltas at
-the same rank (errors shown, so "equal error" can be checked).
+as the increase over the base-model-loaded baseline (freed heap is returned to the OS before each measurement, so
+an earlier run's garbage does not count). SVD: randomized vs exact SVD of the biggest merged deltas at the same
+rank (errors shown, so "equal error" can be checked).
+
+Style LoRAs: ``attn`` uses the test stand-ins (rank 8, attention q/k/v/out only: the smallest common style LoRA);
+``transformer`` writes two kohya-format LoRAs covering kohya's default targets -- every Linear / 1x1 conv inside
+the Transformer2DModel blocks (attention, feed-forward, proj_in/out), as most SD1.5/SDXL style LoRAs are trained --
+at ``--style-rank`` into a temporary folder.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
+import tempfile
 import os
 import sys
 import threading
@@ -24,6 +33,33 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 
+def trim() -> None:
+    """Give freed heap back to the OS (glibc), so RSS measures live memory, not an earlier run's garbage."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def write_transformer_styles(kind: str, rank: int, folder: Path) -> list[str]:
+    """Two kohya-format style LoRAs over kohya's default UNet targets (all Linear / 1x1 conv in Transformer2DModel)."""
+    from safetensors.torch import save_file
+    from tools import standins
+    targets = {d: v for d, v in standins.unet_lora_targets(kind, "full").items() if ".attentions." in d}
+    names = []
+    for i, (fmt, alpha) in enumerate([("kohya_diffusers", rank / 2), ("kohya_ldm", float(rank))]):
+        sd = {}
+        for dmod, (lmod, shape) in targets.items():
+            down, up = standins._factors(f"bench-style{i}:{rank}:{dmod}", shape, rank, alpha / rank)
+            k = "lora_unet_" + (dmod if fmt == "kohya_diffusers" else lmod).replace(".", "_")
+            sd[k + ".lora_down.weight"], sd[k + ".lora_up.weight"] = down.half(), up.half()
+            sd[k + ".alpha"] = torch.tensor(alpha, dtype=torch.float16)
+        name = f"bench-style{i}-{kind}-transformer-r{rank}.safetensors"
+        save_file(sd, str(folder / name), metadata={"ss_network_dim": str(rank), "ss_network_alpha": str(alpha)})
+        names.append(name)
+    return names
+
+
 class Peak:
     """Peak RSS (bytes) while the block runs, sampled on a thread."""
 
@@ -32,6 +68,7 @@ class Peak:
 
     def __enter__(self):
         gc.collect()
+        trim()
         self.start = self.proc.memory_info().rss
         self.peak = self.start
         self.stop = False
@@ -56,7 +93,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", choices=["sd15", "sdxl"], default="sdxl")
     ap.add_argument("--svd-keys", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=64, help="SVD export rank")
+    ap.add_argument("--styles", choices=["attn", "transformer"], default="attn")
+    ap.add_argument("--style-rank", type=int, default=32, help="rank of the --styles transformer LoRAs")
+    ap.add_argument("--runs", type=int, default=3, help="alternating runs per path (best and median reported)")
     args = ap.parse_args()
 
     from tools import hostenv, standins
@@ -75,6 +115,10 @@ def main():
     # Two kohya-format styles: core loads both fully, so both paths patch the same weights (core would silently
     # drop a PEFT file's attention keys and do less work).
     styles = [f"style-{tag}-kohya.safetensors", f"style-{tag}-kohya-ldm.safetensors"]
+    if args.styles == "transformer":
+        tmp = Path(tempfile.mkdtemp(prefix="fewstep-bench-"))
+        styles = write_transformer_styles(args.base, args.style_rank, tmp)
+        folder_paths.add_model_folder_path("loras", str(tmp))
     proc = psutil.Process(os.getpid())
     # SDXL in fp32 plus the host's backup copy does not fit 24 GiB of RAM: keep the UNet weights in fp16 there
     # (the host computes in fp32 via manual cast; patching works on an fp32 copy of each weight either way).
@@ -82,6 +126,7 @@ def main():
     model = comfy.sd.load_checkpoint_guess_config(str(d / "checkpoints" / standins.checkpoint_name(args.base)),
                                                   output_clip=False, output_vae=False, model_options=opts)[0]
     gc.collect()
+    trim()
     base_rss = proc.memory_info().rss
     print(f"base {args.base}: model loaded, RSS {base_rss / 2**30:.2f} GiB, torch threads {torch.get_num_threads()}")
     rows = []
@@ -112,7 +157,7 @@ def main():
 
     # Alternate three times and keep each path's best run, so neither gains from the other warming the page cache.
     fs, cs = [], []
-    for _ in range(3):
+    for _ in range(args.runs):
         cs.append(run_core())
         fs.append(run_fewstep())
     f, c = min(fs, key=lambda r: r[2]), min(cs, key=lambda r: r[1])
@@ -127,13 +172,17 @@ def main():
     print(f"fewstep/core time ratio (fuse+patch): {c[1] / f[2]:.2f}x faster" if f[2] < c[1]
           else f"fewstep/core time ratio (fuse+patch): {f[2] / c[1]:.2f}x slower")
 
-    print(f"\nFuse ({args.base} stand-in; LCM-shaped rank-64 full-UNet + 2 rank-8 attention styles; "
+    style_desc = ("2 rank-8 attention styles" if args.styles == "attn" else
+                  f"2 rank-{args.style_rank} transformer-block styles (kohya default targets)")
+    print(f"\nFuse ({args.base} stand-in; LCM-shaped rank-64 full-UNet + {style_desc}; "
           f"keys patched: fewstep {n_ours}, core {n_core})")
     print(f"{'what':45s} {'seconds':>9s} {'peak RSS over base':>20s}")
     for what, s, mem in rows:
         print(f"{what:45s} {s:9.2f} {('-' if mem is None else f'{mem / 2**30:.2f} GiB'):>20s}")
 
     # SVD export on the biggest merged deltas.
+    if args.svd_keys <= 0:
+        return
     m, _, _ = L.fuse(model, accel, 1.0, [(styles[0], 0.8), (styles[1], 0.6)])
     sd = m.model.state_dict()
     big = sorted(m.patches, key=lambda k: -sd[k].numel())[: args.svd_keys]

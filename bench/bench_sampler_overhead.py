@@ -353,7 +353,7 @@ def run_math(reps: int, lo: int = 4, hi: int = 8, log=print) -> list[dict]:
         sig = _sigmas(ms, steps, "fewstep_lcm50")
         lin = consistency.linear_step_coefficients(consistency.step_coefficients(sig, ms, **kw))
         coeffs = lin.as_tensor()
-        noise = torch.randn((steps, *LATENT), generator=torch.Generator().manual_seed(SEED))
+        noise = torch.randn((steps - 1, *LATENT), generator=torch.Generator().manual_seed(SEED))  # last: none
         return sig, coeffs, noise
 
     def make_consistency(kw):

@@ -29,7 +29,7 @@ def _check_loop_args(x, sigmas, coeffs, noise) -> int:
     n = coeffs.shape[0]
     if sigmas.ndim != 1 or sigmas.shape[0] != n + 1:
         raise ValueError(f"sample_fused: sigmas must be 1-D with n_steps + 1 = {n + 1} entries, got {tuple(sigmas.shape)}")
-    if noise is not None and (noise.shape[0] < n - 1 or tuple(noise.shape[1:]) != tuple(x.shape)):
+    if noise is not None and (noise.shape[0] not in (n - 1, n) or tuple(noise.shape[1:]) != tuple(x.shape)):
         raise ValueError(
             f"sample_fused: noise must be [n_steps (or n_steps - 1), *x.shape] = [{n}, {', '.join(map(str, x.shape))}], "
             f"got {tuple(noise.shape)}"
@@ -58,14 +58,16 @@ def sample_fused(
         x: initial latent, already scaled to ``sigmas[0]`` (k-diffusion convention).
         sigmas: ``[n_steps + 1]`` schedule on ``x.device`` (the model receives ``sigmas[i] * s_in``).
         coeffs: ``[n_steps, 5]`` float32 on ``x.device`` from ``linear_coefficients`` (columns a_x, a_d, a_z, b_x, b_d).
-        noise: pre-drawn noise ``[n_steps, *x.shape]`` (row ``i`` is used by step ``i``; the last row is never read,
-            so ``[n_steps - 1, ...]`` also works), or ``None`` when no step is stochastic (``a_z`` is then ignored).
+        noise: pre-drawn noise, row ``i`` used by step ``i``: ``[n_steps, *x.shape]`` when the last step adds
+            noise too (a split schedule ending above sigma 0), ``[n_steps - 1, *x.shape]`` when it does not (the
+            usual run to sigma 0: the last step then reads no noise), or ``None`` when no step is stochastic
+            (``a_z`` is then ignored).
         extra_args / callback / disable: as in k-diffusion; the callback gets
             ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` with ``x`` before the update and ``denoised`` = x0
             (after the boundary condition) for previews.
         backend: ``None``/``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or ``"torch"``; chosen once.
 
-    No ``.item()``, no branch on a device tensor: the last step (no noise) is ``i == n_steps - 1``.
+    No ``.item()``, no branch on a device tensor: whether step ``i`` reads noise is ``i < noise.shape[0]``.
     """
     extra_args = {} if extra_args is None else extra_args
     n = _check_loop_args(x, sigmas, coeffs, noise)
@@ -74,7 +76,7 @@ def sample_fused(
     s_in = x.new_ones([x.shape[0]])
     for i in _trange(n, disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        z = noise[i] if (noise is not None and i < n - 1) else None
+        z = noise[i] if (noise is not None and i < noise.shape[0]) else None
         x_next, x0 = fused_step(x, denoised, z, coeffs, i, backend=backend)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})

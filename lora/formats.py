@@ -253,9 +253,15 @@ def split_key(key: str) -> tuple[str, str, str]:
 
 
 def _check_finite(path: str, key: str, t: torch.Tensor) -> None:
-    # A float64 sum propagates any NaN/Inf and is far cheaper than isfinite() on CPU half tensors; only LoRA
-    # factors (|x| << 1e300) are summed, so a finite tensor never overflows it.
-    if t.is_floating_point() and not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    # min and max propagate NaN, and +/-Inf shows in one of them: one cheap reduction pass, no overflow risk
+    # (a float64 sum is ~25x slower on CPU half tensors; isfinite().all() slower still).
+    if not t.is_floating_point() or t.numel() == 0:
+        return
+    try:
+        lo, hi = torch.aminmax(t)
+    except RuntimeError:  # a dtype without an aminmax kernel (e.g. fp8): widen first
+        lo, hi = torch.aminmax(t.to(torch.float32))
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         raise ValueError(f"{path}: tensor '{key}' contains NaN or Inf values; the adapter file is damaged, "
                          f"re-download or re-export it")
 

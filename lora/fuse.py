@@ -77,6 +77,43 @@ def _check_lora_shape(entry: LoraModule, key: str, b: torch.Tensor, a: torch.Ten
         raise _shape_error(entry, key, (b.shape[0], a.shape[1]), shape)
 
 
+def lora_factor_shape(entry: LoraModule) -> tuple[int, int, int, int]:
+    """Shapes of ``lora_factors(entry)`` from tensor shapes alone: (B rows, B cols, A rows, A cols)."""
+    up, down, mid = entry.up, entry.down, entry.mid
+    b_cols = math.prod(up.shape[1:])
+    if mid is None:
+        return up.shape[0], b_cols, down.shape[0], math.prod(down.shape[1:])
+    if mid.ndim != 4 or mid.shape[1] != down.shape[0]:
+        src = entry.source_keys[0] if entry.source_keys else entry.name
+        raise ValueError(f"{entry.file}: '{src}' Tucker mid {tuple(mid.shape)} does not fit down "
+                         f"{tuple(down.shape)}")
+    return up.shape[0], b_cols, mid.shape[0], math.prod(down.shape[1:]) * math.prod(mid.shape[2:])
+
+
+def check_key_shapes(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[int]) -> None:
+    """Raise the shape errors ``key_delta(items, key, shape)`` would raise, without computing anything.
+
+    Plain LoRAs are checked from their tensor shapes (microseconds; the fuse node checks every key up front);
+    other kinds go through ``raw_delta`` on the meta device. DoRA entries need the base weight and are checked
+    when they are applied.
+    """
+    shape = tuple(int(s) for s in shape)
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    for entry, strength in items:
+        if getattr(entry, "dora_scale", None) is not None or strength == 0.0:
+            continue
+        if isinstance(entry, LoraModule):
+            b_rows, b_cols, a_rows, a_cols = lora_factor_shape(entry)
+            if b_cols != a_rows:
+                src = entry.source_keys[0] if entry.source_keys else entry.name
+                raise ValueError(f"{entry.file}: module '{entry.name}' rank mismatch: up {tuple(entry.up.shape)} "
+                                 f"vs down {tuple(entry.down.shape)} ('{src}')")
+            if len(shape) < 2 or b_rows != shape[0] or a_cols != cols:
+                raise _shape_error(entry, key, (b_rows, a_cols), shape)
+        else:
+            raw_delta(entry, key, shape, device=torch.device("meta"))
+
+
 def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
     """Unscaled-by-strength fp32 delta of one non-DoRA entry, including its alpha/rank scale, shaped like the weight."""
     n = math.prod(shape)

@@ -91,7 +91,7 @@ def fewstep_sample(model, x, sigmas, extra_args=None, callback=None, disable=Non
     factory = noise_factory(opts["batch_offset"], opts["noise_device"])
     step = dict(gamma=float(opts["gamma"]), boundary=bool(opts["boundary"]), final_step=opts["final_step"],
                 clean_intermediate=bool(opts["clean_intermediate"]))
-    if use_fused(opts["fused"], x) and float(sigmas[-1]) == 0.0:
+    if use_fused(opts["fused"], x):
         return sample_fused(model, x, sigmas, extra_args, callback, disable, factory, **step)
     return consistency.sample_consistency(model, x, sigmas, extra_args, callback, disable,
                                           noise_sampler_factory=factory, **step)
@@ -116,7 +116,10 @@ def sample_fused(model, x, sigmas, extra_args, callback, disable, factory, **ste
             drawn = sampler.pre_draw(len(noisy))  # one host->device copy for the whole run
         else:
             drawn = torch.stack([sampler(sigmas[i], sigmas[i + 1]) for i in noisy])
-        noise = x.new_zeros((len(a_z), *x.shape))
+        # Row i feeds step i. A run to sigma 0 has a noiseless last step: leave its row out (the loop then reads
+        # no noise there). A split schedule (SplitSigmas, ending above 0) re-noises on its last step too.
+        rows = len(a_z) if a_z[-1] > 0 else len(a_z) - 1
+        noise = x.new_zeros((rows, *x.shape))
         noise[noisy] = drawn.to(x)
     extra_args = with_graph_capture(model, x, extra_args)
     return fused_loop(model, x, sigmas, lin.as_tensor(device=x.device), noise, extra_args, callback, disable)

@@ -28,7 +28,7 @@ from comfy_api.v0_0_2 import io
 from ..lora import detect as lora_detect
 from ..lora import export as lora_export
 from ..lora import formats, keys, merge
-from ..lora.fuse import key_delta
+from ..lora.fuse import check_key_shapes
 from ..samplers import presets
 from .sampling import checked
 
@@ -204,12 +204,8 @@ def plan_record(node: str, facts: HostFacts, loaded: list[Loaded], rec: dict) ->
 
 
 def check_shapes(node: str, key: str, shape, accel_items, present) -> None:
-    """Shape errors at fuse time, not at sampling time: the delta is computed on the meta device (no memory, no
-    work). DoRA entries need the base weight and are checked when they are applied."""
-    items = [it for it in [*accel_items, *(i for _, its in present for i in its)]
-             if getattr(it[0], "dora_scale", None) is None]
-    if items:
-        checked(node, key_delta, items, key, shape, device=torch.device("meta"))
+    """Shape errors at fuse time, not at sampling time (from tensor shapes alone; see lora.fuse)."""
+    checked(node, check_key_shapes, [*accel_items, *(i for _, its in present for i in its)], key, shape)
 
 
 def iter_record_deltas(node: str, facts: HostFacts, loaded: list[Loaded], rec: dict):

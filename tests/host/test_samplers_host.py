@@ -159,8 +159,10 @@ def test_flow_model_rejected_with_clear_error(sd15, registered):
         FewStepScheduleLCM.execute(m, 4, 1.0, "50")
 
 
-def test_fused_path_equals_unfused_through_interpreter(sd15, registered, monkeypatch):
-    """The fused loop (Triton interpreter on CPU) gives the unfused image with the same seed."""
+@pytest.mark.parametrize("split", [False, True], ids=["to-sigma-0", "split-sigmas"])
+def test_fused_path_equals_unfused_through_interpreter(sd15, registered, monkeypatch, split):
+    """The fused loop (Triton interpreter on CPU) gives the unfused image with the same seed, also for a split
+    schedule (SplitSigmas' first half: the last step re-noises to a sigma above 0)."""
     pytest.importorskip("triton")
     from fewstep.kernels import consistency_step
     from fewstep.nodes import engine
@@ -173,6 +175,12 @@ def test_fused_path_equals_unfused_through_interpreter(sd15, registered, monkeyp
     ms = model.get_model_object("model_sampling")
     from fewstep.samplers import schedules
     sigmas = schedules.timesteps_to_sigmas(schedules.lcm_timesteps(3), ms)
+    if split:
+        sigmas = sigmas[:-1]
+        assert float(sigmas[-1]) > 0
+    from fewstep.kernels import loop
+    real_loop, used = loop.sample_fused, []
+    monkeypatch.setattr(loop, "sample_fused", lambda *a, **k: used.append(1) or real_loop(*a, **k))
     outs = []
     for fused in ("off", "on"):
         latent = torch.zeros(1, 4, SIZE, SIZE)
@@ -182,6 +190,7 @@ def test_fused_path_equals_unfused_through_interpreter(sd15, registered, monkeyp
         guider.set_cfg(1.0)
         outs.append(guider.sample(noise, latent, engine.make_sampler("tcd", gamma=0.4, fused=fused), sigmas,
                                   disable_pbar=True, seed=5))
+    assert used == [1], "fused=on must run the fused loop (no silent fallback), once"
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
 
 

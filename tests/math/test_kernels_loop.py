@@ -37,7 +37,7 @@ def _setup(device="cpu", dtype=torch.float32, n=4, shape=(2, 4, 8, 8)):
     coeffs = linear_coefficients(sigmas, sigma_s, c_skipv, c_out, device=device)
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * sigmas[0].float()).to(device, dtype)
-    noise = torch.randn((n, *shape), generator=g).to(device, dtype)
+    noise = torch.randn((n - 1, *shape), generator=g).to(device, dtype)  # a run to sigma 0: last step none
     return sigmas.float().to(device), coeffs, x, noise, (sigmas, sigma_s, c_skipv, c_out)
 
 
@@ -48,7 +48,7 @@ def unfused_loop(model, x, sigmas, coeffs, noise, extra_args=None, callback=None
     s_in = x.new_ones([x.shape[0]])
     for i in range(n):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        z = noise[i] if (noise is not None and i < n - 1) else None
+        z = noise[i] if (noise is not None and i < noise.shape[0]) else None
         x_next, x0 = consistency_step_reference(x, denoised, z, coeffs, i)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
@@ -99,15 +99,21 @@ def test_callback_dict_and_previews(backend):
     assert torch.equal(seen[0]["x"], x)  # x before the update
 
 
-def test_last_noise_row_never_read_and_noise_optional():
+def test_noise_rows_decide_which_steps_read_noise():
     sigmas, coeffs, x, noise, _ = _setup()
-    poisoned = noise.clone()
-    poisoned[-1] = float("nan")
-    out = sample_fused(ToyDenoiser(), x, sigmas, coeffs, poisoned, disable=True)
-    assert torch.isfinite(out).all()
-    assert torch.equal(out, sample_fused(ToyDenoiser(), x, sigmas, coeffs, noise[:-1], disable=True))
+    assert noise.shape[0] == coeffs.shape[0] - 1  # run to sigma 0: the last step reads no noise
     det = sample_fused(ToyDenoiser(), x, sigmas, coeffs, None, disable=True)
     assert torch.equal(det, unfused_loop(ToyDenoiser(), x, sigmas, coeffs, None))
+    # A split schedule (SplitSigmas: ends above sigma 0) re-noises on its last step too, with its own row.
+    split = coeffs.clone()
+    split[-1, 2] = 0.25
+    full = torch.cat([noise, -1.5 * noise[:1]])
+    got = sample_fused(ToyDenoiser(), x, sigmas, split, full, disable=True)
+    assert torch.equal(got, unfused_loop(ToyDenoiser(), x, sigmas, split, full))
+    short = sample_fused(ToyDenoiser(), x, sigmas, split, noise, disable=True)
+    torch.testing.assert_close(got - short, 0.25 * full[-1], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="noise must be"):
+        sample_fused(ToyDenoiser(), x, sigmas, coeffs, noise[:-1], disable=True)  # n - 2 rows: ambiguous
 
 
 def test_no_host_reads_and_op_count_per_step():
@@ -127,7 +133,8 @@ def test_no_host_reads_and_op_count_per_step():
     counts = {}
     for n in (2, 4):
         with Count() as c:
-            sample_fused(model, x, sigmas[: n + 1].clone(), coeffs[:n].clone(), noise[:n], disable=True, backend="torch")
+            sample_fused(model, x, sigmas[: n + 1].clone(), coeffs[:n].clone(), noise[: n - 1], disable=True,
+                         backend="torch")
         assert "aten._local_scalar_dense" not in c.ops, c.ops
         counts[n] = len(c.ops)
     per_step = (counts[4] - counts[2]) / 2

@@ -178,3 +178,20 @@ def test_entry_types_parsed(tmp_path):
     assert kinds == ["bias_diff", "diff", "loha", "lokr", "lora"]
     locon = next(e for e in ad.entries if isinstance(e, LoraModule))
     assert locon.mid is not None and locon.scale == 0.5
+
+
+def test_nonfinite_detected_in_every_float_dtype(tmp_path):
+    """One NaN, +Inf or -Inf anywhere in a factor of any float dtype is an error naming the file and tensor."""
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            t = torch.randn(16, 77).to(dt)
+            t[11, 53] = bad
+            name = f"bad-{str(dt)[6:]}-{bad}.safetensors"
+            p = save(str(tmp_path / name), {"lora_unet_x.lora_down.weight": torch.ones(16, 3).to(dt),
+                                            "lora_unet_x.lora_up.weight": t})
+            with pytest.raises(ValueError, match=rf"{name}.*lora_unet_x.lora_up.weight.*NaN or Inf"):
+                read_adapter(p)
+        ok = save(str(tmp_path / f"ok-{str(dt)[6:]}.safetensors"),
+                  {"lora_unet_x.lora_down.weight": torch.full((4, 3), 6e4).to(dt),
+                   "lora_unet_x.lora_up.weight": torch.full((5, 4), -6e4).to(dt)})
+        assert len(read_adapter(ok).entries) == 1  # large finite values (their sum would overflow fp16) pass

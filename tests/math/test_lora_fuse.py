@@ -149,3 +149,47 @@ def test_key_scale_and_one_rounding():
         seq = (seq.float() + 0.5 * (e.up @ e.down)).to(torch.float16)
     assert (fused.float() - (base.double() + exact).float()).abs().sum() <= \
         (seq.float() - (base.double() + exact).float()).abs().sum()
+
+
+def _outcome(fn):
+    try:
+        fn()
+        return None
+    except (ValueError, RuntimeError) as e:
+        return type(e).__name__
+
+
+def test_fast_shape_check_agrees_with_computing():
+    """check_key_shapes (tensor shapes only) accepts exactly what key_delta can compute and rejects the rest with
+    a ValueError naming the file and the source key (key_delta itself may fail later with a bare RuntimeError)."""
+    from lora.fuse import check_key_shapes
+    cases = [
+        ([lora("a", rn(4, 48), rn(64, 4))], (64, 48)),                                   # fits
+        ([lora("a", rn(4, 48), rn(64, 4))], (64, 47)),                                   # wrong in
+        ([lora("a", rn(4, 48), rn(64, 4))], (63, 48)),                                   # wrong out
+        ([lora("a", rn(4, 48), rn(64, 4))], (64,)),                                      # 1-D target
+        ([lora("c", rn(4, 8, 3, 3), rn(16, 4, 1, 1))], (16, 8, 3, 3)),                   # conv fits
+        ([lora("c", rn(4, 8, 3, 3), rn(16, 4, 1, 1))], (16, 8, 1, 1)),                   # kernel size wrong
+        ([lora("c", rn(4, 8, 1, 1), rn(16, 4, 3, 3))], (16, 8, 1, 1)),                   # kxk up: rank mismatch
+        ([lora("t", rn(4, 8, 1, 1), rn(16, 4, 1, 1), mid=rn(4, 4, 3, 3))], (16, 8, 3, 3)),  # Tucker fits
+        ([lora("t", rn(4, 8, 1, 1), rn(16, 4, 1, 1), mid=rn(4, 4, 3, 3))], (16, 8, 1, 1)),  # Tucker wrong k
+        ([lora("t", rn(4, 8, 1, 1), rn(16, 4, 1, 1), mid=rn(4, 5, 3, 3))], (16, 8, 3, 3)),  # Tucker bad mid
+        ([lora("a", rn(4, 48), rn(64, 4)), lora("b", rn(8, 48), rn(64, 8))], (64, 48)),  # two fit
+        ([lora("a", rn(4, 48), rn(64, 4)), lora("b", rn(8, 40), rn(64, 8))], (64, 48)),  # second wrong
+        ([DiffModule(name="d", file="d.safetensors", diff=rn(64, 48))], (64, 48)),
+        ([DiffModule(name="d", file="d.safetensors", diff=rn(64, 40))], (64, 48)),
+    ]
+    for entries, shape in cases:
+        items = [(e, 0.7) for e in entries]
+        fast = _outcome(lambda: check_key_shapes(items, "k.weight", shape))
+        real = _outcome(lambda: key_delta(items, "k.weight", shape))
+        assert (fast is None) == (real is None), (entries[-1].name, shape, fast, real)
+        if fast is not None:
+            assert fast == "ValueError"
+            try:
+                check_key_shapes(items, "k.weight", shape)
+            except ValueError as e:
+                assert ".safetensors" in str(e) and ("k.weight" in str(e) or "mid" in str(e) or "rank" in str(e))
+    # strength 0 entries are skipped by both
+    bad = [(lora("a", rn(4, 48), rn(64, 4)), 0.0)]
+    check_key_shapes(bad, "k.weight", (63, 48))
