@@ -12,7 +12,12 @@ Recognised per-module tensor names (``<m>`` is the module prefix):
   ``<m>.lora.up.weight`` + ``<m>.lora.down.weight``, old diffusers
   ``<m>_lora.up.weight``, transformers ``<m>.lora_linear_layer.up.weight``,
   Mochi ``<m>.lora_B`` + ``<m>.lora_A``.
-* ``<m>.alpha`` (scalar), ``<m>.dora_scale`` (DoRA magnitude, any adapter).
+* ``<m>.alpha`` (scalar), ``<m>.dora_scale`` (kohya/LyCORIS DoRA magnitude, any adapter).
+* PEFT/diffusers DoRA magnitude ``<m>.lora_magnitude_vector`` (also ``.lora_magnitude_vector.weight`` and
+  ``.lora_magnitude_vector.default.weight``), LoRA factors only; shape [out] or [1, out, 1, 1] (conv); the
+  fuser checks it has ``out`` values along one axis. It is kept as the entry's ``dora_scale`` (shape as stored) with
+  ``dora_norm = "peft"``: the fuser normalises by the combined weight W + ΔW per output channel, as PEFT trains
+  it (see ``lora.fuse``). A module with both ``dora_scale`` and a magnitude vector is an error.
 * LoHa: ``hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b`` (+ ``hada_t1, hada_t2``).
 * LoKr: ``lokr_w1`` or ``lokr_w1_a/_b``; ``lokr_w2`` or ``lokr_w2_a/_b``
   (+ ``lokr_t2``).
@@ -61,6 +66,9 @@ _SUFFIXES: list[tuple[str, str, str]] = [
     (".lora_A", "down", "mochi"),
     (".alpha", "alpha", ""),
     (".dora_scale", "dora_scale", ""),
+    (".lora_magnitude_vector", "magnitude", "peft"),
+    (".lora_magnitude_vector.weight", "magnitude", "peft"),
+    (".lora_magnitude_vector.default.weight", "magnitude", "peft"),
     (".hada_w1_a", "hada_w1_a", "loha"),
     (".hada_w1_b", "hada_w1_b", "loha"),
     (".hada_w2_a", "hada_w2_a", "loha"),
@@ -78,6 +86,9 @@ _SUFFIXES: list[tuple[str, str, str]] = [
     (".diff", "diff", "full"),
 ]
 _SUFFIXES.sort(key=lambda s: len(s[0]), reverse=True)
+
+DORA_NORM_PEFT = "peft"
+"""``ModuleEntry.dora_norm`` of a PEFT/diffusers ``lora_magnitude_vector`` entry (combined-weight norm)."""
 
 _TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_te1_", "lora_te2_", "te1.", "te2.")
 
@@ -97,7 +108,11 @@ class ModuleEntry:
         alpha: alpha value, or None when the file carried none.
         alpha_source: "tensor", "ss_network_alpha", "ss_network_args.conv_alpha",
             "lora_adapter_metadata", or "rank" (defaulted).
-        dora_scale: DoRA magnitude tensor or None.
+        dora_scale: DoRA magnitude tensor (as stored in the file) or None.
+        dora_norm: how the fuser normalises ``dora_scale``: "" for kohya/LyCORIS ``dora_scale`` (axis from its
+            shape, output-axis norm of the base or combined weight per ``dora_mode``); ``DORA_NORM_PEFT``
+            ("peft") for a PEFT/diffusers ``lora_magnitude_vector``: always the per-output-channel norm of the
+            combined weight W + ΔW, whatever ``dora_mode`` is.
         style: key style ("kohya", "peft", "diffusers", "loha", "lokr", "full", ...).
         source_keys: the tensor names consumed for this entry.
     """
@@ -107,6 +122,7 @@ class ModuleEntry:
     alpha: Optional[float] = None
     alpha_source: str = "rank"
     dora_scale: Optional[torch.Tensor] = None
+    dora_norm: str = ""
     style: str = ""
     source_keys: list[str] = field(default_factory=list)
 
@@ -340,7 +356,8 @@ def read_adapter(path: Union[str, os.PathLike], strict: bool = False) -> Adapter
 
     Raises:
         ValueError: pickle-format path, missing/truncated/corrupt file, NaN/Inf tensor,
-            incomplete factor pair, non-scalar alpha (message names the file and key).
+            incomplete factor pair, non-scalar alpha, DoRA magnitude without LoRA factors or given twice
+            (message names the file and key).
     """
     path = os.fspath(path)
     low = path.lower()
@@ -413,6 +430,19 @@ def _get(slot: dict, role: str) -> Optional[torch.Tensor]:
     return None if v is None else v[1]
 
 
+def _dora(path: str, module: str, slot: dict, keys: dict[str, str]) -> tuple[Optional[torch.Tensor], str]:
+    """(DoRA magnitude or None, ``dora_norm``) of one module: kohya ``dora_scale`` or PEFT ``lora_magnitude_vector``."""
+    if "magnitude" not in slot:
+        return _get(slot, "dora_scale"), ""
+    if "dora_scale" in slot:
+        raise ValueError(f"{path}: module '{module}' has two DoRA magnitudes ('{keys['dora_scale']}' and "
+                         f"'{keys['magnitude']}'); the file mixes key styles")
+    if "up" not in slot and "down" not in slot:
+        raise ValueError(f"{path}: '{keys['magnitude']}' (PEFT DoRA magnitude) has no LoRA up/down factors "
+                         f"for module '{module}'")
+    return _get(slot, "magnitude"), DORA_NORM_PEFT
+
+
 def _build_entries(path: str, module: str, slot: dict, resolver: _AlphaResolver) -> list[Entry]:
     used = {role for role in slot}
     keys = {role: v[0] for role, v in slot.items()}
@@ -424,7 +454,7 @@ def _build_entries(path: str, module: str, slot: dict, resolver: _AlphaResolver)
             raise ValueError(f"{path}: '{keys['alpha']}' must be a scalar, got shape {tuple(alpha_t.shape)}")
         alpha = float(alpha_t.reshape(()).item())
         alpha_source = "tensor"
-    dora = _get(slot, "dora_scale")
+    dora, dora_norm = _dora(path, module, slot, keys)
     out: list[Entry] = []
 
     def common(style: str, roles: list[str], kxk: bool) -> dict:
@@ -432,13 +462,13 @@ def _build_entries(path: str, module: str, slot: dict, resolver: _AlphaResolver)
         if a is None:
             a, src = resolver.resolve(module, kxk)
         src_keys = [keys[r] for r in roles if r in keys]
-        for r in ("alpha", "dora_scale"):
+        for r in ("alpha", "dora_scale", "magnitude"):
             if r in keys:
                 src_keys.append(keys[r])
-        return dict(name=module, file=path, alpha=a, alpha_source=src, dora_scale=dora, style=style,
-                    source_keys=src_keys)
+        return dict(name=module, file=path, alpha=a, alpha_source=src, dora_scale=dora, dora_norm=dora_norm,
+                    style=style, source_keys=src_keys)
 
-    consumed: set[str] = {"alpha", "dora_scale"}
+    consumed: set[str] = {"alpha", "dora_scale", "magnitude"}
     if "up" in slot or "down" in slot:
         if "up" not in slot or "down" not in slot:
             have = keys.get("up") or keys.get("down")

@@ -8,7 +8,8 @@ One algorithm: for every host weight touched by the given entries,
   Aᵢ = down.flatten(1) (LoCon Tucker: A = mid ∘ down first; kohya conv k×k:
   down [r, in, kh, kw] and up [out, r, 1, 1] give [out, in·kh·kw]);
 * LoHa, LoKr and full ``.diff`` entries are added separately in fp32;
-* DoRA entries follow ComfyUI ``weight_adapter.base.weight_decompose``::
+* kohya/LyCORIS DoRA entries (``dora_scale``) follow ComfyUI
+  ``weight_adapter.base.weight_decompose``::
 
       W  = base weight (fp32, from ``base_weight_fn``)
       W' = W + (alpha/rank)·ΔW_lora
@@ -16,6 +17,16 @@ One algorithm: for every host weight touched by the given entries,
                                                                              weight here; "lycoris" mode uses W')
          = ‖W'‖ per input column   otherwise (norm over all dims but 1)
       W'' = W' · dora_scale / (n + eps_fp32)
+      ΔW_dora = strength · (W'' − W)
+
+* PEFT/diffusers DoRA entries (``lora_magnitude_vector``, ``entry.dora_norm ==
+  "peft"``) follow PEFT's merge (``peft/tuners/lora/dora.py``), whatever
+  ``dora_mode`` is: the magnitude m has one value per output channel
+  (stored [out], or [1, out, 1, 1] for convs) and the norm is always that of
+  the *combined* weight::
+
+      n   = ‖W'‖ per output row (norm over all dims but 0)
+      W'' = W' · m[:, None, …] / (n + eps_fp32)
       ΔW_dora = strength · (W'' − W)
 
   ComfyUI applies DoRA to the *running* weight (after earlier patches in the
@@ -35,7 +46,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .formats import BiasDiffModule, DiffModule, Entry, LohaModule, LokrModule, LoraModule
+from .formats import DORA_NORM_PEFT, BiasDiffModule, DiffModule, Entry, LohaModule, LokrModule, LoraModule
 
 LOG = logging.getLogger("fewstep")
 
@@ -90,17 +101,42 @@ def lora_factor_shape(entry: LoraModule) -> tuple[int, int, int, int]:
     return up.shape[0], b_cols, mid.shape[0], math.prod(down.shape[1:]) * math.prod(mid.shape[2:])
 
 
+def _dora_key(entry: Entry) -> str:
+    """The file's name for the DoRA magnitude of ``entry`` (for error messages)."""
+    suffix = "lora_magnitude_vector" if entry.dora_norm == DORA_NORM_PEFT else "dora_scale"
+    return next((k for k in entry.source_keys if suffix in k), f"{entry.name}.{suffix}")
+
+
+def _is_peft_dora(entry: Entry) -> bool:
+    return entry.dora_scale is not None and entry.dora_norm == DORA_NORM_PEFT
+
+
+def peft_magnitude_shape(entry: Entry, key: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """Shape ``[out, 1, …]`` the PEFT magnitude of ``entry`` takes against weight ``shape``.
+
+    Raises ValueError (naming the file, the magnitude key, its shape and the model weight) unless the magnitude
+    holds exactly ``shape[0]`` values along a single axis ([out], [1, out, 1, 1], ...).
+    """
+    m = entry.dora_scale
+    vector_like = sum(1 for d in m.shape if d != 1) <= 1
+    if len(shape) < 1 or m.numel() != shape[0] or not vector_like:
+        raise ValueError(f"{entry.file}: '{_dora_key(entry)}' (PEFT DoRA magnitude) has shape {tuple(m.shape)} "
+                         f"but model weight '{key}' has shape {tuple(shape)}; it needs one value per output "
+                         f"channel ({shape[0] if shape else '?'}); the adapter does not fit this model")
+    return (int(shape[0]), *[1] * (len(shape) - 1))
+
+
 def check_key_shapes(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[int]) -> None:
     """Raise the shape errors ``key_delta(items, key, shape)`` would raise, without computing anything.
 
-    Plain LoRAs are checked from their tensor shapes (microseconds; the fuse node checks every key up front);
-    other kinds go through ``raw_delta`` on the meta device. DoRA entries need the base weight and are checked
-    when they are applied.
+    Plain LoRAs, including PEFT DoRA ones (factors plus magnitude length), are checked from their tensor shapes
+    (microseconds; the fuse node checks every key up front); other kinds go through ``raw_delta`` on the meta
+    device. kohya/LyCORIS DoRA entries (``dora_scale``) need the base weight and are checked when they are applied.
     """
     shape = tuple(int(s) for s in shape)
     cols = math.prod(shape[1:]) if len(shape) > 1 else 1
     for entry, strength in items:
-        if getattr(entry, "dora_scale", None) is not None or strength == 0.0:
+        if strength == 0.0 or (getattr(entry, "dora_scale", None) is not None and not _is_peft_dora(entry)):
             continue
         if isinstance(entry, LoraModule):
             b_rows, b_cols, a_rows, a_cols = lora_factor_shape(entry)
@@ -112,6 +148,8 @@ def check_key_shapes(items: Sequence[tuple[Entry, float]], key: str, shape: Sequ
                 raise _shape_error(entry, key, (b_rows, a_cols), shape)
         else:
             raw_delta(entry, key, shape, device=torch.device("meta"))
+        if _is_peft_dora(entry):
+            peft_magnitude_shape(entry, key, shape)
 
 
 def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
@@ -155,29 +193,43 @@ def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: Optional[tor
     return d.mul_(s) if s != 1.0 else d
 
 
+def _out_norm(w: torch.Tensor) -> torch.Tensor:
+    """L2 norm per output row (over all dims but 0), shaped [out, 1, …]."""
+    return w.reshape(w.shape[0], -1).norm(dim=1, keepdim=True).reshape(w.shape[0], *[1] * (w.dim() - 1))
+
+
+def _in_norm(w: torch.Tensor) -> torch.Tensor:
+    """L2 norm per input column (over all dims but 1), shaped [1, in, 1, …]."""
+    return (w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1, keepdim=True)
+            .reshape(w.shape[1], *[1] * (w.dim() - 1)).transpose(0, 1))
+
+
 def dora_delta(entry: Entry, key: str, shape: Sequence[int], strength: float, base_weight: torch.Tensor,
                device: Optional[torch.device] = None, dora_mode: str = "comfyui") -> torch.Tensor:
-    """DoRA delta ``strength·(W'' − W)`` of one entry against the base weight (formula in the module doc)."""
+    """DoRA delta ``strength·(W'' − W)`` of one entry against the base weight (formulas in the module doc).
+
+    ``dora_mode`` selects the kohya/LyCORIS output-axis norm; PEFT magnitude entries ignore it.
+    """
     if dora_mode not in ("comfyui", "lycoris"):
         raise ValueError(f"dora_mode must be 'comfyui' or 'lycoris', got {dora_mode!r}")
     w = base_weight.to(device=device, dtype=torch.float32)
     if tuple(w.shape) != tuple(shape):
         raise _shape_error(entry, key, tuple(w.shape), shape)
     w_calc = w + raw_delta(entry, key, shape, device)
+    m_shape = peft_magnitude_shape(entry, key, shape) if _is_peft_dora(entry) else None
     ds = entry.dora_scale.to(device=device, dtype=torch.float32)
     eps = torch.finfo(torch.float32).eps
-    if ds.shape[0] == w_calc.shape[0]:
-        src = w if dora_mode == "comfyui" else w_calc
-        norm = src.reshape(src.shape[0], -1).norm(dim=1, keepdim=True).reshape(src.shape[0], *[1] * (src.dim() - 1))
+    if m_shape is not None:
+        ds, norm = ds.reshape(m_shape), _out_norm(w_calc)
+    elif ds.shape[0] == w_calc.shape[0]:
+        norm = _out_norm(w if dora_mode == "comfyui" else w_calc)
     else:
-        norm = (w_calc.transpose(0, 1).reshape(w_calc.shape[1], -1).norm(dim=1, keepdim=True)
-                .reshape(w_calc.shape[1], *[1] * (w_calc.dim() - 1)).transpose(0, 1))
+        norm = _in_norm(w_calc)
     try:
         w_new = w_calc * (ds / (norm + eps))
     except RuntimeError as e:
-        src_key = next((k for k in entry.source_keys if k.endswith("dora_scale")), entry.name)
-        raise ValueError(f"{entry.file}: '{src_key}' shape {tuple(ds.shape)} does not broadcast against model "
-                         f"weight '{key}' shape {tuple(shape)}") from e
+        raise ValueError(f"{entry.file}: '{_dora_key(entry)}' shape {tuple(ds.shape)} does not broadcast against "
+                         f"model weight '{key}' shape {tuple(shape)}") from e
     if w_new.shape != w.shape:
         raise _shape_error(entry, key, tuple(w_new.shape), shape)
     return (w_new - w).mul_(strength)
@@ -220,8 +272,8 @@ def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[in
     for entry, strength in rest:
         if entry.dora_scale is not None:
             if base_weight_fn is None:
-                raise ValueError(f"{entry.file}: module '{entry.name}' is DoRA (has dora_scale) and needs the "
-                                 f"base weight of '{key}'; pass base_weight_fn")
+                raise ValueError(f"{entry.file}: module '{entry.name}' is DoRA (has '{_dora_key(entry)}') and "
+                                 f"needs the base weight of '{key}'; pass base_weight_fn")
             if base is None:
                 base = base_weight_fn(key)
             total += dora_delta(entry, key, shape, strength, base, device, dora_mode)
@@ -275,7 +327,8 @@ def compute_deltas(entries: Sequence[tuple[Entry, float]], weight_shapes: dict[s
         base_weight_fn: host key -> base weight tensor; required only for DoRA entries.
         key_scale: optional (entry, host_key) -> multiplier (block weights, LiNeS).
         device: compute device (default: the factors' device, i.e. CPU).
-        dora_mode: "comfyui" (bit-for-bit semantics of ComfyUI 0.3.75) or "lycoris".
+        dora_mode: "comfyui" (bit-for-bit semantics of ComfyUI 0.3.75) or "lycoris"; applies to kohya/LyCORIS
+            ``dora_scale`` entries only (PEFT ``lora_magnitude_vector`` entries always use PEFT's norm).
 
     Raises:
         ValueError: unmapped module, unknown host key, or shape mismatch (names file, key, shapes).

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _unet_keys import STYLES, save, tiny_sd15, write_lora  # noqa: E402
+from _unet_keys import STYLES, ldm_to_diffusers, save, tiny_sd15, write_lora  # noqa: E402
 
 from lora.formats import LoraModule, read_adapter  # noqa: E402
 from lora.fuse import compute_deltas  # noqa: E402
@@ -195,3 +195,107 @@ def test_nonfinite_detected_in_every_float_dtype(tmp_path):
                   {"lora_unet_x.lora_down.weight": torch.full((4, 3), 6e4).to(dt),
                    "lora_unet_x.lora_up.weight": torch.full((5, 4), -6e4).to(dt)})
         assert len(read_adapter(ok).entries) == 1  # large finite values (their sum would overflow fp16) pass
+
+
+# ---------------------------------------------------------------- PEFT / diffusers DoRA (lora_magnitude_vector)
+
+PEFT_DORA_NAMINGS = [  # (down, up, magnitude) suffixes PEFT / diffusers / ComfyUI-trainer exports write
+    (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"),
+    (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector.weight"),
+    (".lora_A.default.weight", ".lora_B.default.weight", ".lora_magnitude_vector.default.weight"),
+]
+
+
+def peft_dora_file(path, naming, seed=0, metadata=None, magnitude_fn=None):
+    """A PEFT DoRA file on TARGETS: {unet.<diffusers module><suffix>}; returns (path, {host key: (down, up, m)})."""
+    down_s, up_s, mag_s = naming
+    l2d = ldm_to_diffusers(U)
+    g = torch.Generator().manual_seed(seed + 100)
+    sd, truth = {}, {}
+    for hk, (down, up, _) in make_factors(seed=seed).items():
+        shape = U.shapes[hk]
+        n = torch.rand(shape[0], generator=g) + 0.5
+        m = n.view(1, -1, 1, 1) if len(shape) == 4 else n  # PEFT: [out] for Linear, [1, out, 1, 1] for Conv2d
+        if magnitude_fn is not None:
+            m = magnitude_fn(m)
+        mod = "unet." + l2d[hk]
+        sd.update({mod + down_s: down, mod + up_s: up, mod + mag_s: m})
+        truth[hk] = (down, up, m)
+    meta = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 8, "use_dora": True})} \
+        if metadata is None else metadata
+    return save(str(path), sd, metadata=meta), truth
+
+
+def base_weights(seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return {hk: torch.randn(*U.shapes[hk], generator=g) for hk in TARGETS}
+
+
+def peft_dora_deltas(path, strength=0.7):
+    ad = read_adapter(path)
+    matched, unmatched = KeyMapper(U.key_map, U.diffusers_to_ldm).match(ad.modules())
+    assert unmatched == []
+    W = base_weights()
+    return ad, matched, compute_deltas([(e, strength) for e in ad.entries], U.shapes, matched,
+                                       base_weight_fn=W.__getitem__)
+
+
+def test_peft_dora_file_round_trip(tmp_path):
+    W = base_weights()
+    ref = None
+    for i, naming in enumerate(PEFT_DORA_NAMINGS):
+        p, truth = peft_dora_file(tmp_path / f"dora{i}.safetensors", naming)
+        ad, matched, d = peft_dora_deltas(p)
+        assert ad.unknown_keys == [] and len(ad.entries) == len(TARGETS)
+        assert sorted(matched.values()) == sorted(TARGETS)
+        for e in ad.entries:
+            down, up, m = truth[matched[e.name]]
+            assert isinstance(e, LoraModule) and e.kind == "lora"
+            assert e.dora_norm == "peft" and torch.equal(e.dora_scale, m)
+            assert e.name + naming[2] in e.source_keys
+            assert torch.equal(e.up, up) and torch.equal(e.down, down)
+            assert (e.alpha, e.alpha_source, e.scale) == (8.0, "lora_adapter_metadata", 2.0)
+        for hk, (down, up, m) in truth.items():
+            # independent PEFT merge: W' = m / ‖W + 2·BA‖_row · (W + 2·BA); delta = 0.7·(W' − W)
+            w = W[hk].double()
+            wc = w + 2.0 * (up.flatten(1).double() @ down.flatten(1).double()).reshape(w.shape)
+            norm = torch.linalg.vector_norm(wc, dim=tuple(range(1, w.dim())))
+            exp = 0.7 * ((m.double().flatten() / (norm + torch.finfo(torch.float32).eps))
+                         .view(-1, *[1] * (w.dim() - 1)) * wc - w)
+            assert torch.allclose(d[hk].double(), exp, rtol=1e-5, atol=1e-5), (naming, hk)
+        if ref is None:
+            ref = d
+        for hk in TARGETS:
+            assert torch.equal(d[hk], ref[hk]), (naming, hk)  # every naming gives the same deltas
+
+
+def test_peft_dora_errors(tmp_path):
+    m = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    lone = save(str(tmp_path / "lone.safetensors"), {m + ".lora_magnitude_vector": torch.ones(8)})
+    with pytest.raises(ValueError, match=rf"lone.safetensors: '{m}\.lora_magnitude_vector' .*no LoRA up/down"):
+        read_adapter(lone)
+    loha = save(str(tmp_path / "loha.safetensors"), {
+        m + ".hada_w1_a": torch.ones(8, 2), m + ".hada_w1_b": torch.ones(2, 8), m + ".hada_w2_a": torch.ones(8, 2),
+        m + ".hada_w2_b": torch.ones(2, 8), m + ".lora_magnitude_vector.weight": torch.ones(8)})
+    with pytest.raises(ValueError, match=rf"loha.safetensors: '{m}\.lora_magnitude_vector\.weight' .*no LoRA"):
+        read_adapter(loha)
+    factors = {m + ".lora_A.weight": torch.ones(2, 8), m + ".lora_B.weight": torch.ones(8, 2)}
+    both = save(str(tmp_path / "both.safetensors"), {**factors, m + ".lora_magnitude_vector": torch.ones(8),
+                                                     m + ".dora_scale": torch.ones(8, 1)})
+    with pytest.raises(ValueError, match=rf"both.safetensors: module '{m}' has two DoRA magnitudes.*dora_scale.*"
+                                         rf"lora_magnitude_vector"):
+        read_adapter(both)
+    twice = save(str(tmp_path / "twice.safetensors"), {**factors, m + ".lora_magnitude_vector": torch.ones(8),
+                                                       m + ".lora_magnitude_vector.weight": torch.ones(8)})
+    with pytest.raises(ValueError, match=r"twice.safetensors.*two tensors for 'magnitude'"):
+        read_adapter(twice)
+    nan = save(str(tmp_path / "nan.safetensors"), {**factors, m + ".lora_magnitude_vector":
+                                                   torch.tensor([1.0] * 7 + [float("nan")])})
+    with pytest.raises(ValueError, match=rf"nan.safetensors: tensor '{m}\.lora_magnitude_vector' contains NaN"):
+        read_adapter(nan)
+    # wrong length: the file reads (the reader does not know the model), the fuse names file, key and shapes
+    p, _ = peft_dora_file(tmp_path / "short.safetensors", PEFT_DORA_NAMINGS[0], magnitude_fn=lambda t: t.flatten()[:-1])
+    assert all(e.dora_norm == "peft" for e in read_adapter(p).entries)
+    with pytest.raises(ValueError, match=r"short.safetensors: 'unet\.[\w.]+\.lora_magnitude_vector' \(PEFT DoRA "
+                                         r"magnitude\) has shape \(\d+,\) but model weight 'diffusion_model\."):
+        peft_dora_deltas(p)

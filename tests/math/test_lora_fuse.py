@@ -193,3 +193,88 @@ def test_fast_shape_check_agrees_with_computing():
     # strength 0 entries are skipped by both
     bad = [(lora("a", rn(4, 48), rn(64, 4)), 0.0)]
     check_key_shapes(bad, "k.weight", (63, 48))
+
+
+# ---------------------------------------------------------------- PEFT / diffusers DoRA (lora_magnitude_vector)
+
+def peft_dora(name, down, up, alpha, magnitude):
+    return LoraModule(name=name, file=f"{name}.safetensors", alpha=alpha, down=down, up=up, dora_scale=magnitude,
+                      dora_norm="peft", source_keys=[f"{name}.lora_A.weight", f"{name}.lora_B.weight",
+                                                     f"{name}.lora_magnitude_vector"])
+
+
+def _peft_dora_ref(W, down, up, scaling, m, strength):
+    """PEFT's DoRA merge in float64: W' = (m / ‖W + s·BA‖_row) · (W + s·BA); delta = t·(W' − W)."""
+    W = W.double()
+    if W.dim() == 4:  # PEFT Conv2d get_delta_weight: conv2d(A.permute(1,0,2,3), B).permute(1,0,2,3)
+        dW = F.conv2d(down.double().permute(1, 0, 2, 3), up.double()).permute(1, 0, 2, 3)
+    else:
+        dW = up.double() @ down.double()
+    Wc = W + scaling * dW
+    norm = torch.linalg.vector_norm(Wc, ord=2, dim=tuple(range(1, W.dim())))  # combined weight, per output channel
+    factor = m.double().reshape(-1) / (norm + torch.finfo(torch.float32).eps)
+    return strength * (factor.view(-1, *[1] * (W.dim() - 1)) * Wc - W)
+
+
+def _peft_cases():
+    """(key, W, down, up, magnitude as PEFT stores it): Linear 24x40 and Conv2d 16x8x3x3, rank 4."""
+    W = rn(24, 40)
+    d, u = rn(4, 40) * 0.3, rn(24, 4) * 0.3
+    m = torch.linalg.vector_norm(W, dim=1) * (1 + 0.3 * torch.rand(24, generator=G))  # [out]
+    Wc = rn(16, 8, 3, 3)
+    dc, uc = rn(4, 8, 3, 3) * 0.3, rn(16, 4, 1, 1) * 0.3
+    mc = (torch.linalg.vector_norm(Wc, dim=(1, 2, 3)) * (1 + 0.3 * torch.rand(16, generator=G))).view(1, 16, 1, 1)
+    return [("lin.weight", W, d, u, m), ("conv.weight", Wc, dc, uc, mc)]
+
+
+def test_peft_dora_matches_peft_formula_and_differs_from_kohya():
+    for key, W, d, u, m in _peft_cases():
+        e = peft_dora("p", d, u, 8.0, m)  # alpha 8 / rank 4: scaling 2
+        assert e.scale == 2.0
+        kohya = lora("k", d, u, 8.0, dora=m.reshape(W.shape[0], *[1] * (W.dim() - 1)))  # same magnitude, kohya form
+        for t in (1.0, 0.6):
+            got = key_delta([(e, t)], key, W.shape, base_weight_fn=lambda k: W)
+            ref = _peft_dora_ref(W, d, u, 2.0, m, t)
+            assert got.dtype == torch.float32 and got.shape == W.shape
+            assert rel(got, ref) < 1e-6, (key, t, rel(got, ref))
+            # ComfyUI's weight_decompose normalises by the BASE weight on the output axis: a different result
+            comfy = key_delta([(kohya, t)], key, W.shape, base_weight_fn=lambda k: W, dora_mode="comfyui")
+            assert rel(comfy, got) > 1e-4, (key, t, rel(comfy, got))
+
+
+def test_peft_dora_ignores_dora_mode():
+    for key, W, d, u, m in _peft_cases():
+        e = peft_dora("p", d, u, 4.0, m)
+        default = key_delta([(e, 0.8)], key, W.shape, base_weight_fn=lambda k: W)
+        for mode in ("comfyui", "lycoris"):
+            got = key_delta([(e, 0.8)], key, W.shape, base_weight_fn=lambda k: W, dora_mode=mode)
+            assert torch.equal(got, default), (key, mode)
+        assert rel(default, _peft_dora_ref(W, d, u, 1.0, m, 0.8)) < 1e-6
+
+
+def test_peft_dora_magnitude_shapes_and_wrong_length():
+    from lora.fuse import check_key_shapes
+    key, W, d, u, m = _peft_cases()[1]  # conv, 16 output channels
+    ref = key_delta([(peft_dora("p", d, u, 4.0, m), 1.0)], key, W.shape, base_weight_fn=lambda k: W)
+    for form in (m.reshape(16), m.reshape(16, 1, 1, 1)):  # all accepted stored forms give the same delta
+        got = key_delta([(peft_dora("p", d, u, 4.0, form), 1.0)], key, W.shape, base_weight_fn=lambda k: W)
+        assert torch.equal(got, ref)
+    for bad in (torch.ones(15), torch.ones(1, 17, 1, 1), torch.ones(2, 8)):  # wrong length / not one axis
+        e = peft_dora("p", d, u, 4.0, bad)
+        for fn in (lambda: key_delta([(e, 1.0)], key, W.shape, base_weight_fn=lambda k: W),
+                   lambda: check_key_shapes([(e, 1.0)], key, W.shape)):  # the up-front check agrees
+            try:
+                fn()
+            except ValueError as err:
+                msg = str(err)
+                assert "p.safetensors" in msg and "p.lora_magnitude_vector" in msg and key in msg, msg
+                assert str(tuple(bad.shape)) in msg and str(tuple(W.shape)) in msg, msg
+            else:
+                raise AssertionError(f"expected ValueError for magnitude {tuple(bad.shape)}")
+    check_key_shapes([(peft_dora("p", d, u, 4.0, m), 1.0)], key, W.shape)  # a fitting entry passes
+    try:
+        check_key_shapes([(peft_dora("p", d, u, 4.0, m), 1.0)], key, (16, 8, 1, 1))  # factors checked too
+    except ValueError as err:
+        assert "p.safetensors" in str(err)
+    else:
+        raise AssertionError("expected ValueError for a kernel-size mismatch")
