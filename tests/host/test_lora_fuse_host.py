@@ -277,3 +277,44 @@ def test_mostly_unmatched_and_missing(L, model, loras_tmp):
         L.fuse(model, L.NONE, 1.0, [("alien.safetensors", 1.0)], on_unmatched="warn")
     with pytest.raises(ValueError, match=r"FewStep LoRA Fuse: .*missing\.safetensors"):
         L.fuse(model, "missing.safetensors", 1.0, [])
+
+
+def test_lowvram_partial_load_patches_a_cast_copy_every_forward(L, model):
+    """Low VRAM / offload: the host leaves the stored weights unpatched and calls the fuse's patch on a cast copy
+    at every forward (LowVramPatch). That copy gets exactly the fully patched weight (fp32) or its fp16 rounding,
+    the stored weight is never written, and the UNet output matches the fully patched model."""
+    import comfy.ops
+    import comfy.utils
+    m, _, _ = L.fuse(model, LCM, 1.0, [(KOHYA, 0.8)])
+    keys = [PROBE[0], PROBE[3], PROBE[7]]  # a 3x3 conv, attention q (accel + style), feed-forward
+    ref, full = base(model, keys), weights(m, keys)
+    g = torch.Generator().manual_seed(3)
+    x, ctx = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 768, generator=g)
+    t = torch.tensor([400.0])
+    m.patch_model()
+    try:
+        out_full = m.model.apply_model(x, t, c_crossattn=ctx)
+    finally:
+        m.unpatch_model()
+    m.patch_model(device_to=torch.device("cpu"), lowvram_model_memory=1)  # nothing fits: every module deferred
+    try:
+        for k in keys:
+            mod = comfy.utils.get_attr(m.model, k.rsplit(".", 1)[0])
+            assert mod.weight_function, f"{k}: the host did not defer the patch (no LowVramPatch)"
+            assert torch.equal(mod.weight, ref[k]), f"{k}: stored weight changed under lowvram"
+            w32 = comfy.ops.cast_bias_weight(mod, input=torch.zeros(1, dtype=torch.float32))[0]
+            assert torch.equal(w32, full[k]), f"{k}: lowvram fp32 weight differs from the full patch"
+            w16 = comfy.ops.cast_bias_weight(mod, input=torch.zeros(1, dtype=torch.float16))[0]
+            assert w16.dtype == torch.float16
+            err = (w16.double() - full[k].double()).abs().max().item()
+            assert err <= 4e-3 * full[k].abs().max().item(), f"{k}: lowvram fp16 weight off by {err}"
+            assert torch.equal(mod.weight, ref[k]), f"{k}: stored weight written by a forward-time patch"
+        out_low = m.model.apply_model(x, t, c_crossattn=ctx)
+    finally:
+        m.unpatch_model()
+    scale = out_full.abs().max().item()
+    assert (out_low - out_full).abs().max().item() <= 1e-5 * scale
+    after = base(model, keys)
+    assert all(torch.equal(after[k], ref[k]) for k in keys), "base weights not restored after lowvram unpatch"
+    mod = comfy.utils.get_attr(m.model, keys[0].rsplit(".", 1)[0])
+    assert not mod.weight_function, "LowVramPatch left behind after unpatch"
