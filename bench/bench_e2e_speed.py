@@ -259,6 +259,8 @@ def table(rows, cuda) -> str:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sdxl", action="store_true", help="also run SDXL (loads the 7 GB stand-in)")
+    p.add_argument("--models", nargs="+", choices=["sd15", "sdxl"],
+                   help="exactly these stand-ins (default: sd15, plus sdxl with --sdxl)")
     p.add_argument("--cpu-small", action="store_true", help="64x64 px, 2 steps: proves the script works on a CPU")
     p.add_argument("--sizes", type=int, nargs="+", help="image sizes in px (default 512 1024; --cpu-small: 64)")
     p.add_argument("--steps", type=int, help="sampling steps (default 4; --cpu-small: 2)")
@@ -275,7 +277,7 @@ def main(argv=None) -> dict:
         return {}
     sizes = args.sizes or ([64] if args.cpu_small else [512, 1024])
     steps = args.steps or (2 if args.cpu_small else 4)
-    kinds = ["sd15"] + (["sdxl"] if args.sdxl else [])
+    kinds = args.models or (["sd15"] + (["sdxl"] if args.sdxl else []))
     print(f"# end-to-end: stock lcm vs fewstep fused, batch 1, cfg 1, {steps} steps, sizes {sizes}")
     print(f"machine: {info['cpu']} x{info['cpu_count']}, torch {info['torch']}, triton {info['triton']}, "
           f"ComfyUI {info['comfyui']}, GPU {info['gpu']}, {info['date']}")

@@ -97,3 +97,59 @@ def test_eager_fallbacks_log_once(tiny, caplog):
         assert graphs.with_graph_capture(Wrapped, torch.zeros(1, 4, 8, 8), extra) is extra
     lines = [r for r in caplog.records if "CUDA graph capture off" in r.getMessage()]
     assert len(lines) == 1 and "cpu" in lines[0].getMessage()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: real CUDA graph capture inside the host")
+def test_real_capture_in_host_sampling_gpu(host, standin_dir):
+    """On a GPU, through the real host: the fused sampler captures the SD1.5 stand-in's UNet call once and replays it
+    on every later step; its latent equals the unfused one within the issue's tolerance (1e-5 fp32 / 1e-2 fp16,
+    times the latent scale when that exceeds 1); a fused LoRA (new weight Parameters) gets its own graph and a
+    different result; back on the base model the first result comes back. Run under both allocators by
+    tools/gpu_session.py (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync and native)."""
+    import comfy.samplers
+    import comfy.sd
+    import folder_paths
+    from fewstep.kernels import consistency_step
+    from fewstep.nodes import engine, graphs
+    from fewstep.nodes import lora as L
+    from fewstep.samplers import schedules
+
+    assert consistency_step.triton_available(), "Triton is not importable on this GPU machine"
+    model = comfy.sd.load_checkpoint_guess_config(str(standin_dir / "checkpoints" / "fewstep-standin-sd15.safetensors"),
+                                                  output_vae=False, output_clip=False)[0]
+    g = torch.Generator().manual_seed(1)
+    cond = [[torch.randn(1, 77, 768, generator=g), {}]]
+    sigmas = schedules.timesteps_to_sigmas(schedules.lcm_timesteps(4), model.get_model_object("model_sampling"))
+
+    def run(m, fused):
+        latent = torch.zeros(1, 4, 64, 64)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(0))
+        guider = comfy.samplers.CFGGuider(m)
+        guider.set_conds(cond, cond)
+        guider.set_cfg(1.0)
+        out = guider.sample(noise, latent, engine.make_sampler("tcd", gamma=0.3, fused=fused), sigmas,
+                            disable_pbar=True, seed=5)
+        return out.float().cpu()
+
+    unet = model.model.diffusion_model
+    eager = run(model, "off")
+    graphs._CACHES.pop(unet, None)
+    fused = run(model, "on")
+    stats = dict(graphs.cache_for(unet).stats)
+    print(f"allocator {graphs.allocator_backend()}, UNet dtype {model.model.get_dtype()}, graph stats {stats}")
+    assert stats["failures"] == 0 and stats["captures"] == 1, f"capture did not happen cleanly: {stats}"
+    assert stats["replays"] >= len(sigmas) - 1 and stats["eager"] == 0, f"not every step replayed: {stats}"
+    tol = (1e-5 if model.model.get_dtype() == torch.float32 else 1e-2) * max(1.0, eager.abs().max().item())
+    err = (fused - eager).abs().max().item()
+    print(f"fused (captured) vs unfused (eager): max |diff| {err:.3g}, tolerance {tol:.3g}")
+    assert err <= tol
+
+    folder_paths.add_model_folder_path("loras", str(standin_dir / "loras"))
+    with_lora_model, _, _ = L.fuse(model, "lcm-lora-sd15-standin.safetensors", 1.0, [])
+    with_lora = run(with_lora_model, "on")
+    stats2 = graphs.cache_for(unet).stats
+    assert stats2["captures"] == 2 and stats2["failures"] == 0, f"a LoRA must get its own graph: {stats2}"
+    assert (with_lora - fused).abs().max().item() > 1e-3, "the LoRA changed nothing: a stale graph was replayed"
+    again = run(model, "on")
+    assert (again - fused).abs().max().item() <= tol, "the base model's result did not come back after the LoRA"
