@@ -40,6 +40,8 @@ N_STYLES = 3
 MOST_UNMATCHED = 0.5  # more than this fraction of an adapter's modules unmatched -> always an error
 
 FUSE = "FewStep LoRA Fuse"
+STACK = "FewStep LoRA Stack"
+LoraStack = io.Custom("FEWSTEP_LORA_STACK")  # a tuple of (lora file name, strength) pairs, in stacking order
 SAVE = "FewStep Save Fused"
 EXPORT = "FewStep Export LoRA"
 
@@ -252,8 +254,8 @@ class FewStepLoraFuse(io.ComfyNode):
             ]
         return io.Schema(
             node_id="FewStepLoraFuse", display_name=FUSE, category="loaders",
-            description="Fuses an acceleration LoRA (LCM/TCD/PCM/Hyper-SD/Lightning) and up to 3 style LoRAs into "
-                        "the model exactly: one fp32 delta per weight, rounded once. Merges styles linearly or with "
+            description="Fuses an acceleration LoRA (LCM/TCD/PCM/Hyper-SD/Lightning) and style LoRAs (3 here, "
+                        "any number more through style_stack) into the model exactly: one fp32 delta per weight, rounded once. Merges styles linearly or with "
                         "TIES/DARE, with block weights and LiNeS; PEFT/diffusers keys that core ComfyUI drops are "
                         "applied. The report says what matched and which preset the acceleration LoRA needs. The "
                         "input model is untouched (clone + patches, unpatched bit-exactly).",
@@ -290,6 +292,10 @@ class FewStepLoraFuse(io.ComfyNode):
                 io.Combo.Input("on_unmatched", options=["error", "warn"], default="error",
                                tooltip="A LoRA module that matches no model weight: 'error' stops, 'warn' skips it "
                                        "and lists it in the report. Mostly-unmatched files always stop."),
+                LoraStack.Input("style_stack", optional=True,
+                                tooltip="More style LoRAs from FewStep LoRA Stack nodes, after style_lora_1..3. "
+                                        "They merge in the same single pass, with the same mode, block weights "
+                                        "and LiNeS."),
             ],
             outputs=[io.Model.Output(tooltip="The fused model (a patched clone)."),
                      io.String.Output(display_name="report", tooltip="What was matched, skipped and detected."),
@@ -298,15 +304,59 @@ class FewStepLoraFuse(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, accel_lora, accel_strength, merge_mode, density, drop_p, seed, block_weights,
-                lines_alpha, lines_beta, on_unmatched, **styles) -> io.NodeOutput:
-        m, report, preset = fuse(model, accel_lora, accel_strength,
-                                 [(styles.get(f"style_lora_{i}", NONE), styles.get(f"style_strength_{i}", 1.0))
-                                  for i in range(1, N_STYLES + 1)],
+                lines_alpha, lines_beta, on_unmatched, style_stack=None, **styles) -> io.NodeOutput:
+        widgets = [(styles.get(f"style_lora_{i}", NONE), styles.get(f"style_strength_{i}", 1.0))
+                   for i in range(1, N_STYLES + 1)]
+        m, report, preset = fuse(model, accel_lora, accel_strength, widgets + stack_items(FUSE, style_stack),
                                  merge_mode=merge_mode, density=density, drop_p=drop_p, seed=seed,
                                  block_weights=block_weights, lines_alpha=lines_alpha, lines_beta=lines_beta,
                                  on_unmatched=on_unmatched)
         # The report also goes to the UI / history ("text"), so it is readable without a display node.
         return io.NodeOutput(m, report, preset, ui={"text": [report]})
+
+
+def stack_items(node: str, stack) -> list[tuple[str, float]]:
+    """The (name, strength) pairs of a FEWSTEP_LORA_STACK value (None = empty), checked."""
+    if stack is None:
+        return []
+    if not isinstance(stack, (list, tuple)) or not all(
+            isinstance(it, (list, tuple)) and len(it) == 2 and isinstance(it[0], str)
+            and isinstance(it[1], (int, float)) for it in stack):
+        raise ValueError(f"{node}: style_stack must come from a {STACK} node (a list of (lora name, strength) "
+                         f"pairs), got {type(stack).__name__}")
+    return [(str(n), float(s)) for n, s in stack]
+
+
+# ---------------------------------------------------------------- FewStep LoRA Stack
+
+class FewStepLoraStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FewStepLoraStack", display_name=STACK, category="loaders",
+            description="Adds a style LoRA to a stack for FewStep LoRA Fuse's style_stack input. Chain Stack nodes "
+                        "to fuse any number of style LoRAs in one pass (one fp32 GEMM per weight, one rounding). "
+                        "Nothing is loaded here: files are read and checked by the fuse node.",
+            inputs=[
+                io.Combo.Input("lora_name", options=lora_options(), default=NONE,
+                               tooltip="Style LoRA to add (any LoRA/LoCon/LoHa/LoKr/DoRA .safetensors). 'none' "
+                                       "passes the stack through unchanged."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                               tooltip="Strength of this LoRA (0 = skip it)."),
+                LoraStack.Input("stack", optional=True,
+                                tooltip="LoRAs stacked so far (from another FewStep LoRA Stack); they come first."),
+            ],
+            outputs=[LoraStack.Output(display_name="stack",
+                                      tooltip="The stack with this LoRA appended; wire it to FewStep LoRA Fuse's "
+                                              "style_stack or to another Stack node.")])
+
+    @classmethod
+    def execute(cls, lora_name, strength, stack=None) -> io.NodeOutput:
+        items = stack_items(STACK, stack)
+        if lora_name != NONE and strength != 0:
+            resolve_lora(STACK, lora_name)  # a missing file is named here, at the node that chose it
+            items.append((lora_name, float(strength)))
+        return io.NodeOutput(tuple(items))
 
 
 def fuse(model, accel_lora: str, accel_strength: float, styles: list[tuple[str, float]], *, merge_mode="linear",
@@ -537,4 +587,4 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
     return path, report
 
 
-NODES = [FewStepLoraFuse, FewStepSaveFused, FewStepExportLora]
+NODES = [FewStepLoraFuse, FewStepLoraStack, FewStepSaveFused, FewStepExportLora]

@@ -147,6 +147,7 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
         if unknown:
             raise ValueError(f"node {k} ({ct}) has inputs object_info does not declare: {sorted(unknown)}")
         sockets, linked_widgets, widgets_values = [], [], []
+        optional = set(spec.get("input", {}).get("optional", {}))
         multiline = False
         for name, typ, opts in _input_specs(spec):
             v = values.get(name)
@@ -161,7 +162,9 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
                 widgets_values.append(v)
                 widgets_values.extend(_extra_widget_values(typ, name, opts))
             else:
-                sockets.append({"name": name, "type": typ, "link": None})
+                # The frontend draws optional sockets hollow and saves that as shape 7 (LiteGraph HollowCircle).
+                sockets.append({"name": name, "shape": 7, "type": typ, "link": None} if name in optional
+                               else {"name": name, "type": typ, "link": None})
                 if v is not None:
                     if not _is_link(v):
                         raise ValueError(f"node {k} ({ct}) input {name!r} must be a link, got {v!r}")

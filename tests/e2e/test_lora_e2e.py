@@ -81,3 +81,22 @@ def test_lora_fuse_bad_inputs_reported_and_server_keeps_serving(server, standin_
     assert entry["status"]["status_str"] == "error", entry["status"]
     assert "FewStep LoRA Fuse" in msg and name in msg, msg
     assert "FewStepLoraFuse" in server.get("/object_info/FewStepLoraFuse")
+
+
+def test_lora_stack_chain_through_the_server(server):
+    """Two FewStep LoRA Stack nodes wired into the fuse's style_stack over /prompt: the custom FEWSTEP_LORA_STACK
+    link validates, the fuse reads both stacked files, and the image is sampled."""
+    prompt = small(load_api(WORKFLOW), size=64)
+    fid = fuse_node_id(prompt)
+    prompt["9001"] = {"class_type": "FewStepLoraStack",
+                      "inputs": {"lora_name": "style-sd15-loha.safetensors", "strength": 0.5}}
+    prompt["9002"] = {"class_type": "FewStepLoraStack",
+                      "inputs": {"lora_name": "style-sd15-lokr.safetensors", "strength": 0.4, "stack": ["9001", 0]}}
+    prompt[fid]["inputs"]["style_stack"] = ["9002", 0]
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", hostenv.error_message(entry) or entry["status"]
+    report = "\n".join(entry["outputs"][fid]["text"])
+    assert "style-sd15-loha.safetensors" in report and "style-sd15-lokr.safetensors" in report, report
+    assert_real_image(server.images(entry)[0])
+    spec = server.get("/object_info/FewStepLoraStack")["FewStepLoraStack"]
+    assert spec["output"] == ["FEWSTEP_LORA_STACK"] and "stack" in spec["input"]["optional"]

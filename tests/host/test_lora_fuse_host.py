@@ -318,3 +318,30 @@ def test_lowvram_partial_load_patches_a_cast_copy_every_forward(L, model):
     assert all(torch.equal(after[k], ref[k]) for k in keys), "base weights not restored after lowvram unpatch"
     mod = comfy.utils.get_attr(m.model, keys[0].rsplit(".", 1)[0])
     assert not mod.weight_function, "LowVramPatch left behind after unpatch"
+
+
+def test_lora_stack_feeds_the_fuse_like_its_widgets(L, model):
+    """FewStep LoRA Stack: a chain of stacks gives the fuse exactly what the style widgets give, in order, after the
+    widgets; 'none' and strength 0 pass through; a missing file or a foreign value names the node."""
+    s1 = L.FewStepLoraStack.execute(KOHYA, 0.8).args[0]
+    s2 = L.FewStepLoraStack.execute(L.NONE, 1.0, s1).args[0]  # passes through
+    s3 = L.FewStepLoraStack.execute("style-sd15-lokr.safetensors", 0.0, s2).args[0]  # strength 0: skipped
+    s4 = L.FewStepLoraStack.execute("style-sd15-loha.safetensors", 0.5, s3).args[0]
+    assert s4 == ((KOHYA, 0.8), ("style-sd15-loha.safetensors", 0.5)) and s1 == ((KOHYA, 0.8),)
+    common = dict(model=model, accel_lora=LCM, accel_strength=1.0, merge_mode="linear", density=0.2, drop_p=0.5,
+                  seed=0, block_weights="", lines_alpha=1.0, lines_beta=0.0, on_unmatched="error")
+    none = {f"style_{w}_{i}": v for i in (1, 2, 3) for w, v in (("lora", L.NONE), ("strength", 1.0))}
+    stacked = L.FewStepLoraFuse.execute(**common, style_stack=s4, **none)
+    widgets = L.FewStepLoraFuse.execute(**common, **{**none, "style_lora_1": KOHYA, "style_strength_1": 0.8,
+                                                      "style_lora_2": "style-sd15-loha.safetensors",
+                                                      "style_strength_2": 0.5})
+    ms, mw = stacked.args[0], widgets.args[0]
+    assert set(ms.patches) == set(mw.patches) and len(ms.patches) > 200
+    for k in ATTN_PROBE + [PROBE[0]]:
+        assert torch.equal(delta_of(ms, k), delta_of(mw, k)), k
+    report = stacked.args[1]
+    assert KOHYA in report and "style-sd15-loha.safetensors" in report and "style-sd15-lokr" not in report
+    with pytest.raises(ValueError, match=r"FewStep LoRA Stack: LoRA file 'nope.safetensors'"):
+        L.FewStepLoraStack.execute("nope.safetensors", 1.0)
+    with pytest.raises(ValueError, match=r"FewStep LoRA Fuse: style_stack must come from a FewStep LoRA Stack"):
+        L.FewStepLoraFuse.execute(**common, style_stack="x", **none)
