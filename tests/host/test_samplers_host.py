@@ -194,11 +194,18 @@ def test_fused_path_equals_unfused_through_interpreter(sd15, registered, monkeyp
     assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
 
 
-def test_inpaint_mask_keeps_unmasked_latent(sd15, registered):
-    """Masks work through the host's KSamplerX0Inpaint wrapper: where the mask is 0 the latent is kept."""
+@pytest.mark.parametrize("fused", ["off", "on"])
+def test_inpaint_mask_keeps_unmasked_latent(sd15, registered, monkeypatch, fused):
+    """Masks work through the host's KSamplerX0Inpaint wrapper: where the mask is 0 the latent is kept. Also on the
+    fused loop (Triton interpreter on the CPU), which must give the unfused result."""
     import comfy.samplers
     from fewstep.nodes import engine
     from fewstep.samplers import schedules
+    if fused == "on":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("FEWSTEP_ALLOW_TRITON_INTERPRETER", "1")
+        monkeypatch.setattr(engine, "use_fused", lambda mode, x: mode == "on")
     model, cond = sd15
     ms = model.get_model_object("model_sampling")
     sigmas = schedules.timesteps_to_sigmas(schedules.lcm_timesteps(2), ms)
@@ -209,9 +216,14 @@ def test_inpaint_mask_keeps_unmasked_latent(sd15, registered):
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(cond, cond)
     guider.set_cfg(1.0)
-    out = guider.sample(noise, latent, engine.make_sampler("lcm"), sigmas, denoise_mask=mask, disable_pbar=True, seed=1)
+    out = guider.sample(noise, latent, engine.make_sampler("lcm", fused=fused), sigmas, denoise_mask=mask,
+                        disable_pbar=True, seed=1)
     assert torch.allclose(out[..., : SIZE // 2], latent[..., : SIZE // 2], atol=1e-4)
     assert not torch.allclose(out[..., SIZE // 2:], latent[..., SIZE // 2:], atol=1e-2)
+    if fused == "on":
+        ref = guider.sample(noise, latent, engine.make_sampler("lcm", fused="off"), sigmas, denoise_mask=mask,
+                            disable_pbar=True, seed=1)
+        assert (out - ref).abs().max().item() <= 1e-5
 
 
 def test_too_short_sigmas_rejected(sd15, registered):
