@@ -82,12 +82,6 @@ def lora_factors(entry: LoraModule, device: Optional[torch.device] = None) -> tu
     return up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
 
 
-def _check_lora_shape(entry: LoraModule, key: str, b: torch.Tensor, a: torch.Tensor, shape: Sequence[int]) -> None:
-    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
-    if len(shape) < 2 or b.shape[0] != shape[0] or a.shape[1] != cols:
-        raise _shape_error(entry, key, (b.shape[0], a.shape[1]), shape)
-
-
 def lora_factor_shape(entry: LoraModule) -> tuple[int, int, int, int]:
     """Shapes of ``lora_factors(entry)`` from tensor shapes alone: (B rows, B cols, A rows, A cols)."""
     up, down, mid = entry.up, entry.down, entry.mid
@@ -99,6 +93,18 @@ def lora_factor_shape(entry: LoraModule) -> tuple[int, int, int, int]:
         raise ValueError(f"{entry.file}: '{src}' Tucker mid {tuple(mid.shape)} does not fit down "
                          f"{tuple(down.shape)}")
     return up.shape[0], b_cols, mid.shape[0], math.prod(down.shape[1:]) * math.prod(mid.shape[2:])
+
+
+def _check_lora_shape(entry: LoraModule, key: str, shape: Sequence[int]) -> None:
+    """ValueError (file, key, shapes) unless ``lora_factors(entry)`` multiply into a delta of ``shape``."""
+    b_rows, b_cols, a_rows, a_cols = lora_factor_shape(entry)
+    if b_cols != a_rows:
+        src = entry.source_keys[0] if entry.source_keys else entry.name
+        raise ValueError(f"{entry.file}: module '{entry.name}' rank mismatch: up {tuple(entry.up.shape)} "
+                         f"vs down {tuple(entry.down.shape)} ('{src}')")
+    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+    if len(shape) < 2 or b_rows != shape[0] or a_cols != cols:
+        raise _shape_error(entry, key, (b_rows, a_cols), shape)
 
 
 def _dora_key(entry: Entry) -> str:
@@ -134,18 +140,11 @@ def check_key_shapes(items: Sequence[tuple[Entry, float]], key: str, shape: Sequ
     device. kohya/LyCORIS DoRA entries (``dora_scale``) need the base weight and are checked when they are applied.
     """
     shape = tuple(int(s) for s in shape)
-    cols = math.prod(shape[1:]) if len(shape) > 1 else 1
     for entry, strength in items:
         if strength == 0.0 or (getattr(entry, "dora_scale", None) is not None and not _is_peft_dora(entry)):
             continue
         if isinstance(entry, LoraModule):
-            b_rows, b_cols, a_rows, a_cols = lora_factor_shape(entry)
-            if b_cols != a_rows:
-                src = entry.source_keys[0] if entry.source_keys else entry.name
-                raise ValueError(f"{entry.file}: module '{entry.name}' rank mismatch: up {tuple(entry.up.shape)} "
-                                 f"vs down {tuple(entry.down.shape)} ('{src}')")
-            if len(shape) < 2 or b_rows != shape[0] or a_cols != cols:
-                raise _shape_error(entry, key, (b_rows, a_cols), shape)
+            _check_lora_shape(entry, key, shape)
         else:
             raw_delta(entry, key, shape, device=torch.device("meta"))
         if _is_peft_dora(entry):
@@ -156,8 +155,8 @@ def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: Optional[tor
     """Unscaled-by-strength fp32 delta of one non-DoRA entry, including its alpha/rank scale, shaped like the weight."""
     n = math.prod(shape)
     if isinstance(entry, LoraModule):
+        _check_lora_shape(entry, key, shape)
         b, a = lora_factors(entry, device)
-        _check_lora_shape(entry, key, b, a, shape)
         return (b @ a).mul_(entry.scale).reshape(shape)
     if isinstance(entry, LohaModule):
         f = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
@@ -252,8 +251,8 @@ def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[in
         if isinstance(entry, LoraModule) and entry.dora_scale is None:
             if strength == 0.0:
                 continue
+            _check_lora_shape(entry, key, shape)
             b, a = lora_factors(entry, device)
-            _check_lora_shape(entry, key, b, a, shape)
             bs.append(b * (strength * entry.scale))
             as_.append(a)
         else:
