@@ -159,6 +159,18 @@ def test_flow_model_rejected_with_clear_error(sd15, registered):
         FewStepScheduleLCM.execute(m, 4, 1.0, "50")
 
 
+def assert_fused_matches(fused, unfused, model):
+    """Fused vs unfused latents. On the CPU (Triton interpreter) both loops run the same fp32 ops in the same order:
+    bit-identical. On a GPU the compiled kernel contracts to FMAs, so the issue's bound applies: 1e-5 for an fp32
+    UNet, 1e-2 for fp16/bf16, scaled by the latent's magnitude where that exceeds 1 (the stand-in's reaches ~1e2)."""
+    err = (fused.float() - unfused.float()).abs().max().item()
+    if not torch.cuda.is_available():
+        assert err == 0.0, f"fused differs from unfused by {err} on the CPU"
+        return
+    tol = (1e-5 if model.model.get_dtype() == torch.float32 else 1e-2) * max(1.0, unfused.abs().max().item())
+    assert err <= tol, f"fused differs from unfused by {err} (tolerance {tol})"
+
+
 @pytest.mark.parametrize("split", [False, True], ids=["to-sigma-0", "split-sigmas"])
 def test_fused_path_equals_unfused_through_interpreter(sd15, registered, monkeypatch, split):
     """The fused loop (Triton interpreter on CPU) gives the unfused image with the same seed, also for a split
@@ -191,7 +203,7 @@ def test_fused_path_equals_unfused_through_interpreter(sd15, registered, monkeyp
         outs.append(guider.sample(noise, latent, engine.make_sampler("tcd", gamma=0.4, fused=fused), sigmas,
                                   disable_pbar=True, seed=5))
     assert used == [1], "fused=on must run the fused loop (no silent fallback), once"
-    assert (outs[0] - outs[1]).abs().max().item() <= 1e-5
+    assert_fused_matches(outs[1], outs[0], model)
 
 
 @pytest.mark.parametrize("fused", ["off", "on"])
@@ -223,7 +235,7 @@ def test_inpaint_mask_keeps_unmasked_latent(sd15, registered, monkeypatch, fused
     if fused == "on":
         ref = guider.sample(noise, latent, engine.make_sampler("lcm", fused="off"), sigmas, denoise_mask=mask,
                             disable_pbar=True, seed=1)
-        assert (out - ref).abs().max().item() <= 1e-5
+        assert_fused_matches(out, ref, model)
 
 
 def test_too_short_sigmas_rejected(sd15, registered):
