@@ -255,9 +255,9 @@ class FewStepLoraFuse(io.ComfyNode):
         return io.Schema(
             node_id="FewStepLoraFuse", display_name=FUSE, category="loaders",
             description="Fuses an acceleration LoRA (LCM/TCD/PCM/Hyper-SD/Lightning) and style LoRAs (3 here, "
-                        "any number more through style_stack) into the model exactly: one fp32 delta per weight, rounded once. Merges styles linearly or with "
-                        "TIES/DARE, with block weights and LiNeS; PEFT/diffusers keys that core ComfyUI drops are "
-                        "applied. The report says what matched and which preset the acceleration LoRA needs. The "
+                        "any number more through style_stack) into the model exactly: one fp32 delta per weight, "
+                        "rounded once. Merges styles linearly or with TIES/DARE, with block weights and LiNeS; "
+                        "PEFT/diffusers keys that core ComfyUI drops are applied. The report says what matched and which preset the acceleration LoRA needs. The "
                         "input model is untouched (clone + patches, unpatched bit-exactly).",
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5/SD2/SDXL model to fuse into (it is cloned, never modified)."),
