@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -54,12 +55,15 @@ GPU_TESTS = [
 ALLOCATORS = {"native": None, "cudaMallocAsync": "backend:cudaMallocAsync"}
 
 
+LOG = logging.getLogger("fewstep.gpu_session")
+
+
 def log(msg: str) -> None:
-    print(f"[gpu_session] {msg}", flush=True)
+    LOG.info("%s", msg)
 
 
 def fail(msg: str) -> None:
-    print(f"[gpu_session] error: {msg}", file=sys.stderr, flush=True)
+    LOG.error("error: %s", msg)
     raise SystemExit(2)
 
 
@@ -208,6 +212,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("run", help="run a step on the GPU machine")
     r.add_argument("what", choices=["tests", "bench", "bench-sdxl", "bench-lora"])
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[gpu_session] %(message)s", stream=sys.stdout, force=True)
     if args.cmd == "kit":
         kit()
         return 0
