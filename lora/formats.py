@@ -22,6 +22,12 @@ Recognised per-module tensor names (``<m>`` is the module prefix):
 * LoKr: ``lokr_w1`` or ``lokr_w1_a/_b``; ``lokr_w2`` or ``lokr_w2_a/_b``
   (+ ``lokr_t2``).
 * full diff ``<m>.diff`` and bias diff ``<m>.diff_b``.
+* GLoRA (LyCORIS): ``a1.weight, a2.weight, b1.weight, b2.weight`` (new and old LyCORIS layouts).
+* OFT / BOFT (LyCORIS, sd-scripts ``oft_unet_*``): ``oft_blocks`` ([blocks, n, n]; BOFT [stages, blocks, b, b])
+  (+ ``rescale``); the module's ``alpha`` is the OFT norm constraint, not a LoRA scale.
+* IA3 (LyCORIS): ``<m>.weight`` + ``<m>.on_input`` (a ``.weight`` without ``.on_input`` stays unrecognised).
+
+GLoRA, OFT/BOFT and IA3 deltas depend on the base weight; ``lora.fuse`` computes them against it.
 
 Alpha resolution per module, first hit wins: the ``<m>.alpha`` tensor; kohya
 header ``ss_network_alpha`` (``conv_alpha`` from ``ss_network_args`` for
@@ -84,6 +90,14 @@ _SUFFIXES: list[tuple[str, str, str]] = [
     (".lokr_t2", "lokr_t2", "lokr"),
     (".diff_b", "diff_b", "full"),
     (".diff", "diff", "full"),
+    (".a1.weight", "glora_a1", "glora"),
+    (".a2.weight", "glora_a2", "glora"),
+    (".b1.weight", "glora_b1", "glora"),
+    (".b2.weight", "glora_b2", "glora"),
+    (".oft_blocks", "oft_blocks", "oft"),
+    (".rescale", "oft_rescale", "oft"),
+    (".on_input", "ia3_on_input", "ia3"),
+    (".weight", "ia3_weight", "ia3"),  # only with a matching .on_input (see parse_state_dict)
 ]
 _SUFFIXES.sort(key=lambda s: len(s[0]), reverse=True)
 
@@ -215,7 +229,72 @@ class BiasDiffModule(ModuleEntry):
     kind = "bias_diff"
 
 
-Entry = Union[LoraModule, LohaModule, LokrModule, DiffModule, BiasDiffModule]
+@dataclass
+class GloraModule(ModuleEntry):
+    """GLoRA (LyCORIS): ΔW = scale · (W·A + B), A = a1 @ a2 acting on the input axis, B = b1 @ b2.
+
+    New LyCORIS layout: a1 [in, r], a2 [r, in], b1 [out, r], b2 [r, in·k·k] (1×1 convs for a1/a2 on conv layers);
+    old layout (LyCORIS < 2): ΔW = scale · ((W_flat @ a2) @ a1 + b2 @ b1) with a1 [r, in], a2 [in, r], b1 [r, in],
+    b2 [out, r]. ``lora.fuse`` picks the layout from the shapes (as ComfyUI does). Needs the base weight W.
+    """
+
+    a1: torch.Tensor = None  # type: ignore[assignment]
+    a2: torch.Tensor = None  # type: ignore[assignment]
+    b1: torch.Tensor = None  # type: ignore[assignment]
+    b2: torch.Tensor = None  # type: ignore[assignment]
+    kind = "glora"
+
+    @property
+    def rank(self) -> int:
+        new = self.b2.shape[0] == self.b1.shape[1] == self.a1.shape[1] == self.a2.shape[0]
+        return int(self.a2.shape[0] if new else self.a1.shape[0])
+
+    @property
+    def scale(self) -> float:
+        """alpha / rank; alpha None or 0 means rank (LyCORIS: no scaling)."""
+        if not self.alpha:
+            return 1.0
+        return float(self.alpha) / float(self.rank)
+
+
+@dataclass
+class OftModule(ModuleEntry):
+    """OFT / BOFT (LyCORIS ``diag-oft`` / ``boft``, sd-scripts OFT): W' = rescale ⊙ (R-rotated W).
+
+    ``blocks`` [k, n, n] (OFT: block-diagonal Cayley rotation, W' = Rᵀ W per block of n output rows) or
+    [m, k, b, b] (BOFT: m butterfly stages). ``alpha`` is the constraint: the skew part's norm is clamped to
+    ``alpha · out_dim`` (0 or None: no clamp). Needs the base weight W.
+    """
+
+    blocks: torch.Tensor = None  # type: ignore[assignment]
+    rescale: Optional[torch.Tensor] = None
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "boft" if self.blocks.ndim == 4 else "oft"
+
+    @property
+    def scale(self) -> float:
+        return 1.0
+
+
+@dataclass
+class Ia3Module(ModuleEntry):
+    """IA3 (LyCORIS): W' = W ⊙ (1 + w) along the output axis, or the input axis when ``on_input``. Needs W."""
+
+    weight: torch.Tensor = None  # type: ignore[assignment]
+    on_input: bool = False
+    kind = "ia3"
+
+    @property
+    def scale(self) -> float:
+        return 1.0
+
+
+BASE_DEPENDENT = (GloraModule, OftModule, Ia3Module)
+"""Entry types whose delta depends on the base weight (besides DoRA entries of any type)."""
+
+Entry = Union[LoraModule, LohaModule, LokrModule, DiffModule, BiasDiffModule, GloraModule, OftModule, Ia3Module]
 
 
 @dataclass
@@ -227,7 +306,7 @@ class Adapter:
         metadata: safetensors ``__metadata__`` (str -> str).
         entries: UNet-side module entries (one module may give a weight entry and a bias entry).
         text_encoder_keys: tensor names belonging to text-encoder modules (not fused into the UNet).
-        unknown_keys: tensor names that match no known suffix (e.g. LyCORIS IA3), left unused.
+        unknown_keys: tensor names that match no known suffix (e.g. old LyCORIS ``oft_diag``), left unused.
     """
 
     path: str
@@ -345,7 +424,7 @@ class _AlphaResolver:
 
 
 def read_adapter(path: Union[str, os.PathLike], strict: bool = False) -> Adapter:
-    """Read a ``.safetensors`` LoRA/LoCon/LoHa/LoKr/DoRA/full-diff file.
+    """Read a ``.safetensors`` LoRA/LoCon/LoHa/LoKr/GLoRA/OFT/BOFT/IA3/DoRA/full-diff file.
 
     Args:
         path: file path; must end in ``.safetensors``.
@@ -398,7 +477,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         if is_text_encoder_module(module):
             te_keys.append(key)
             continue
-        if not role:
+        if not role or (role == "ia3_weight" and f"{module}.on_input" not in tensors):
             unknown.append(key)
             continue
         _check_finite(path, key, t)
@@ -410,7 +489,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
 
     if unknown:
         msg = (f"{path}: {len(unknown)} tensor(s) of unknown adapter type are not used, "
-               f"e.g. '{unknown[0]}' (IA3/OFT/GLoRA are unsupported)")
+               f"e.g. '{unknown[0]}' (supported: LoRA/LoCon, LoHa, LoKr, GLoRA, OFT/BOFT, IA3, DoRA, full diffs)")
         if strict:
             raise ValueError(msg)
         LOG.warning(msg)
@@ -512,6 +591,36 @@ def _build_entries(path: str, module: str, slot: dict, resolver: _AlphaResolver)
             e.alpha = float(e.rank)
         out.append(e)
         consumed |= set(roles)
+    elif any(r.startswith("glora_") for r in slot):
+        need = ["glora_a1", "glora_a2", "glora_b1", "glora_b2"]
+        miss = [r for r in need if r not in slot]
+        if miss:
+            raise ValueError(f"{path}: GLoRA module '{module}' lacks '{module}.{miss[0][6:]}.weight'")
+        c = common("glora", need, False)
+        out.append(GloraModule(a1=_get(slot, "glora_a1"), a2=_get(slot, "glora_a2"), b1=_get(slot, "glora_b1"),
+                               b2=_get(slot, "glora_b2"), **c))
+        consumed |= set(need)
+    elif "oft_blocks" in slot:
+        blocks = _get(slot, "oft_blocks")
+        if blocks.ndim not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]:
+            raise ValueError(f"{path}: '{keys['oft_blocks']}' has shape {tuple(blocks.shape)}; OFT blocks are "
+                             f"[blocks, n, n] and BOFT blocks [stages, blocks, b, b]")
+        c = common("oft", ["oft_blocks", "oft_rescale"], False)
+        out.append(OftModule(blocks=blocks, rescale=_get(slot, "oft_rescale"), **c))
+        consumed |= {"oft_blocks", "oft_rescale"}
+    elif "ia3_on_input" in slot:
+        if "ia3_weight" not in slot:
+            raise ValueError(f"{path}: IA3 module '{module}' lacks '{module}.weight'")
+        flag = _get(slot, "ia3_on_input")
+        if flag.numel() != 1:
+            raise ValueError(f"{path}: '{keys['ia3_on_input']}' must be a scalar, got shape {tuple(flag.shape)}")
+        c = common("ia3", ["ia3_weight", "ia3_on_input"], False)
+        c["alpha"], c["alpha_source"] = None, "n/a"
+        out.append(Ia3Module(weight=_get(slot, "ia3_weight"), on_input=bool(flag.reshape(()).item()), **c))
+        consumed |= {"ia3_weight", "ia3_on_input"}
+    if dora is not None and any(isinstance(e, BASE_DEPENDENT) for e in out):
+        raise ValueError(f"{path}: module '{module}' combines DoRA ('{keys.get('dora_scale') or keys['magnitude']}') "
+                         f"with {out[0].kind.upper()}; DoRA is supported on LoRA, LoHa and LoKr modules only")
     if "diff" in slot:
         c = common("full", ["diff"], False)
         c["alpha"], c["alpha_source"] = None, "n/a"

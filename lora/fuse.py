@@ -33,6 +33,26 @@ One algorithm: for every host weight touched by the given entries,
   chain); here it is always computed against the original base weight, i.e. as
   if the DoRA adapter came first. This makes the result order-independent.
 
+* GLoRA, OFT/BOFT and IA3 entries (LyCORIS) are also computed against the base
+  weight W, with strength s scaling the full-strength delta (as for DoRA)::
+
+      GLoRA  ΔW = s · scale · (W ×_in (a1 @ a2) + b1 @ b2)      new LyCORIS layout
+             ΔW = s · scale · ((W_flat @ a2) @ a1 + b2 @ b1)      old layout (< 2.0)
+             scale = alpha / rank (alpha 0/None → 1); layout from the shapes, as ComfyUI picks it
+      OFT    Q = B − Bᵀ per block; if alpha > 0 and ‖Q‖ > alpha·out: Q ← Q·alpha·out/‖Q‖
+             R = (I + Q)(I − Q)⁻¹;  W' = rescale ⊙ (Rᵀ applied per block of n output rows)
+             ΔW = s · (W' − W)
+      BOFT   the same Cayley R per block and stage; stage i permutes the output
+             rows in groups of 2·k (k = 2ⁱ·b/2), applies R block-wise, permutes back
+      IA3    ΔW = s · W ⊙ w   (w along the output axis, or the input axis when on_input)
+
+  The constraint threshold alpha·out_dim is the trainers' (LyCORIS ``diag-oft``
+  and ``boft``, sd-scripts ``networks/oft.py``); ComfyUI 0.3.75 clamps at alpha,
+  ignores OFT's ``rescale`` and applies the OFT/BOFT strength twice. At strength 1,
+  with no clamp active and (for OFT) no rescale, the results agree with ComfyUI.
+  For BOFT with several stages and s ≠ 1, LyCORIS interpolates every stage
+  (R·s + (1 − s)·I); here s scales the full delta, like every other adapter.
+
 ``apply_delta`` adds the summed fp32 delta to the fp32 base weight and rounds
 once into the weight dtype (round-to-nearest; fp8 stochastic rounding belongs
 to the kernels layer). Memory: ``iter_deltas`` yields one key at a time, so
@@ -46,7 +66,8 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-from .formats import DORA_NORM_PEFT, BiasDiffModule, DiffModule, Entry, LohaModule, LokrModule, LoraModule
+from .formats import (BASE_DEPENDENT, DORA_NORM_PEFT, BiasDiffModule, DiffModule, Entry, GloraModule, Ia3Module,
+                      LohaModule, LokrModule, LoraModule, OftModule)
 
 LOG = logging.getLogger("fewstep")
 
@@ -145,6 +166,8 @@ def check_key_shapes(items: Sequence[tuple[Entry, float]], key: str, shape: Sequ
             continue
         if isinstance(entry, LoraModule):
             _check_lora_shape(entry, key, shape)
+        elif isinstance(entry, BASE_DEPENDENT):
+            base_delta(entry, key, shape, 1.0, torch.empty(shape, device="meta"), torch.device("meta"))
         else:
             raw_delta(entry, key, shape, device=torch.device("meta"))
         if _is_peft_dora(entry):
@@ -183,6 +206,9 @@ def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: Optional[tor
         d = torch.kron(w1, w2)
     elif isinstance(entry, (DiffModule, BiasDiffModule)):
         d = entry.diff.to(device=device, dtype=torch.float32, copy=True)  # never alias the adapter tensor
+    elif isinstance(entry, BASE_DEPENDENT):
+        raise ValueError(f"{entry.file}: module '{entry.name}' is {entry.kind.upper()}, whose delta depends on the "
+                         f"base weight of '{key}'; use base_delta (or key_delta with base_weight_fn)")
     else:  # pragma: no cover
         raise ValueError(f"{getattr(entry, 'file', '?')}: unsupported entry type {type(entry).__name__}")
     if d.numel() != n or (len(shape) >= 1 and d.shape[0] != shape[0]):
@@ -190,6 +216,130 @@ def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: Optional[tor
     d = d.reshape(shape)
     s = entry.scale
     return d.mul_(s) if s != 1.0 else d
+
+
+def _src(entry: Entry) -> str:
+    return entry.source_keys[0] if entry.source_keys else entry.name
+
+
+def glora_layout(entry: GloraModule, shape: Sequence[int]) -> tuple[str, int]:
+    """("new" | "old", rank) of a GLoRA entry against weight ``shape`` (ComfyUI's rule for ambiguous shapes)."""
+    a1, a2, b1, b2 = (t.reshape(t.shape[0], -1).shape for t in (entry.a1, entry.a2, entry.b1, entry.b2))
+    old = b2[1] == b1[0] == a1[0] == a2[1]
+    new = b2[0] == b1[1] == a1[1] == a2[0]
+    if old and new and not (a2[0] == shape[0] and len(shape) >= 2 and shape[0] == shape[1]):
+        old = False
+    if old:
+        return "old", int(a1[0])
+    if new:
+        return "new", int(a2[0])
+    raise ValueError(f"{entry.file}: GLoRA module '{entry.name}' factors a1 {tuple(entry.a1.shape)}, a2 "
+                     f"{tuple(entry.a2.shape)}, b1 {tuple(entry.b1.shape)}, b2 {tuple(entry.b2.shape)} share no rank "
+                     f"('{_src(entry)}')")
+
+
+def _glora_delta(entry: GloraModule, key: str, shape: tuple, w: torch.Tensor, device) -> torch.Tensor:
+    layout, rank = glora_layout(entry, shape)
+    f = lambda t: t.to(device=device, dtype=torch.float32).reshape(t.shape[0], -1)  # noqa: E731
+    a1, a2, b1, b2 = f(entry.a1), f(entry.a2), f(entry.b1), f(entry.b2)
+    try:
+        if layout == "new":
+            if a1.shape[0] != shape[1] or a2.shape[1] != shape[1]:
+                raise _shape_error(entry, key, (a1.shape[0], a2.shape[1]), shape)
+            wa = torch.einsum("oi...,ir->or...", w, a1)
+            d = torch.einsum("or...,rj->oj...", wa, a2) + (b1 @ b2).reshape(shape)
+        else:
+            d = ((w.reshape(shape[0], -1) @ a2) @ a1 + b2 @ b1).reshape(shape)
+    except RuntimeError as e:
+        raise _shape_error(entry, key, (b1.shape[0], b2.shape[-1]), shape) from e
+    alpha = entry.alpha
+    return d.mul_(float(alpha) / rank) if alpha else d
+
+
+def _cayley(entry: OftModule, out_dim: int, device) -> torch.Tensor:
+    """Per-block rotations R = (I + Q)(I − Q)⁻¹ of the skew part Q, norm-clamped to alpha·out_dim."""
+    b = entry.blocks.to(device=device, dtype=torch.float32)
+    q = b - b.transpose(-1, -2)
+    limit = float(entry.alpha or 0.0) * out_dim
+    if limit > 0:
+        norm = torch.linalg.vector_norm(q) + 1e-8
+        q = torch.where(norm > limit, q * (limit / norm), q)
+    eye = torch.eye(b.shape[-1], device=device, dtype=torch.float32)
+    return (eye + q) @ torch.linalg.inv(eye - q)
+
+
+def _oft_rows_error(entry: OftModule, key: str, k: int, n: int, shape: tuple) -> ValueError:
+    return ValueError(f"{entry.file}: '{_src(entry)}' holds {k} blocks of {n} rows ({k * n} output channels) but "
+                      f"model weight '{key}' has shape {tuple(shape)}; the adapter does not fit this model "
+                      f"(wrong base model?)")
+
+
+def _oft_merged(entry: OftModule, key: str, shape: tuple, w: torch.Tensor, device) -> torch.Tensor:
+    out = shape[0]
+    blocks = entry.blocks
+    if blocks.ndim == 3:
+        k, n = int(blocks.shape[0]), int(blocks.shape[1])
+        if k * n != out:
+            raise _oft_rows_error(entry, key, k, n, shape)
+        r = _cayley(entry, out, device)
+        merged = torch.einsum("knm,kn...->km...", r, w.reshape(k, n, *shape[1:])).reshape(shape)
+    else:
+        m, k, b = int(blocks.shape[0]), int(blocks.shape[1]), int(blocks.shape[2])
+        if k * b != out or b % 2:
+            raise _oft_rows_error(entry, key, k, b, shape)
+        r = _cayley(entry, out, device)
+        merged = w
+        for i in range(m):
+            half = 2 ** i * (b // 2)
+            if out % (2 * half):
+                raise ValueError(f"{entry.file}: BOFT module '{entry.name}' stage {i} needs the {out} output rows of "
+                                 f"'{key}' to split into groups of {2 * half} ('{_src(entry)}')")
+            # rows (group, 2, half) -> (group, half, 2): interleave the two halves, then rotate b rows at a time
+            x = merged.reshape(-1, 2, half, *shape[1:]).transpose(1, 2).reshape(k, b, *shape[1:])
+            x = torch.einsum("kij,kj...->ki...", r[i], x)
+            merged = x.reshape(-1, half, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+    if entry.rescale is not None:
+        rs = entry.rescale.to(device=device, dtype=torch.float32)
+        if rs.numel() != out:
+            raise ValueError(f"{entry.file}: '{entry.name}.rescale' has shape {tuple(rs.shape)} but model weight "
+                             f"'{key}' has {out} output channels")
+        merged = merged * rs.reshape(out, *[1] * (len(shape) - 1))
+    return merged
+
+
+def _ia3_delta(entry: Ia3Module, key: str, shape: tuple, w: torch.Tensor, device) -> torch.Tensor:
+    v = entry.weight.to(device=device, dtype=torch.float32).reshape(-1)
+    axis = 1 if entry.on_input else 0
+    if len(shape) <= axis or v.numel() != shape[axis]:
+        side = "input" if entry.on_input else "output"
+        raise ValueError(f"{entry.file}: IA3 '{_src(entry)}' has {v.numel()} values but model weight '{key}' has "
+                         f"{shape[axis] if len(shape) > axis else '?'} {side} channels (shape {tuple(shape)}); the "
+                         f"adapter does not fit this model")
+    view = [1] * len(shape)
+    view[axis] = -1
+    return w * v.reshape(view)
+
+
+def base_delta(entry: Entry, key: str, shape: Sequence[int], strength: float, base_weight: torch.Tensor,
+               device: Optional[torch.device] = None) -> torch.Tensor:
+    """``strength ·`` fp32 delta of a GLoRA, OFT/BOFT or IA3 entry against the base weight (module doc)."""
+    shape = tuple(int(s) for s in shape)
+    w = base_weight.to(device=device, dtype=torch.float32)
+    if tuple(w.shape) != shape:
+        raise _shape_error(entry, key, tuple(w.shape), shape)
+    if len(shape) < 2 and not isinstance(entry, Ia3Module):
+        raise _shape_error(entry, key, (), shape)
+    if isinstance(entry, GloraModule):
+        d = _glora_delta(entry, key, shape, w, device)
+    elif isinstance(entry, OftModule):
+        d = _oft_merged(entry, key, shape, w, device) - w
+    elif isinstance(entry, Ia3Module):
+        d = _ia3_delta(entry, key, shape, w, device)
+    else:  # pragma: no cover
+        raise ValueError(f"{entry.file}: base_delta does not handle {type(entry).__name__}")
+    if tuple(d.shape) != shape:
+        raise _shape_error(entry, key, tuple(d.shape), shape)
+    return d.mul_(strength) if strength != 1.0 else d
 
 
 def _out_norm(w: torch.Tensor) -> torch.Tensor:
@@ -269,7 +419,16 @@ def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[in
         total = torch.zeros(shape, dtype=torch.float32, device=device)
     base: Optional[torch.Tensor] = None
     for entry, strength in rest:
-        if entry.dora_scale is not None:
+        if isinstance(entry, BASE_DEPENDENT):
+            if strength == 0.0:
+                continue
+            if base_weight_fn is None:
+                raise ValueError(f"{entry.file}: module '{entry.name}' is {entry.kind.upper()} and needs the base "
+                                 f"weight of '{key}'; pass base_weight_fn")
+            if base is None:
+                base = base_weight_fn(key)
+            total += base_delta(entry, key, shape, strength, base, device)
+        elif entry.dora_scale is not None:
             if base_weight_fn is None:
                 raise ValueError(f"{entry.file}: module '{entry.name}' is DoRA (has '{_dora_key(entry)}') and "
                                  f"needs the base weight of '{key}'; pass base_weight_fn")

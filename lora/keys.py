@@ -10,7 +10,7 @@ layer passes in (never imported from ``comfy`` here):
   result, ``down_blocks.0.attentions.0.proj_in.weight`` ->
   ``input_blocks.1.1.proj_in.weight`` (no ``diffusion_model.`` prefix).
 
-Canonical form: strip a known prefix (``lora_unet_``, ``lycoris_``, ``unet.``,
+Canonical form: strip a known prefix (``lora_unet_``, sd-scripts OFT ``oft_unet_``, ``lycoris_``, ``unet.``,
 ``base_model.model.``, ``unet.base_model.model.``, ``model.diffusion_model.``,
 ``diffusion_model.``), drop old attention-processor segments (``.processor``),
 replace ``.`` by ``_``, and append ``_0`` to a bare ``to_out``. Both LDM
@@ -33,6 +33,7 @@ _PREFIXES = (
     "model.diffusion_model.",
     "diffusion_model.",
     "lora_unet_",
+    "oft_unet_",
     "lycoris_",
     "unet.",
 )

@@ -247,8 +247,8 @@ class FewStepLoraFuse(io.ComfyNode):
         for i in range(1, N_STYLES + 1):
             style_inputs += [
                 io.Combo.Input(f"style_lora_{i}", options=options, default=NONE,
-                               tooltip=f"Style LoRA {i} (any LoRA/LoCon/LoHa/LoKr/DoRA .safetensors; kohya, PEFT and "
-                                       f"diffusers key names). 'none' = unused."),
+                               tooltip=f"Style LoRA {i} (any LoRA/LoCon/LoHa/LoKr/GLoRA/OFT/BOFT/IA3/DoRA .safetensors; kohya, "
+                                       f"PEFT and diffusers key names). 'none' = unused."),
                 io.Float.Input(f"style_strength_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip=f"Strength of style LoRA {i} (0 = skip it)."),
             ]
@@ -339,7 +339,7 @@ class FewStepLoraStack(io.ComfyNode):
                         "Nothing is loaded here: files are read and checked by the fuse node.",
             inputs=[
                 io.Combo.Input("lora_name", options=lora_options(), default=NONE,
-                               tooltip="Style LoRA to add (any LoRA/LoCon/LoHa/LoKr/DoRA .safetensors). 'none' "
+                               tooltip="Style LoRA to add (any LoRA/LoCon/LoHa/LoKr/GLoRA/OFT/BOFT/IA3/DoRA .safetensors). 'none' "
                                        "passes the stack through unchanged."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of this LoRA (0 = skip it)."),

@@ -345,3 +345,82 @@ def test_lora_stack_feeds_the_fuse_like_its_widgets(L, model):
         L.FewStepLoraStack.execute("nope.safetensors", 1.0)
     with pytest.raises(ValueError, match=r"FewStep LoRA Fuse: style_stack must come from a FewStep LoRA Stack"):
         L.FewStepLoraFuse.execute(**common, style_stack="x", **none)
+
+
+# ---------------------------------------------------------------- GLoRA, OFT/BOFT, IA3 (LyCORIS, sd-scripts OFT)
+
+def _lycoris_file(loras_tmp, kind, prefix="lora_unet_", alpha=0.0, name=None):
+    """A `kind` adapter over every SD1.5 attention projection, seeded, stored in fp16 like trainer output."""
+    from tools import standins
+    g = torch.Generator().manual_seed(7)
+    sd = {}
+    for dmod, (_, shape) in standins.unet_lora_targets("sd15", "attn").items():
+        m = prefix + dmod.replace(".", "_")
+        out, inn = shape[0], shape[1]
+        r = lambda *s, sc=0.05: (torch.randn(*s, generator=g) * sc)  # noqa: E731
+        if kind == "glora":
+            sd |= {f"{m}.a1.weight": r(inn, 4), f"{m}.a2.weight": r(4, inn), f"{m}.b1.weight": r(out, 4),
+                   f"{m}.b2.weight": r(4, inn), f"{m}.alpha": torch.tensor(2.0)}
+        elif kind == "oft":
+            sd |= {f"{m}.oft_blocks": r(out // 8, 8, 8, sc=0.2), f"{m}.alpha": torch.tensor(alpha)}
+        elif kind == "boft":
+            sd |= {f"{m}.oft_blocks": r(2, out // 8, 8, 8, sc=0.2), f"{m}.alpha": torch.tensor(alpha),
+                   f"{m}.rescale": 1 + r(out, 1, sc=0.02)}
+        elif kind == "ia3":
+            on_input = dmod.endswith(("to_k", "to_v")) and "attn2" in dmod
+            sd |= {f"{m}.weight": r(inn if on_input else out, sc=0.3), f"{m}.on_input": torch.tensor(int(on_input))}
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in sd.items()}
+    name = name or f"style-{kind}.safetensors"
+    _write(loras_tmp / name, sd)
+    return name, sd
+
+
+@pytest.mark.parametrize("kind, strength", [("glora", 1.0), ("glora", 0.7), ("oft", 1.0), ("boft", 1.0)])
+def test_glora_oft_boft_fuse_like_core(L, model, loras_tmp, kind, strength):
+    """Core ComfyUI's adapters agree with the trainers where core is right: GLoRA at any strength, OFT/BOFT at
+    strength 1 with no norm clamp (core applies the OFT/BOFT strength twice and clamps at alpha, not alpha·out_dim)."""
+    name, _ = _lycoris_file(loras_tmp, kind)
+    m, rep, _ = L.fuse(model, L.NONE, 1.0, [(name, strength)])
+    assert len(m.patches) == 128 and "matched 128/128" in rep, rep
+    assert f"128 {kind}" in rep, rep
+    ref = base(model, ATTN_PROBE)
+    ours = weights(m, ATTN_PROBE)
+    assert all(not torch.equal(ours[k], ref[k]) for k in ATTN_PROBE)
+    theirs = weights(core_chain(model, [(name, strength)]), ATTN_PROBE)
+    assert_close_to(ours, theirs, ref, f"{kind} at {strength} vs core")
+
+
+def test_sd_scripts_oft_prefix_and_unpatch(L, model, loras_tmp):
+    """sd-scripts names OFT modules `oft_unet_*`: mapped like `lora_unet_*`; unpatching restores the base exactly."""
+    a, _ = _lycoris_file(loras_tmp, "oft", prefix="oft_unet_", alpha=1e-3, name="oft-sd-scripts.safetensors")
+    b, _ = _lycoris_file(loras_tmp, "oft", prefix="lora_unet_", alpha=1e-3, name="oft-lycoris.safetensors")
+    ma, rep, _ = L.fuse(model, L.NONE, 1.0, [(a, 1.0)])
+    mb, _, _ = L.fuse(model, L.NONE, 1.0, [(b, 1.0)])
+    assert "matched 128/128" in rep and set(ma.patches) == set(mb.patches), rep
+    for k in ATTN_PROBE:
+        assert torch.equal(delta_of(ma, k), delta_of(mb, k)), k
+    ref = base(model, ATTN_PROBE)
+    for _ in range(3):
+        w = weights(ma, ATTN_PROBE)
+        assert all(not torch.equal(w[k], ref[k]) for k in ATTN_PROBE)
+        assert all(torch.equal(v, ref[k]) for k, v in base(model, ATTN_PROBE).items()), "base not restored"
+
+
+def test_ia3_applied_where_core_drops_it(L, model, loras_tmp):
+    """IA3 (LyCORIS): W' = W ⊙ (1 + s·w). Core ComfyUI 0.3.75 has no IA3 adapter and skips these keys."""
+    name, sd = _lycoris_file(loras_tmp, "ia3")
+    m, rep, _ = L.fuse(model, L.NONE, 1.0, [(name, 0.5)])
+    assert "matched 128/128" in rep and "128 ia3" in rep, rep
+    import comfy.lora
+    kohya_name = {hk: m for m, hk in comfy.lora.model_lora_keys_unet(model.model, {}).items()
+                  if m.startswith("lora_unet_")}
+    ref = base(model, ATTN_PROBE)
+    for k in ATTN_PROBE:
+        mod = kohya_name[k]
+        v = sd[f"{mod}.weight"].float()
+        w = ref[k].float()
+        want = 0.5 * w * (v[None, :] if bool(sd[f"{mod}.on_input"]) else v[:, None])
+        assert torch.allclose(delta_of(m, k), want, atol=1e-7 * w.abs().max().item()), k
+    core = core_chain(model, [(name, 0.5)])
+    assert all(torch.equal(v, ref[k]) for k, v in weights(core, ATTN_PROBE).items()), \
+        "core ComfyUI now applies IA3 files; compare against it instead and update the docs"

@@ -102,13 +102,13 @@ def test_text_encoder_and_unknown_keys_reported(tmp_path):
     extra = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
              "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
              "text_encoder.text_model.encoder.layers.0.q_proj.lora_A.weight": torch.zeros(4, 8),
-             "lora_unet_foo.on_input": torch.zeros(3)}
+             "lora_unet_foo.oft_diag": torch.zeros(3)}
     p = write_lora(str(tmp_path / "te.safetensors"), f, U, "kohya_ldm", extra=extra)
     ad = read_adapter(p)
     assert len(ad.text_encoder_keys) == 3
-    assert ad.unknown_keys == ["lora_unet_foo.on_input"]
+    assert ad.unknown_keys == ["lora_unet_foo.oft_diag"]
     assert "text encoder keys (not fused into the UNet)" in ad.summary()
-    with pytest.raises(ValueError, match="lora_unet_foo.on_input"):
+    with pytest.raises(ValueError, match="lora_unet_foo.oft_diag"):
         read_adapter(p, strict=True)
 
 
