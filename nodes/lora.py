@@ -168,7 +168,7 @@ def load_adapter(node: str, facts: HostFacts, role: str, name: str, strength: fl
     return Loaded(role, name, path, strength, adapter, matched, unmatched, det)
 
 
-def report_lines(a: Loaded) -> list[str]:
+def report_lines(a: Loaded, clip_given: bool = False) -> list[str]:
     det = a.det
     n_mod = len(a.adapter.modules())
     lines = [f"[{a.role}] {a.name} (strength {a.strength:g})",
@@ -176,7 +176,8 @@ def report_lines(a: Loaded) -> list[str]:
              f"  UNet modules matched {len(a.matched)}/{n_mod}, unmatched {len(a.unmatched)}"
              + (f" (skipped: {', '.join(a.unmatched[:5])}{' ...' if len(a.unmatched) > 5 else ''})"
                 if a.unmatched else ""),
-             f"  text-encoder keys ignored (not fused into the UNet): {len(a.adapter.text_encoder_keys)}",
+             f"  text-encoder keys: {len(a.adapter.text_encoder_keys)}"
+             + (" (connect clip to apply them)" if a.adapter.text_encoder_keys and not clip_given else ""),
              f"  unrecognised tensor names left unused: {len(a.adapter.unknown_keys)}",
              f"  base model: {det.base_model.upper() if det.base_model else 'unknown'}"]
     if det.kind == "unknown":
@@ -185,6 +186,48 @@ def report_lines(a: Loaded) -> list[str]:
         lines.append(f"  detected: {det.kind} -> preset {preset_display(det)} (confidence {det.confidence})")
     lines += [f"    - {e}" for e in det.evidence]
     return lines
+
+
+# ---------------------------------------------------------------- text-encoder parts (optional CLIP)
+
+def te_modules(adapter) -> int:
+    return len({formats.split_key(k)[0] for k in adapter.text_encoder_keys})
+
+
+def apply_text_encoder(node: str, clip, loaded: list[Loaded], base_weight: float):
+    """The adapters' text-encoder modules patched onto a clone of ``clip``, each at its adapter's strength (style
+    adapters times the BASE block weight, LoRA-Block-Weight's text-encoder slot), through the host's own CLIP key
+    map and LoRA loader (text encoders are small and core maps their keys correctly). Returns (clip, lines)."""
+    import comfy.lora
+    import comfy.lora_convert
+    from safetensors import safe_open
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {})
+    c = clip.clone()
+    lines = []
+    for a in loaded:
+        te = a.adapter.text_encoder_keys
+        if not te:
+            continue
+        strength = a.strength * (base_weight if a.role == "style" else 1.0)
+        try:
+            with safe_open(a.path, framework="pt") as f:
+                sd = {k: f.get_tensor(k) for k in te}
+        except Exception as e:  # noqa: BLE001 -- file changed or damaged since it was parsed
+            raise ValueError(f"{node}: {a.path}: cannot read its text-encoder tensors ({e})") from None
+        for k, t in sd.items():
+            checked(node, formats.check_finite, a.path, k, t)
+        patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(sd), key_map, log_missing=False)
+        added = c.add_patches(patches, strength) if strength != 0 else []
+        n_mod = te_modules(a.adapter)
+        if strength != 0 and len(added) < n_mod:
+            msg = (f"{a.path}: only {len(added)} of its {n_mod} text-encoder modules match this CLIP's weights "
+                   f"(wrong base model, or a text-encoder key format the host does not know)")
+            if len(added) <= MOST_UNMATCHED * n_mod:
+                raise ValueError(f"{node}: {msg}")
+            LOG.warning("%s: %s", node, msg)
+        lines.append(f"[{a.role}] {a.name}: text encoder {len(added)}/{n_mod} modules applied to CLIP "
+                     f"(strength {strength:g})")
+    return c, lines
 
 
 # ---------------------------------------------------------------- deltas from a fuse record
@@ -258,7 +301,8 @@ class FewStepLoraFuse(io.ComfyNode):
                         "any number more through style_stack) into the model exactly: one fp32 delta per weight, "
                         "rounded once. Merges styles linearly or with TIES/DARE, with block weights and LiNeS; "
                         "PEFT/diffusers keys that core ComfyUI drops are applied. The report says what matched and which preset the acceleration LoRA needs. The "
-                        "input model is untouched (clone + patches, unpatched bit-exactly).",
+                        "input model is untouched (clone + patches, unpatched bit-exactly). Connect a CLIP to apply the "
+                        "LoRAs' text-encoder parts too.",
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5/SD2/SDXL model to fuse into (it is cloned, never modified)."),
                 io.Combo.Input("accel_lora", options=options, default=NONE,
@@ -296,23 +340,30 @@ class FewStepLoraFuse(io.ComfyNode):
                                 tooltip="More style LoRAs from FewStep LoRA Stack nodes, after style_lora_1..3. "
                                         "They merge in the same single pass, with the same mode, block weights "
                                         "and LiNeS."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional CLIP: the LoRAs' text-encoder parts are applied to a clone of it "
+                                      "at each LoRA's strength (style LoRAs times the BASE block weight), as core "
+                                      "'Load LoRA' does. Leave it empty to fuse the UNet only."),
             ],
             outputs=[io.Model.Output(tooltip="The fused model (a patched clone)."),
                      io.String.Output(display_name="report", tooltip="What was matched, skipped and detected."),
                      io.String.Output(display_name="preset",
-                                      tooltip="Preset display name detected for the acceleration LoRA, or 'none'.")])
+                                      tooltip="Preset display name detected for the acceleration LoRA, or 'none'."),
+                     io.Clip.Output(display_name="clip",
+                                    tooltip="The clip input with the LoRAs' text-encoder parts applied (a patched "
+                                            "clone); empty when no clip is connected.")])
 
     @classmethod
     def execute(cls, model, accel_lora, accel_strength, merge_mode, density, drop_p, seed, block_weights,
-                lines_alpha, lines_beta, on_unmatched, style_stack=None, **styles) -> io.NodeOutput:
+                lines_alpha, lines_beta, on_unmatched, style_stack=None, clip=None, **styles) -> io.NodeOutput:
         widgets = [(styles.get(f"style_lora_{i}", NONE), styles.get(f"style_strength_{i}", 1.0))
                    for i in range(1, N_STYLES + 1)]
-        m, report, preset = fuse(model, accel_lora, accel_strength, widgets + stack_items(FUSE, style_stack),
-                                 merge_mode=merge_mode, density=density, drop_p=drop_p, seed=seed,
-                                 block_weights=block_weights, lines_alpha=lines_alpha, lines_beta=lines_beta,
-                                 on_unmatched=on_unmatched)
+        m, c, report, preset = fuse_model_and_clip(
+            model, clip, accel_lora, accel_strength, widgets + stack_items(FUSE, style_stack), merge_mode=merge_mode,
+            density=density, drop_p=drop_p, seed=seed, block_weights=block_weights, lines_alpha=lines_alpha,
+            lines_beta=lines_beta, on_unmatched=on_unmatched)
         # The report also goes to the UI / history ("text"), so it is readable without a display node.
-        return io.NodeOutput(m, report, preset, ui={"text": [report]})
+        return io.NodeOutput(m, report, preset, c, ui={"text": [report]})
 
 
 def stack_items(node: str, stack) -> list[tuple[str, float]]:
@@ -359,9 +410,18 @@ class FewStepLoraStack(io.ComfyNode):
         return io.NodeOutput(tuple(items))
 
 
-def fuse(model, accel_lora: str, accel_strength: float, styles: list[tuple[str, float]], *, merge_mode="linear",
-         density=0.2, drop_p=0.5, seed=0, block_weights="", lines_alpha=1.0, lines_beta=0.0, on_unmatched="error"):
-    """The node body (also used by tests/bench): returns (patched clone, report, preset display name)."""
+def fuse(model, accel_lora: str, accel_strength: float, styles: list[tuple[str, float]], **opts):
+    """Model only (tests/bench): returns (patched clone, report, preset display name); see ``fuse_model_and_clip``."""
+    m, _, report, preset = fuse_model_and_clip(model, None, accel_lora, accel_strength, styles, **opts)
+    return m, report, preset
+
+
+def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, styles: list[tuple[str, float]], *,
+                        merge_mode="linear", density=0.2, drop_p=0.5, seed=0, block_weights="", lines_alpha=1.0,
+                        lines_beta=0.0, on_unmatched="error"):
+    """The node body: returns (patched model clone, patched CLIP clone or None, report, preset display name).
+
+    With ``clip`` the adapters' text-encoder modules are applied to a clone of it (``apply_text_encoder``)."""
     import comfy.utils
     node = FUSE
     t0 = time.perf_counter()
@@ -404,6 +464,10 @@ def fuse(model, accel_lora: str, accel_strength: float, styles: list[tuple[str, 
             raise ValueError(f"{node}: {len(patches) - len(added)} fused keys are not weights of the model, e.g. "
                              f"{missing}")
         m.model_options[FUSE_KEY] = list(model.model_options.get(FUSE_KEY, [])) + [rec]
+    c, te_lines = None, []
+    if clip is not None:
+        bw = merge.parse_block_weights(block_weights, facts.arch) if block_weights.strip() else None
+        c, te_lines = apply_text_encoder(node, clip, loaded, bw.weight("BASE") if bw else 1.0)
     accel = next((a for a in loaded if a.role == "accel"), None)
     preset = preset_display(accel.det) if accel else NONE
     head = (f"{node}: model {facts.base.upper()}, {len(loaded)} adapter(s), {n_keys} weights patched in "
@@ -414,14 +478,15 @@ def fuse(model, accel_lora: str, accel_strength: float, styles: list[tuple[str, 
             + (f"; LiNeS alpha {lines_alpha:g} beta {lines_beta:g}" if lines_beta != 0 else ""))
     lines = [head]
     for a in loaded:
-        lines += report_lines(a)
+        lines += report_lines(a, clip is not None)
+    lines += te_lines
     if not loaded:
         lines.append("no LoRA selected (all 'none' or strength 0): the model is returned unchanged")
     lines.append(f"preset for sampling: {preset}" if preset != NONE else
                  "preset for sampling: none (no recognised acceleration LoRA)")
     report = "\n".join(lines)
     LOG.info("%s", report)
-    return m, report, preset
+    return m, c, report, preset
 
 
 # ---------------------------------------------------------------- FewStep Save Fused

@@ -424,3 +424,81 @@ def test_ia3_applied_where_core_drops_it(L, model, loras_tmp):
     core = core_chain(model, [(name, 0.5)])
     assert all(torch.equal(v, ref[k]) for k, v in weights(core, ATTN_PROBE).items()), \
         "core ComfyUI now applies IA3 files; compare against it instead and update the docs"
+
+
+# ---------------------------------------------------------------- text-encoder parts onto an optional CLIP
+
+@pytest.fixture(scope="module")
+def model_clip(L, standin_dir):
+    import comfy.sd
+    out = comfy.sd.load_checkpoint_guess_config(str(standin_dir / "checkpoints" / CKPT), output_vae=False)
+    return out[0], out[1]
+
+
+@pytest.fixture()
+def te_style(loras_tmp, standin_dir):
+    """The kohya style stand-in plus kohya text-encoder modules (q/k/v/out and MLP of CLIP layers 0-3)."""
+    g = torch.Generator().manual_seed(11)
+    sd = dict(_kohya(standin_dir))
+    for i in range(4):
+        for mod, (o, n) in {"self_attn_q_proj": (768, 768), "self_attn_v_proj": (768, 768),
+                            "self_attn_out_proj": (768, 768), "mlp_fc1": (3072, 768), "mlp_fc2": (768, 3072)}.items():
+            k = f"lora_te_text_model_encoder_layers_{i}_{mod}"
+            sd[f"{k}.lora_down.weight"] = (torch.randn(8, n, generator=g) * 0.05).half()
+            sd[f"{k}.lora_up.weight"] = (torch.randn(o, 8, generator=g) * 0.05).half()
+            sd[f"{k}.alpha"] = torch.tensor(4.0, dtype=torch.float16)
+    _write(loras_tmp / "style-te.safetensors", sd)
+    return "style-te.safetensors"
+
+
+def clip_weights(c):
+    """Patched CLIP weights (host patch code), then unpatch."""
+    p = c.patcher
+    keys = sorted(p.patches)
+    import comfy.utils
+    try:
+        for k in keys:
+            p.patch_weight_to_device(k)
+        return {k: comfy.utils.get_attr(p.model, k).detach().clone() for k in keys}
+    finally:
+        p.unpatch_model()
+
+
+def test_text_encoder_parts_applied_to_clip_like_core_loraloader(L, model_clip, te_style):
+    import nodes
+    model, clip = model_clip
+    m, c, rep, _ = L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [(te_style, 0.8)])
+    assert "text encoder 20/20 modules applied to CLIP (strength 0.8)" in rep, rep
+    assert len(c.patcher.patches) == 20 and not clip.patcher.patches, "input CLIP modified or nothing patched"
+    core_m, core_c = nodes.LoraLoader().load_lora(model, clip, te_style, 0.8, 0.8)
+    ours, theirs = clip_weights(c), clip_weights(core_c)
+    assert set(ours) == set(theirs) and len(ours) == 20
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+    # The UNet side is the same fuse as without a CLIP.
+    m2, rep2, _ = L.fuse(model, L.NONE, 1.0, [(te_style, 0.8)])
+    assert set(m.patches) == set(m2.patches) and len(m.patches) == 128
+    assert "20 text encoder keys" not in rep2 and "(connect clip to apply them)" in rep2, rep2
+
+
+def test_text_encoder_strength_follows_base_block_weight(L, model_clip, te_style):
+    model, clip = model_clip
+    vec = ["1"] * 17
+    vec[0] = "0"  # BASE: LoRA-Block-Weight's text-encoder slot
+    _, c, rep, _ = L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [(te_style, 0.8)], block_weights=",".join(vec))
+    assert not c.patcher.patches and "0/20 modules applied to CLIP (strength 0)" in rep, rep
+    vec[0] = "0.5"
+    _, c, rep, _ = L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [(te_style, 0.8)], block_weights=",".join(vec))
+    assert len(c.patcher.patches) == 20 and "(strength 0.4)" in rep, rep
+
+
+def test_text_encoder_nan_names_file_and_key(L, model_clip, loras_tmp, standin_dir):
+    model, clip = model_clip
+    sd = dict(_kohya(standin_dir))
+    k = "lora_te_text_model_encoder_layers_0_mlp_fc1"
+    sd[f"{k}.lora_down.weight"] = torch.full((4, 768), float("nan"), dtype=torch.float16)
+    sd[f"{k}.lora_up.weight"] = torch.zeros(3072, 4, dtype=torch.float16)
+    _write(loras_tmp / "te-nan.safetensors", sd)
+    with pytest.raises(ValueError, match=rf"FewStep LoRA Fuse: .*te-nan\.safetensors: tensor '{k}.lora_down.weight' "
+                                         r"contains NaN"):
+        L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [("te-nan.safetensors", 1.0)])
