@@ -147,12 +147,13 @@ def preset_display(det) -> str:
 
 
 def load_adapter(node: str, facts: HostFacts, role: str, name: str, strength: float, on_unmatched: str,
-                 path: Optional[str] = None) -> Loaded:
+                 path: Optional[str] = None, clip_given: bool = False) -> Loaded:
     path = path or resolve_lora(node, name)
     adapter = checked(node, formats.read_adapter, path)
     modules = adapter.modules()
-    if not modules:
-        raise ValueError(f"{node}: {path}: no UNet LoRA modules found ({adapter.summary()})")
+    if not modules and not (clip_given and adapter.text_encoder_keys):
+        hint = "; it only has text-encoder modules: connect a clip to apply them" if adapter.text_encoder_keys else ""
+        raise ValueError(f"{node}: {path}: no UNet LoRA modules found ({adapter.summary()}){hint}")
     det = checked(node, lora_detect.detect, adapter)
     if det.base_model and det.base_model != facts.base:
         raise ValueError(f"{node}: {path} was made for {det.base_model.upper()} but the model is "
@@ -274,8 +275,9 @@ def guarded(node: str, it):
 def reload_records(node: str, facts: HostFacts, records: list[dict]) -> list[tuple[dict, list[Loaded]]]:
     out = []
     for rec in records:
-        loaded = [load_adapter(node, facts, a["role"], a["name"], a["strength"], rec["on_unmatched"], a["path"])
-                  for a in rec["adapters"]]
+        # clip_given: a text-encoder-only adapter was accepted at fuse time (it adds no UNet delta).
+        loaded = [load_adapter(node, facts, a["role"], a["name"], a["strength"], rec["on_unmatched"], a["path"],
+                               clip_given=True) for a in rec["adapters"]]
         out.append((rec, loaded))
     return out
 
@@ -432,11 +434,12 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
     facts = HostFacts(node, model)
     checked(node, style_scale, facts.arch, block_weights, lines_alpha, lines_beta)  # fail before reading files
     loaded: list[Loaded] = []
+    te = clip is not None
     if accel_lora != NONE and accel_strength != 0:
-        loaded.append(load_adapter(node, facts, "accel", accel_lora, accel_strength, on_unmatched))
+        loaded.append(load_adapter(node, facts, "accel", accel_lora, accel_strength, on_unmatched, clip_given=te))
     for name, strength in styles:
         if name != NONE and strength != 0:
-            loaded.append(load_adapter(node, facts, "style", name, strength, on_unmatched))
+            loaded.append(load_adapter(node, facts, "style", name, strength, on_unmatched, clip_given=te))
     rec = {"adapters": [{"role": a.role, "name": a.name, "path": a.path, "strength": float(a.strength)}
                         for a in loaded],
            "merge_mode": merge_mode, "density": float(density), "drop_p": float(drop_p), "seed": int(seed),

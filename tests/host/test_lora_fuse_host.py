@@ -453,15 +453,7 @@ def te_style(loras_tmp, standin_dir):
 
 def clip_weights(c):
     """Patched CLIP weights (host patch code), then unpatch."""
-    p = c.patcher
-    keys = sorted(p.patches)
-    import comfy.utils
-    try:
-        for k in keys:
-            p.patch_weight_to_device(k)
-        return {k: comfy.utils.get_attr(p.model, k).detach().clone() for k in keys}
-    finally:
-        p.unpatch_model()
+    return weights(c.patcher, sorted(c.patcher.patches))
 
 
 def test_text_encoder_parts_applied_to_clip_like_core_loraloader(L, model_clip, te_style):
@@ -502,3 +494,15 @@ def test_text_encoder_nan_names_file_and_key(L, model_clip, loras_tmp, standin_d
     with pytest.raises(ValueError, match=rf"FewStep LoRA Fuse: .*te-nan\.safetensors: tensor '{k}.lora_down.weight' "
                                          r"contains NaN"):
         L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [("te-nan.safetensors", 1.0)])
+
+
+def test_text_encoder_only_lora_needs_a_clip(L, model_clip, loras_tmp):
+    model, clip = model_clip
+    g = torch.Generator().manual_seed(3)
+    k = "lora_te_text_model_encoder_layers_5_self_attn_k_proj"
+    _write(loras_tmp / "te-only.safetensors", {f"{k}.lora_down.weight": torch.randn(4, 768, generator=g).half(),
+                                               f"{k}.lora_up.weight": torch.randn(768, 4, generator=g).half()})
+    with pytest.raises(ValueError, match=r"te-only\.safetensors: no UNet LoRA modules found .* connect a clip"):
+        L.fuse(model, L.NONE, 1.0, [("te-only.safetensors", 1.0)])
+    m, c, rep, _ = L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [("te-only.safetensors", 1.0)])
+    assert not m.patches and len(c.patcher.patches) == 1 and "text encoder 1/1 modules applied" in rep, rep
