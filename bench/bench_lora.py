@@ -1,7 +1,7 @@
 """Benchmark: FewStep LoRA Fuse vs core chained LoraLoaderModelOnly, and randomized vs full SVD export.
 
     python bench/bench_lora.py [--base sd15|sdxl] [--styles attn|transformer] [--style-rank 32] [--svd-keys 4]
-                               [--rank 64] [--runs 3] [--device cpu|cuda]
+                               [--rank 64] [--runs 3] [--device cpu|cuda] [--memory-only fewstep|core]
 
 Fuse: LCM-LoRA-shaped stand-in (full UNet, rank 64) + 2 style LoRAs into the stand-in checkpoint. Times include
 patching the weights (``patch_model``), so both sides do the same work; peak RSS is sampled every 10 ms and given
@@ -97,6 +97,9 @@ def main():
     ap.add_argument("--styles", choices=["attn", "transformer"], default="attn")
     ap.add_argument("--style-rank", type=int, default=32, help="rank of the --styles transformer LoRAs")
     ap.add_argument("--runs", type=int, default=3, help="alternating runs per path (best and median reported)")
+    ap.add_argument("--memory-only", choices=["fewstep", "core"], default=None,
+                    help="run just this path once in this (fresh) process and print its peak RSS over the loaded "
+                         "model; run it once per path for a memory comparison free of the other path's heap state")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                     help="where patch_model() puts and patches the weights (cuda: as ComfyUI does on a GPU; the "
                          "GPU peak memory is reported too)")
@@ -179,6 +182,12 @@ def main():
         gc.collect()
         return out
 
+    if args.memory_only:
+        r = run_fewstep() if args.memory_only == "fewstep" else run_core()
+        secs, peak = (r[2], r[3]) if args.memory_only == "fewstep" else (r[1], r[2])
+        print(f"memory-only {args.memory_only}: fuse+patch {secs:.2f} s, peak RSS over the loaded model "
+              f"{peak / 2**30:.3f} GiB")
+        return
     # Alternate three times and keep each path's best run, so neither gains from the other warming the page cache.
     fs, cs = [], []
     for _ in range(args.runs):
