@@ -506,3 +506,41 @@ def test_text_encoder_only_lora_needs_a_clip(L, model_clip, loras_tmp):
         L.fuse(model, L.NONE, 1.0, [("te-only.safetensors", 1.0)])
     m, c, rep, _ = L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [("te-only.safetensors", 1.0)])
     assert not m.patches and len(c.patcher.patches) == 1 and "text encoder 1/1 modules applied" in rep, rep
+
+
+def test_fp8_weights_fuse_like_core_with_stochastic_rounding(L, standin_dir):
+    """fp8 (e4m3fn) UNet storage: the host rounds the fp32 sum stochastically, seeded by key, on both paths. The fuse
+    matches core to within one fp8 step per element, the LoRA is not washed out, and unpatching restores the fp8
+    weights bit for bit."""
+    import comfy.sd
+    m8 = comfy.sd.load_checkpoint_guess_config(str(standin_dir / "checkpoints" / CKPT), output_vae=False,
+                                               output_clip=False,
+                                               model_options={"dtype": torch.float8_e4m3fn})[0]
+    keys = ATTN_PROBE
+    ref = base(m8, keys)
+    assert all(v.dtype == torch.float8_e4m3fn for v in ref.values())
+    m, _, _ = L.fuse(m8, LCM, 1.0, [(KOHYA, 0.8)])
+    # As in the host's executor: the fp8 parameters require grad, and the host's fp8 rounding (an out= clamp)
+    # refuses autograd tensors, so core and fewstep alike patch fp8 weights only under inference mode.
+    with torch.inference_mode():
+        ours = weights(m, keys)
+        theirs = weights(core_chain(m8, [(LCM, 1.0), (KOHYA, 0.8)]), keys)
+    for k in keys:
+        a, b = ours[k].float(), theirs[k].float()
+        assert not torch.equal(ours[k], ref[k]), f"{k} not patched"
+        same = (a == b).float().mean().item()
+        assert same > 0.99, f"{k}: only {same:.4f} of fp8 elements equal core's"
+        ulp = (torch.maximum(a.abs(), b.abs()) * 2 ** -3).clamp(min=2 ** -9)  # e4m3: 3 mantissa bits
+        assert bool(((a - b).abs() <= ulp).all()), k
+    # Not washed out: a weak LoRA (delta far below one fp8 step) still lands with gain ~1 along its exact delta,
+    # because the rounding is stochastic and unbiased; round-to-nearest would return the base weight (gain ~0).
+    weak, _, _ = L.fuse(m8, LCM, 0.05, [])
+    with torch.inference_mode():
+        got = weights(weak, keys)
+    for k in keys:
+        d, w = delta_of(weak, k).double(), ref[k].double()
+        gain = lambda x: ((x.double() - w) * d).sum().item() / (d * d).sum().item()  # noqa: E731
+        rne = (w + d).to(torch.float8_e4m3fn)
+        assert gain(rne) < 0.5, f"{k}: the check has no power (delta not below the fp8 step)"
+        assert 0.85 < gain(got[k]) < 1.15, f"{k}: LoRA gain {gain(got[k]):.3f} on fp8 (washed out)"
+    assert all(torch.equal(v, ref[k]) for k, v in base(m8, keys).items()), "fp8 base not restored bit for bit"
