@@ -292,8 +292,8 @@ class FewStepLoraFuse(io.ComfyNode):
         for i in range(1, N_STYLES + 1):
             style_inputs += [
                 io.Combo.Input(f"style_lora_{i}", options=options, default=NONE,
-                               tooltip=f"Style LoRA {i} (any LoRA/LoCon/LoHa/LoKr/GLoRA/OFT/BOFT/IA3/DoRA .safetensors; kohya, "
-                                       f"PEFT and diffusers key names). 'none' = unused."),
+                               tooltip=f"Style LoRA {i} (any LoRA/LoCon/LoHa/LoKr/GLoRA/OFT/BOFT/IA3/DoRA "
+                                       f".safetensors; kohya, PEFT and diffusers key names). 'none' = unused."),
                 io.Float.Input(f"style_strength_{i}", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip=f"Strength of style LoRA {i} (0 = skip it)."),
             ]
@@ -302,9 +302,9 @@ class FewStepLoraFuse(io.ComfyNode):
             description="Fuses an acceleration LoRA (LCM/TCD/PCM/Hyper-SD/Lightning) and style LoRAs (3 here, "
                         "any number more through style_stack) into the model exactly: one fp32 delta per weight, "
                         "rounded once. Merges styles linearly or with TIES/DARE, with block weights and LiNeS; "
-                        "PEFT/diffusers keys that core ComfyUI drops are applied. The report says what matched and which preset the acceleration LoRA needs. The "
-                        "input model is untouched (clone + patches, unpatched bit-exactly). Connect a CLIP to apply the "
-                        "LoRAs' text-encoder parts too.",
+                        "PEFT/diffusers keys that core ComfyUI drops are applied. The report says what matched and "
+                        "which preset the acceleration LoRA needs. The input model is untouched (clone + patches, "
+                        "unpatched bit-exactly). Connect a CLIP to apply the LoRAs' text-encoder parts too.",
             inputs=[
                 io.Model.Input("model", tooltip="SD1.5/SD2/SDXL model to fuse into (it is cloned, never modified)."),
                 io.Combo.Input("accel_lora", options=options, default=NONE,
@@ -392,7 +392,8 @@ class FewStepLoraStack(io.ComfyNode):
                         "Nothing is loaded here: files are read and checked by the fuse node.",
             inputs=[
                 io.Combo.Input("lora_name", options=lora_options(), default=NONE,
-                               tooltip="Style LoRA to add (any LoRA/LoCon/LoHa/LoKr/GLoRA/OFT/BOFT/IA3/DoRA .safetensors). 'none' "
+                               tooltip="Style LoRA to add (any LoRA/LoCon/LoHa/LoKr/GLoRA/OFT/BOFT/IA3/DoRA "
+                                       ".safetensors). 'none' "
                                        "passes the stack through unchanged."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of this LoRA (0 = skip it)."),

@@ -56,7 +56,8 @@ def test_parse_kinds_and_unknown_weight():
 
 
 @pytest.mark.parametrize("sd, msg", [
-    ({"m.a1.weight": rnd(6, 2), "m.a2.weight": rnd(2, 6), "m.b1.weight": rnd(8, 2)}, r"GLoRA module 'm' lacks 'm.b2.weight'"),
+    ({"m.a1.weight": rnd(6, 2), "m.a2.weight": rnd(2, 6), "m.b1.weight": rnd(8, 2)},
+     r"GLoRA module 'm' lacks 'm.b2.weight'"),
     ({"m.oft_blocks": rnd(4, 4)}, r"'m.oft_blocks' has shape \(4, 4\)"),
     ({"m.oft_blocks": rnd(2, 4, 4), "m.dora_scale": rnd(8, 1)}, r"combines DoRA \('m.dora_scale'\) with OFT"),
     ({"m.weight": rnd(8), "m.on_input": torch.tensor([0, 1])}, r"'m.on_input' must be a scalar"),
@@ -225,7 +226,8 @@ def test_ia3_scales_one_axis(shape, on_input):
 # ---------------------------------------------------------------- shape checks (fuse-time, no compute)
 
 @pytest.mark.parametrize("sd, msg", [
-    ({"m.oft_blocks": rnd(2, 4, 4)}, r"'m.oft_blocks' holds 2 blocks of 4 rows \(8 output channels\) but model weight 'k.weight'"),
+    ({"m.oft_blocks": rnd(2, 4, 4)},
+     r"'m.oft_blocks' holds 2 blocks of 4 rows \(8 output channels\) but model weight 'k.weight'"),
     ({"m.oft_blocks": rnd(1, 2, 4, 4)}, r"'m.oft_blocks' holds 2 blocks of 4 rows"),
     ({"m.weight": rnd(7), "m.on_input": torch.tensor(0)}, r"IA3 'm.weight' has 7 values .* 9 output channels"),
     ({"m.a1.weight": rnd(5, 2), "m.a2.weight": rnd(2, 5), "m.b1.weight": rnd(9, 2), "m.b2.weight": rnd(2, 5)},
