@@ -5,7 +5,8 @@ randomized SVD (Halko, Martinsson & Tropp 2011: Gaussian sketch of k + 8
 columns, 2 power iterations with QR re-orthonormalisation, exact SVD of the
 small projected matrix) gives M ≈ U_k Σ_k V_kᵀ. The factors are split
 balanced, up = U_k √Σ_k and down = √Σ_k V_kᵀ, written as
-``lora_unet_<ldm path with _>.lora_up.weight / .lora_down.weight`` (conv:
+``lora_unet_<ldm path with _>.lora_up.weight / .lora_down.weight`` (other keys, e.g. text-encoder
+weights, get their names from ``lora_names``; conv:
 down [r, in, kh, kw], up [out, r, 1, 1]) with ``.alpha`` = r, so ComfyUI's
 scale alpha/rank is 1. 1-D deltas (biases, norms) are written exactly as
 ``.diff_b`` / ``.diff``.
@@ -125,8 +126,8 @@ def _pick_energy_rank(s: torch.Tensor, total2: float, energy: float) -> tuple[in
 
 
 def _export(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]], rank: Optional[int],
-            energy: Optional[float], max_rank: int, seed: int, dtype: torch.dtype, method: str
-            ) -> tuple[dict[str, torch.Tensor], ExportReport]:
+            energy: Optional[float], max_rank: int, seed: int, dtype: torch.dtype, method: str,
+            lora_names: Optional[Mapping[str, str]] = None) -> tuple[dict[str, torch.Tensor], ExportReport]:
     if (rank is None) == (energy is None):
         raise ValueError("export needs exactly one of rank=<int> or energy=<fraction in (0, 1]>")
     if rank is not None and int(rank) < 1:
@@ -140,7 +141,7 @@ def _export(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.
         d = delta.to(torch.float32)
         if not bool(torch.isfinite(d).all()):
             raise ValueError(f"export: delta for '{key}' contains NaN/Inf")
-        name = lora_name_for(key)
+        name = lora_names[key] if lora_names and key in lora_names else lora_name_for(key)
         ref2 = float(d.double().pow(2).sum())
         if ref2 == 0.0:
             rep.skipped_zero.append(key)
@@ -199,7 +200,8 @@ def _export(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.
 
 def export_lora(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]], *,
                 rank: Optional[int] = None, energy: Optional[float] = None, max_rank: int = 256, seed: int = 0,
-                dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], ExportReport]:
+                dtype: torch.dtype = torch.float16, lora_names: Optional[Mapping[str, str]] = None
+                ) -> tuple[dict[str, torch.Tensor], ExportReport]:
     """Randomized-SVD export of host-key deltas to a kohya LoRA state dict (see module doc).
 
     Args:
@@ -209,15 +211,18 @@ def export_lora(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, to
         max_rank: rank cap for energy mode.
         seed: sketch seed (per key: sha256(seed, key)).
         dtype: stored factor dtype (errors are measured after this cast).
+        lora_names: key -> LoRA module name for keys that are not UNet keys (e.g. ``lora_te_...`` for text-encoder
+            weights); UNet keys default to ``lora_name_for``.
     """
-    return _export(deltas, rank, energy, max_rank, seed, dtype, "randomized")
+    return _export(deltas, rank, energy, max_rank, seed, dtype, "randomized", lora_names)
 
 
 def full_svd_export(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]], *,
                     rank: Optional[int] = None, energy: Optional[float] = None, max_rank: int = 256,
-                    dtype: torch.dtype = torch.float16) -> tuple[dict[str, torch.Tensor], ExportReport]:
+                    dtype: torch.dtype = torch.float16, lora_names: Optional[Mapping[str, str]] = None
+                    ) -> tuple[dict[str, torch.Tensor], ExportReport]:
     """Same as ``export_lora`` with the exact ``torch.linalg.svd`` (reference / benchmark)."""
-    return _export(deltas, rank, energy, max_rank, 0, dtype, "full")
+    return _export(deltas, rank, energy, max_rank, 0, dtype, "full", lora_names)
 
 
 def save_lora(path: Union[str, os.PathLike], state_dict: dict[str, torch.Tensor], report: Optional[ExportReport] = None,

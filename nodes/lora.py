@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
@@ -441,8 +441,8 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
     for name, strength in styles:
         if name != NONE and strength != 0:
             loaded.append(load_adapter(node, facts, "style", name, strength, on_unmatched, clip_given=te))
-    rec = {"adapters": [{"role": a.role, "name": a.name, "path": a.path, "strength": float(a.strength)}
-                        for a in loaded],
+    rec = {"adapters": [{"role": a.role, "name": a.name, "path": a.path, "strength": float(a.strength),
+                         "te_modules": te_modules(a.adapter)} for a in loaded],
            "merge_mode": merge_mode, "density": float(density), "drop_p": float(drop_p), "seed": int(seed),
            "block_weights": block_weights, "lines_alpha": float(lines_alpha), "lines_beta": float(lines_beta),
            "on_unmatched": on_unmatched, "base": facts.base}
@@ -569,8 +569,9 @@ class FewStepExportLora(io.ComfyNode):
         return io.Schema(
             node_id="FewStepExportLora", display_name=EXPORT, category="advanced/model_merging", is_output_node=True,
             description="Exports what FewStep LoRA Fuse added (acceleration + merged styles) as one kohya LoRA by "
-                        "seeded randomized SVD, at a fixed rank or an energy threshold. The report lists the "
-                        "overall and worst per-key relative Frobenius errors.",
+                        "seeded randomized SVD, at a fixed rank or an energy threshold, with the text-encoder part "
+                        "when the fused clip is connected. The report lists the overall and worst per-key relative "
+                        "Frobenius errors.",
             inputs=[io.Model.Input("model", tooltip="Model from FewStep LoRA Fuse (its fuse settings are re-read "
                                                     "from the model; the deltas are recomputed from the files)."),
                     io.Combo.Input("mode", options=["rank", "energy"], default="rank",
@@ -585,13 +586,17 @@ class FewStepExportLora(io.ComfyNode):
                     io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                                  tooltip="Seed of the randomized SVD sketch (same seed, same file)."),
                     io.String.Input("filename_prefix", default="loras/fewstep_export",
-                                    tooltip="Path under the output folder; a counter and .safetensors are added.")],
+                                    tooltip="Path under the output folder; a counter and .safetensors are added."),
+                    io.Clip.Input("clip", optional=True,
+                                  tooltip="Optional: the clip output of FewStep LoRA Fuse. Its text-encoder "
+                                          "patches are exported too (as lora_te* modules); without it the export "
+                                          "holds the UNet part only and the report says what was left out.")],
             outputs=[io.String.Output(display_name="report", tooltip="Errors of the export and the file path.")])
 
     @classmethod
-    def execute(cls, model, mode, rank, energy, dtype, seed, filename_prefix) -> io.NodeOutput:
+    def execute(cls, model, mode, rank, energy, dtype, seed, filename_prefix, clip=None) -> io.NodeOutput:
         _path, report = export_fused(model, mode=mode, rank=rank, energy=energy, dtype=dtype, seed=seed,
-                                     filename_prefix=filename_prefix)
+                                     filename_prefix=filename_prefix, clip=clip)
         return io.NodeOutput(report)
 
 
@@ -613,9 +618,39 @@ def fused_deltas(node: str, model):
     return iter(acc.items())
 
 
+def clip_deltas(clip) -> tuple[list[str], list[str], dict[str, str], Iterator[tuple[str, torch.Tensor]]]:
+    """(exported CLIP keys, patched keys with no kohya name, key -> kohya ``lora_te*`` module name, iterator of
+    (key, fp32 delta)) for the weight patches ``clip`` carries; a delta is the host's own patch result minus the
+    unpatched weight."""
+    import comfy.lora
+    import comfy.utils
+    p = clip.patcher
+    # The host maps several kohya spellings onto one weight: lora_te_* (SD1.x/2.x) and lora_te1_/lora_te2_*
+    # (SDXL's two encoders; also accepted for SD1.x clip_l). Export the spelling kohya writes for this model.
+    kohya = [(lk, hk) for lk, hk in comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items()
+             if lk.startswith("lora_te")]
+    two_encoders = any(lk.startswith("lora_te2_") for lk, _ in kohya)
+    names: dict[str, str] = {}
+    for lk, hk in kohya:
+        if lk.startswith(("lora_te1_", "lora_te2_")) == two_encoders:
+            names[hk] = lk
+    keys = sorted(k for k in p.patches if k in names)
+    unnamed = sorted(k for k in p.patches if k not in names)
+
+    def gen():
+        for k in keys:
+            bk = p.backup.get(k)
+            w = (bk.weight if bk is not None else comfy.utils.get_attr(p.model, k)).to(torch.float32)
+            out = comfy.lora.calculate_weight(p.patches[k], w.clone(), k)
+            yield k, out - w
+    return keys, unnamed, names, gen()
+
+
 def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed=0,
-                 filename_prefix="loras/fewstep_export", output_dir: Optional[str] = None, method="randomized"):
-    """The node body: returns (path, report)."""
+                 filename_prefix="loras/fewstep_export", output_dir: Optional[str] = None, method="randomized",
+                 clip=None):
+    """The node body: returns (path, report). With ``clip`` its text-encoder patches are exported too."""
+    import itertools
     import folder_paths
     node = EXPORT
     if dtype not in DTYPES:
@@ -624,8 +659,13 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
         raise ValueError(f"{node}: mode must be 'rank' or 'energy', got {mode!r}")
     t0 = time.perf_counter()
     deltas = ((k, d) for k, d in fused_deltas(node, model) if torch.any(d))
+    te_keys, te_unnamed, te_names = [], [], {}
+    if clip is not None:
+        te_keys, te_unnamed, te_names, te_deltas = clip_deltas(clip)
+        deltas = itertools.chain(deltas, te_deltas)
     kw = dict(rank=rank, energy=None, dtype=DTYPES[dtype]) if mode == "rank" else \
         dict(rank=None, energy=energy, max_rank=rank, dtype=DTYPES[dtype])
+    kw["lora_names"] = te_names
     if method == "full":
         sd, rep = checked(node, lora_export.full_svd_export, deltas, **kw)
     else:
@@ -651,6 +691,16 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
     lines += [f"  {k.rel_error:.4%}  r={k.rank}  {k.key}" for k in worst]
     if rep.skipped_zero:
         lines.append(f"zero deltas skipped: {len(rep.skipped_zero)}")
+    te_in_files = sum(a.get("te_modules", 0) for r in records for a in r["adapters"])
+    if clip is not None:
+        lines.append(f"text encoder: {len(te_keys)} weights exported from the connected clip"
+                     + (f"; {len(te_unnamed)} patched clip weights have no kohya LoRA name and are left out "
+                        f"(e.g. {te_unnamed[0]})" if te_unnamed else ""))
+    elif te_in_files:
+        lines.append(f"text encoder: NOT exported -- the fused LoRAs have {te_in_files} text-encoder modules; "
+                     f"connect FewStep LoRA Fuse's clip output (with its clip input connected) to include them")
+        LOG.warning("%s: %d text-encoder modules of the fused LoRAs are not in the export (no clip connected)",
+                    node, te_in_files)
     report = "\n".join(lines)
     LOG.info("%s", report)
     return path, report

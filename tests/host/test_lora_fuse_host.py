@@ -544,3 +544,32 @@ def test_fp8_weights_fuse_like_core_with_stochastic_rounding(L, standin_dir):
         assert gain(rne) < 0.5, f"{k}: the check has no power (delta not below the fp8 step)"
         assert 0.85 < gain(got[k]) < 1.15, f"{k}: LoRA gain {gain(got[k]):.3f} on fp8 (washed out)"
     assert all(torch.equal(v, ref[k]) for k, v in base(m8, keys).items()), "fp8 base not restored bit for bit"
+
+
+def test_export_includes_text_encoder_from_the_fused_clip(L, model_clip, te_style, loras_tmp, tmp_path):
+    """With the fuse's clip connected, the export carries lora_te* modules that core loads back onto CLIP; without
+    it the report says the text-encoder part was left out."""
+    import nodes
+    model, clip = model_clip
+    m, c, _, _ = L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [(te_style, 0.8)])
+    _, rep_no = L.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"))
+    assert "text encoder: NOT exported -- the fused LoRAs have 20 text-encoder modules" in rep_no, rep_no
+    path, rep = L.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"), clip=c)
+    assert "text encoder: 20 weights exported from the connected clip" in rep, rep
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        te = {k for k in f.keys() if k.startswith("lora_te_")}
+    assert len(te) == 60, sorted(te)[:6]  # 20 modules x (up, down, alpha)
+    # Rank-8 TE LoRA exported at rank 8: core's LoraLoader puts it back onto CLIP almost exactly.
+    shutil.copy(path, loras_tmp / "exported-te.safetensors")
+    _, back = nodes.LoraLoader().load_lora(model, clip, "exported-te.safetensors", 0.0, 1.0)
+    ours, theirs = clip_weights(c), clip_weights(back)
+    assert set(ours) == set(theirs) and len(ours) == 20
+    import comfy.utils
+    for k in ours:
+        w0 = ours[k].float()
+        tol = torch.finfo(ours[k].dtype).eps * w0.abs().max().item()  # one rounding step of the stored dtype
+        err = (w0 - theirs[k].float()).abs().max().item()
+        assert err <= tol, (k, err, tol)
+        moved = (w0 - comfy.utils.get_attr(clip.patcher.model, k).float()).abs().max().item()
+        assert moved > 10 * tol, (k, moved)  # the LoRA changed the weight far more than the tolerance
