@@ -132,6 +132,10 @@ class Loaded:
     def __init__(self, role: str, name: str, path: str, strength: float, adapter, matched, unmatched, det):
         self.role, self.name, self.path, self.strength = role, name, path, strength
         self.adapter, self.matched, self.unmatched, self.det = adapter, matched, unmatched, det
+        self.block_weights = ""  # this LoRA's own block weights (from a Stack entry); "" = the fuse node's
+
+    def block_weights_or(self, default: str) -> str:
+        return self.block_weights if self.block_weights.strip() else default
 
     def pairs(self):
         return [(e, self.strength) for e in self.adapter.entries if e.name in self.matched]
@@ -172,7 +176,8 @@ def load_adapter(node: str, facts: HostFacts, role: str, name: str, strength: fl
 def report_lines(a: Loaded, clip_given: bool = False) -> list[str]:
     det = a.det
     n_mod = len(a.adapter.modules())
-    lines = [f"[{a.role}] {a.name} (strength {a.strength:g})",
+    lines = [f"[{a.role}] {a.name} (strength {a.strength:g}"
+             + (f", own block weights '{a.block_weights}'" if a.block_weights.strip() else "") + ")",
              f"  format: {a.adapter.summary()}",
              f"  UNet modules matched {len(a.matched)}/{n_mod}, unmatched {len(a.unmatched)}"
              + (f" (skipped: {', '.join(a.unmatched[:5])}{' ...' if len(a.unmatched) > 5 else ''})"
@@ -195,9 +200,10 @@ def te_modules(adapter) -> int:
     return len({formats.split_key(k)[0] for k in adapter.text_encoder_keys})
 
 
-def apply_text_encoder(node: str, clip, loaded: list[Loaded], base_weight: float):
+def apply_text_encoder(node: str, clip, loaded: list[Loaded], base_weight):
     """The adapters' text-encoder modules patched onto a clone of ``clip``, each at its adapter's strength (style
-    adapters times the BASE block weight, LoRA-Block-Weight's text-encoder slot), through the host's own CLIP key
+    adapters times ``base_weight(adapter)``, their BASE block weight: LoRA-Block-Weight's text-encoder slot), through
+    the host's own CLIP key
     map and LoRA loader (text encoders are small and core maps their keys correctly). Returns (clip, lines)."""
     import comfy.lora
     import comfy.lora_convert
@@ -209,7 +215,7 @@ def apply_text_encoder(node: str, clip, loaded: list[Loaded], base_weight: float
         te = a.adapter.text_encoder_keys
         if not te:
             continue
-        strength = a.strength * (base_weight if a.role == "style" else 1.0)
+        strength = a.strength * (base_weight(a) if a.role == "style" else 1.0)
         try:
             with safe_open(a.path, framework="pt") as f:
                 sd = {k: f.get_tensor(k) for k in te}
@@ -242,11 +248,13 @@ def style_scale(arch: str, block_weights: str, lines_alpha: float, lines_beta: f
 def plan_record(node: str, facts: HostFacts, loaded: list[Loaded], rec: dict) -> dict:
     """Which (entry, scaled strength) pairs land on which weight, for one fuse record; no delta computed yet."""
     accel = [p for a in loaded if a.role == "accel" for p in a.pairs()]
-    styles = [a.pairs() for a in loaded if a.role == "style"]
-    scale = checked(node, style_scale, facts.arch, rec["block_weights"], rec["lines_alpha"], rec["lines_beta"])
+    style_adapters = [a for a in loaded if a.role == "style"]
+    styles = [a.pairs() for a in style_adapters]
+    scales = [checked(node, style_scale, facts.arch, a.block_weights_or(rec["block_weights"]), rec["lines_alpha"],
+                      rec["lines_beta"]) for a in style_adapters]
     return checked(node, merge.plan_merge, accel, styles, facts.shapes,
                    {m: hk for a in loaded for m, hk in a.matched.items()}, mode=rec["merge_mode"],
-                   style_key_scale=scale)
+                   style_key_scale=scales)
 
 
 def check_shapes(node: str, key: str, shape, accel_items, present) -> None:
@@ -278,6 +286,8 @@ def reload_records(node: str, facts: HostFacts, records: list[dict]) -> list[tup
         # clip_given: a text-encoder-only adapter was accepted at fuse time (it adds no UNet delta).
         loaded = [load_adapter(node, facts, a["role"], a["name"], a["strength"], rec["on_unmatched"], a["path"],
                                clip_given=True) for a in rec["adapters"]]
+        for a, ra in zip(loaded, rec["adapters"]):
+            a.block_weights = ra.get("block_weights", "")
         out.append((rec, loaded))
     return out
 
@@ -368,16 +378,18 @@ class FewStepLoraFuse(io.ComfyNode):
         return io.NodeOutput(m, report, preset, c, ui={"text": [report]})
 
 
-def stack_items(node: str, stack) -> list[tuple[str, float]]:
-    """The (name, strength) pairs of a FEWSTEP_LORA_STACK value (None = empty), checked."""
+def stack_items(node: str, stack) -> list[tuple[str, float, str]]:
+    """The (name, strength, block weights) items of a FEWSTEP_LORA_STACK value (None = empty), checked.
+
+    Items may also be (name, strength) pairs (block weights "" = the fuse node's)."""
     if stack is None:
         return []
     if not isinstance(stack, (list, tuple)) or not all(
-            isinstance(it, (list, tuple)) and len(it) == 2 and isinstance(it[0], str)
-            and isinstance(it[1], (int, float)) for it in stack):
-        raise ValueError(f"{node}: style_stack must come from a {STACK} node (a list of (lora name, strength) "
-                         f"pairs), got {type(stack).__name__}")
-    return [(str(n), float(s)) for n, s in stack]
+            isinstance(it, (list, tuple)) and len(it) in (2, 3) and isinstance(it[0], str)
+            and isinstance(it[1], (int, float)) and (len(it) == 2 or isinstance(it[2], str)) for it in stack):
+        raise ValueError(f"{node}: style_stack must come from a {STACK} node (a list of (lora name, strength, "
+                         f"block weights) items), got {type(stack).__name__}")
+    return [(str(it[0]), float(it[1]), str(it[2]) if len(it) == 3 else "") for it in stack]
 
 
 # ---------------------------------------------------------------- FewStep LoRA Stack
@@ -389,7 +401,8 @@ class FewStepLoraStack(io.ComfyNode):
             node_id="FewStepLoraStack", display_name=STACK, category="loaders",
             description="Adds a style LoRA to a stack for FewStep LoRA Fuse's style_stack input. Chain Stack nodes "
                         "to fuse any number of style LoRAs in one pass (one fp32 GEMM per weight, one rounding). "
-                        "Nothing is loaded here: files are read and checked by the fuse node.",
+                        "Each entry may carry its own block weights. Nothing is loaded here: files are read and "
+                        "checked by the fuse node.",
             inputs=[
                 io.Combo.Input("lora_name", options=lora_options(), default=NONE,
                                tooltip="Style LoRA to add (any LoRA/LoCon/LoHa/LoKr/GLoRA/OFT/BOFT/IA3/DoRA "
@@ -399,17 +412,31 @@ class FewStepLoraStack(io.ComfyNode):
                                tooltip="Strength of this LoRA (0 = skip it)."),
                 LoraStack.Input("stack", optional=True,
                                 tooltip="LoRAs stacked so far (from another FewStep LoRA Stack); they come first."),
+                io.String.Input("block_weights", default="", optional=True,
+                                tooltip="This LoRA's own per-block multipliers (same syntax as the fuse node's "
+                                        "block_weights: a preset or 17/26 values for SD1.5, 12/20 for SDXL). Empty "
+                                        "= use the fuse node's block_weights. BASE also scales its text-encoder "
+                                        "part."),
             ],
             outputs=[LoraStack.Output(display_name="stack",
                                       tooltip="The stack with this LoRA appended; wire it to FewStep LoRA Fuse's "
                                               "style_stack or to another Stack node.")])
 
     @classmethod
-    def execute(cls, lora_name, strength, stack=None) -> io.NodeOutput:
+    def execute(cls, lora_name, strength, stack=None, block_weights="") -> io.NodeOutput:
         items = stack_items(STACK, stack)
         if lora_name != NONE and strength != 0:
             resolve_lora(STACK, lora_name)  # a missing file is named here, at the node that chose it
-            items.append((lora_name, float(strength)))
+            if block_weights.strip():  # the syntax is checked here; the layout (SD1.5 vs SDXL) by the fuse node
+                sd15, sdxl = [], []
+                for arch, errs in (("sd15", sd15), ("sdxl", sdxl)):
+                    try:
+                        merge.parse_block_weights(block_weights, arch)
+                    except ValueError as e:
+                        errs.append(str(e))
+                if sd15 and sdxl:
+                    raise ValueError(f"{STACK}: block_weights of '{lora_name}': {sd15[0]}")
+            items.append((lora_name, float(strength), block_weights))
         return io.NodeOutput(tuple(items))
 
 
@@ -438,11 +465,19 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
     te = clip is not None
     if accel_lora != NONE and accel_strength != 0:
         loaded.append(load_adapter(node, facts, "accel", accel_lora, accel_strength, on_unmatched, clip_given=te))
-    for name, strength in styles:
+    for item in styles:
+        name, strength, own_bw = (tuple(item) + ("",))[:3]
         if name != NONE and strength != 0:
-            loaded.append(load_adapter(node, facts, "style", name, strength, on_unmatched, clip_given=te))
+            if own_bw.strip():  # a bad vector is named with its LoRA, before any file is read
+                try:
+                    style_scale(facts.arch, own_bw, lines_alpha, lines_beta)
+                except ValueError as e:
+                    raise ValueError(f"{node}: block_weights of style LoRA '{name}' (from {STACK}): {e}") from None
+            a = load_adapter(node, facts, "style", name, strength, on_unmatched, clip_given=te)
+            a.block_weights = own_bw
+            loaded.append(a)
     rec = {"adapters": [{"role": a.role, "name": a.name, "path": a.path, "strength": float(a.strength),
-                         "te_modules": te_modules(a.adapter)} for a in loaded],
+                         "te_modules": te_modules(a.adapter), "block_weights": a.block_weights} for a in loaded],
            "merge_mode": merge_mode, "density": float(density), "drop_p": float(drop_p), "seed": int(seed),
            "block_weights": block_weights, "lines_alpha": float(lines_alpha), "lines_beta": float(lines_beta),
            "on_unmatched": on_unmatched, "base": facts.base}
@@ -470,8 +505,10 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
         m.model_options[FUSE_KEY] = list(model.model_options.get(FUSE_KEY, [])) + [rec]
     c, te_lines = None, []
     if clip is not None:
-        bw = merge.parse_block_weights(block_weights, facts.arch) if block_weights.strip() else None
-        c, te_lines = apply_text_encoder(node, clip, loaded, bw.weight("BASE") if bw else 1.0)
+        def base_weight(a: Loaded) -> float:
+            text = a.block_weights_or(block_weights)
+            return merge.parse_block_weights(text, facts.arch).weight("BASE") if text.strip() else 1.0
+        c, te_lines = apply_text_encoder(node, clip, loaded, base_weight)
     accel = next((a for a in loaded if a.role == "accel"), None)
     preset = preset_display(accel.det) if accel else NONE
     head = (f"{node}: model {facts.base.upper()}, {len(loaded)} adapter(s), {n_keys} weights patched in "

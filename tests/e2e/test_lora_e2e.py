@@ -91,12 +91,14 @@ def test_lora_stack_chain_through_the_server(server):
     prompt["9001"] = {"class_type": "FewStepLoraStack",
                       "inputs": {"lora_name": "style-sd15-loha.safetensors", "strength": 0.5}}
     prompt["9002"] = {"class_type": "FewStepLoraStack",
-                      "inputs": {"lora_name": "style-sd15-lokr.safetensors", "strength": 0.4, "stack": ["9001", 0]}}
+                      "inputs": {"lora_name": "style-sd15-lokr.safetensors", "strength": 0.4, "stack": ["9001", 0],
+                                 "block_weights": "OUTALL"}}
     prompt[fid]["inputs"]["style_stack"] = ["9002", 0]
     entry = server.run(prompt)
     assert entry["status"]["status_str"] == "success", hostenv.error_message(entry) or entry["status"]
     report = "\n".join(entry["outputs"][fid]["text"])
     assert "style-sd15-loha.safetensors" in report and "style-sd15-lokr.safetensors" in report, report
+    assert "own block weights 'OUTALL'" in report, report
     assert_real_image(server.images(entry)[0])
     spec = server.get("/object_info/FewStepLoraStack")["FewStepLoraStack"]
     assert spec["output"] == ["FEWSTEP_LORA_STACK"] and "stack" in spec["input"]["optional"]

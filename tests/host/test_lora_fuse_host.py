@@ -327,7 +327,7 @@ def test_lora_stack_feeds_the_fuse_like_its_widgets(L, model):
     s2 = L.FewStepLoraStack.execute(L.NONE, 1.0, s1).args[0]  # passes through
     s3 = L.FewStepLoraStack.execute("style-sd15-lokr.safetensors", 0.0, s2).args[0]  # strength 0: skipped
     s4 = L.FewStepLoraStack.execute("style-sd15-loha.safetensors", 0.5, s3).args[0]
-    assert s4 == ((KOHYA, 0.8), ("style-sd15-loha.safetensors", 0.5)) and s1 == ((KOHYA, 0.8),)
+    assert s4 == ((KOHYA, 0.8, ""), ("style-sd15-loha.safetensors", 0.5, "")) and s1 == ((KOHYA, 0.8, ""),)
     common = dict(model=model, accel_lora=LCM, accel_strength=1.0, merge_mode="linear", density=0.2, drop_p=0.5,
                   seed=0, block_weights="", lines_alpha=1.0, lines_beta=0.0, on_unmatched="error")
     none = {f"style_{w}_{i}": v for i in (1, 2, 3) for w, v in (("lora", L.NONE), ("strength", 1.0))}
@@ -573,3 +573,41 @@ def test_export_includes_text_encoder_from_the_fused_clip(L, model_clip, te_styl
         assert err <= tol, (k, err, tol)
         moved = (w0 - comfy.utils.get_attr(clip.patcher.model, k).float()).abs().max().item()
         assert moved > 10 * tol, (k, moved)  # the LoRA changed the weight far more than the tolerance
+
+
+def test_stack_entry_block_weights_apply_to_that_lora_only(L, model, tmp_path):
+    """A Stack entry's own block weights replace the fuse node's for that LoRA alone; the setting survives the
+    fuse record (the export recomputes the same deltas); bad vectors are named with their LoRA."""
+    vec = ["1"] * 17
+    vec[1] = "0"  # IN01 off for the stacked KOHYA only
+    own = ",".join(vec)
+    s = L.FewStepLoraStack.execute(KOHYA, 1.0, None, own).args[0]
+    assert s == ((KOHYA, 1.0, own),)
+    in01 = [k for k in ATTN_PROBE if k.startswith("diffusion_model.input_blocks.1.")]
+    assert in01
+    m, rep, _ = L.fuse(model, L.NONE, 1.0, [("style-sd15-loha.safetensors", 0.5)] + L.stack_items(L.FUSE, s),
+                       block_weights="ALL0.5")
+    assert f"own block weights '{own}'" in rep, rep
+    only_loha, _, _ = L.fuse(model, L.NONE, 1.0, [("style-sd15-loha.safetensors", 0.5)], block_weights="ALL0.5")
+    kohya_in01, _, _ = L.fuse(model, L.NONE, 1.0, [(KOHYA, 1.0)], block_weights=own)
+    kohya_all, _, _ = L.fuse(model, L.NONE, 1.0, [(KOHYA, 1.0)])
+    for k in in01:  # KOHYA contributes nothing in IN01; LoHa at the node-level 0.5 does
+        assert torch.equal(delta_of(m, k), delta_of(only_loha, k)), k
+        assert k not in kohya_in01.patches
+    other = [k for k in ATTN_PROBE if k not in in01]
+    for k in other:  # elsewhere KOHYA is at its own 1, not the node's 0.5
+        want = delta_of(only_loha, k) + delta_of(kohya_all, k)
+        assert torch.allclose(delta_of(m, k), want, atol=1e-6 * want.abs().max().item()), k
+    path, _ = L.export_fused(m, rank=4, dtype="fp32", output_dir=str(tmp_path))
+    (rec,) = L.fuse_records(m)
+    assert [a["block_weights"] for a in rec["adapters"]] == ["", own]
+    deltas = dict(L.fused_deltas(L.EXPORT, m))
+    for k in ATTN_PROBE:
+        assert torch.equal(deltas[k], delta_of(m, k)), k
+    with pytest.raises(ValueError, match=r"FewStep LoRA Stack: block_weights of 'style-sd15-kohya.safetensors'"):
+        L.FewStepLoraStack.execute(KOHYA, 1.0, None, "1,2,x")
+    xl = ",".join(["1"] * 12)  # an SDXL layout: valid on the Stack, refused by the fuse on SD1.5 naming the LoRA
+    s_xl = L.FewStepLoraStack.execute(KOHYA, 1.0, None, xl).args[0]
+    with pytest.raises(ValueError, match=r"FewStep LoRA Fuse: block_weights of style LoRA "
+                                         r"'style-sd15-kohya.safetensors' \(from FewStep LoRA Stack\)"):
+        L.fuse(model, L.NONE, 1.0, L.stack_items(L.FUSE, s_xl))
