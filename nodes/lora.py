@@ -158,6 +158,12 @@ def load_adapter(node: str, facts: HostFacts, role: str, name: str, strength: fl
     if not modules and not (clip_given and adapter.text_encoder_keys):
         hint = "; it only has text-encoder modules: connect a clip to apply them" if adapter.text_encoder_keys else ""
         raise ValueError(f"{node}: {path}: no UNet LoRA modules found ({adapter.summary()}){hint}")
+    used = sum(len(e.source_keys) for e in adapter.entries)
+    unknown = adapter.unknown_keys
+    if len(unknown) > MOST_UNMATCHED * (len(unknown) + used):
+        raise ValueError(f"{node}: {path}: {len(unknown)} of its {len(unknown) + used} UNet tensors are of no known "
+                         f"adapter type (e.g. '{unknown[0]}'); fusing the rest would be a partial result. Supported: "
+                         f"LoRA/LoCon, LoHa, LoKr, GLoRA, OFT/BOFT, IA3, DoRA, full diffs")
     det = checked(node, lora_detect.detect, adapter)
     if det.base_model and det.base_model != facts.base:
         raise ValueError(f"{node}: {path} was made for {det.base_model.upper()} but the model is "

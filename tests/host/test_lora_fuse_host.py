@@ -611,3 +611,15 @@ def test_stack_entry_block_weights_apply_to_that_lora_only(L, model, tmp_path):
     with pytest.raises(ValueError, match=r"FewStep LoRA Fuse: block_weights of style LoRA "
                                          r"'style-sd15-kohya.safetensors' \(from FewStep LoRA Stack\)"):
         L.fuse(model, L.NONE, 1.0, L.stack_items(L.FUSE, s_xl))
+
+
+def test_mostly_unknown_tensors_is_an_error(L, model, loras_tmp, standin_dir):
+    """A file whose UNet tensors are mostly of no known adapter type stops instead of fusing the few it knows."""
+    sd = {k: v for k, v in _kohya(standin_dir).items() if "input_blocks_1_1" in k or "down_blocks_0_attentions_0" in k}
+    n_known = len(sd)
+    for i in range(n_known + 1):
+        sd[f"lora_unet_mystery_{i}.oft_diag"] = torch.zeros(4, 4)
+    _write(loras_tmp / "mostly-unknown.safetensors", sd)
+    with pytest.raises(ValueError, match=r"FewStep LoRA Fuse: .*mostly-unknown\.safetensors: \d+ of its \d+ UNet "
+                                         r"tensors are of no known adapter type \(e.g. 'lora_unet_mystery_0.oft_diag'\)"):
+        L.fuse(model, L.NONE, 1.0, [("mostly-unknown.safetensors", 1.0)])
