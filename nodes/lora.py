@@ -661,6 +661,22 @@ def fused_deltas(node: str, model):
     return iter(acc.items())
 
 
+def kohya_te_names(clip_key_map: dict[str, str]) -> dict[str, str]:
+    """CLIP weight key -> the kohya module name kohya writes for it, from the host's CLIP key map (lora key -> weight).
+
+    The host maps several spellings onto one weight: ``lora_te_*`` (one encoder: SD1.x/2.x) and
+    ``lora_te1_*``/``lora_te2_*`` (SDXL's two; the host also accepts ``lora_te1_`` for SD1.x). The model has two
+    encoders exactly when some ``lora_te2_`` name exists. A weight with no name of the preferred family (e.g. SD1.x
+    ``text_projection``, only ``lora_te1_``) keeps the name the host has for it."""
+    kohya = [(lk, hk) for lk, hk in clip_key_map.items() if lk.startswith("lora_te")]
+    two_encoders = any(lk.startswith("lora_te2_") for lk, _ in kohya)
+    fallback: dict[str, str] = {}
+    for lk, hk in kohya:
+        fallback.setdefault(hk, lk)
+    preferred = {hk: lk for lk, hk in kohya if lk.startswith(("lora_te1_", "lora_te2_")) == two_encoders}
+    return {**fallback, **preferred}
+
+
 def clip_deltas(clip) -> tuple[list[str], list[str], dict[str, str], Iterator[tuple[str, torch.Tensor]]]:
     """(exported CLIP keys, patched keys with no kohya name, key -> kohya ``lora_te*`` module name, iterator of
     (key, fp32 delta)) for the weight patches ``clip`` carries; a delta is the host's own patch result minus the
@@ -668,15 +684,7 @@ def clip_deltas(clip) -> tuple[list[str], list[str], dict[str, str], Iterator[tu
     import comfy.lora
     import comfy.utils
     p = clip.patcher
-    # The host maps several kohya spellings onto one weight: lora_te_* (SD1.x/2.x) and lora_te1_/lora_te2_*
-    # (SDXL's two encoders; also accepted for SD1.x clip_l). Export the spelling kohya writes for this model.
-    kohya = [(lk, hk) for lk, hk in comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items()
-             if lk.startswith("lora_te")]
-    two_encoders = any(lk.startswith("lora_te2_") for lk, _ in kohya)
-    names: dict[str, str] = {}
-    for lk, hk in kohya:
-        if lk.startswith(("lora_te1_", "lora_te2_")) == two_encoders:
-            names[hk] = lk
+    names = kohya_te_names(comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}))
     keys = sorted(k for k in p.patches if k in names)
     unnamed = sorted(k for k in p.patches if k not in names)
 

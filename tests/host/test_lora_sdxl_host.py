@@ -104,3 +104,28 @@ def test_sd15_lora_on_sdxl_names_file_and_base(L, sdxl, standin_dir):
     folder_paths.add_model_folder_path("loras", str(standin_dir / "loras"))
     with pytest.raises(ValueError, match=r"style-sd15-kohya.safetensors.*SD1"):
         L.fuse(sdxl, L.NONE, 1.0, [("style-sd15-kohya.safetensors", 1.0)])
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_export_names_text_encoder_weights_as_kohya_writes_them(host, arch):
+    """FewStep Export LoRA's text-encoder names, from the host's own CLIP models (meta weights): SD1.5's one encoder
+    as lora_te_*, SDXL's clip_l / clip_g as lora_te1_* / lora_te2_*; every nameable weight gets exactly one name."""
+    import comfy.lora
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    from fewstep.nodes import lora as L
+    cls = comfy.sdxl_clip.SDXLClipModel if arch == "sdxl" else comfy.sd1_clip.SD1ClipModel
+    with torch.device("meta"):
+        clip_model = cls(device="meta", dtype=torch.float16)
+    kmap = comfy.lora.model_lora_keys_clip(clip_model, {})
+    names = L.kohya_te_names(kmap)
+    targets = {hk for lk, hk in kmap.items() if lk.startswith("lora_te")}
+    assert set(names) == targets and len(targets) >= 73  # SD1.5: 12 layers x 6 + text_projection
+    assert len(set(names.values())) == len(names)
+    for hk, lk in names.items():
+        if arch == "sd15":
+            has_te = any(k.startswith("lora_te_") and v == hk for k, v in kmap.items())
+            assert lk.startswith("lora_te_") or not has_te, (hk, lk)  # e.g. text_projection: only lora_te1_
+        else:
+            assert lk.startswith("lora_te1_" if hk.startswith("clip_l.") else "lora_te2_"), (hk, lk)
+        assert kmap[lk] == hk
