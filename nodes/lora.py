@@ -434,14 +434,13 @@ class FewStepLoraStack(io.ComfyNode):
         if lora_name != NONE and strength != 0:
             resolve_lora(STACK, lora_name)  # a missing file is named here, at the node that chose it
             if block_weights.strip():  # the syntax is checked here; the layout (SD1.5 vs SDXL) by the fuse node
-                sd15, sdxl = [], []
-                for arch, errs in (("sd15", sd15), ("sdxl", sdxl)):
+                try:
+                    merge.parse_block_weights(block_weights, "sd15")
+                except ValueError as e:
                     try:
-                        merge.parse_block_weights(block_weights, arch)
-                    except ValueError as e:
-                        errs.append(str(e))
-                if sd15 and sdxl:
-                    raise ValueError(f"{STACK}: block_weights of '{lora_name}': {sd15[0]}")
+                        merge.parse_block_weights(block_weights, "sdxl")
+                    except ValueError:
+                        raise ValueError(f"{STACK}: block_weights of '{lora_name}': {e}") from None
             items.append((lora_name, float(strength), block_weights))
         return io.NodeOutput(tuple(items))
 
