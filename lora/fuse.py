@@ -84,9 +84,13 @@ def target_key(entry: Entry, host_weight_key: str) -> str:
     return host_weight_key
 
 
+def _src(entry: Entry) -> str:
+    """The file's first tensor name of ``entry`` (for error messages)."""
+    return entry.source_keys[0] if entry.source_keys else entry.name
+
+
 def _shape_error(entry: Entry, key: str, got: Sequence[int], want: Sequence[int]) -> ValueError:
-    src = entry.source_keys[0] if entry.source_keys else entry.name
-    return ValueError(f"{entry.file}: '{src}' gives a delta of shape {tuple(got)} but model weight '{key}' has "
+    return ValueError(f"{entry.file}: '{_src(entry)}' gives a delta of shape {tuple(got)} but model weight '{key}' has "
                       f"shape {tuple(want)}; the adapter does not fit this model (wrong base model?)")
 
 
@@ -110,7 +114,7 @@ def lora_factor_shape(entry: LoraModule) -> tuple[int, int, int, int]:
     if mid is None:
         return up.shape[0], b_cols, down.shape[0], math.prod(down.shape[1:])
     if mid.ndim != 4 or mid.shape[1] != down.shape[0]:
-        src = entry.source_keys[0] if entry.source_keys else entry.name
+        src = _src(entry)
         raise ValueError(f"{entry.file}: '{src}' Tucker mid {tuple(mid.shape)} does not fit down "
                          f"{tuple(down.shape)}")
     return up.shape[0], b_cols, mid.shape[0], math.prod(down.shape[1:]) * math.prod(mid.shape[2:])
@@ -120,7 +124,7 @@ def _check_lora_shape(entry: LoraModule, key: str, shape: Sequence[int]) -> None
     """ValueError (file, key, shapes) unless ``lora_factors(entry)`` multiply into a delta of ``shape``."""
     b_rows, b_cols, a_rows, a_cols = lora_factor_shape(entry)
     if b_cols != a_rows:
-        src = entry.source_keys[0] if entry.source_keys else entry.name
+        src = _src(entry)
         raise ValueError(f"{entry.file}: module '{entry.name}' rank mismatch: up {tuple(entry.up.shape)} "
                          f"vs down {tuple(entry.down.shape)} ('{src}')")
     cols = math.prod(shape[1:]) if len(shape) > 1 else 1
@@ -216,10 +220,6 @@ def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: Optional[tor
     d = d.reshape(shape)
     s = entry.scale
     return d.mul_(s) if s != 1.0 else d
-
-
-def _src(entry: Entry) -> str:
-    return entry.source_keys[0] if entry.source_keys else entry.name
 
 
 def glora_layout(entry: GloraModule, shape: Sequence[int]) -> tuple[str, int]:
@@ -418,23 +418,23 @@ def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[in
     else:
         total = torch.zeros(shape, dtype=torch.float32, device=device)
     base: Optional[torch.Tensor] = None
+
+    def base_for(entry: Entry, what: str) -> torch.Tensor:
+        nonlocal base
+        if base_weight_fn is None:
+            raise ValueError(f"{entry.file}: module '{entry.name}' is {what} and needs the base weight of '{key}'; "
+                             f"pass base_weight_fn")
+        if base is None:
+            base = base_weight_fn(key)
+        return base
+
     for entry, strength in rest:
         if isinstance(entry, BASE_DEPENDENT):
-            if strength == 0.0:
-                continue
-            if base_weight_fn is None:
-                raise ValueError(f"{entry.file}: module '{entry.name}' is {entry.kind.upper()} and needs the base "
-                                 f"weight of '{key}'; pass base_weight_fn")
-            if base is None:
-                base = base_weight_fn(key)
-            total += base_delta(entry, key, shape, strength, base, device)
+            if strength != 0.0:
+                total += base_delta(entry, key, shape, strength, base_for(entry, entry.kind.upper()), device)
         elif entry.dora_scale is not None:
-            if base_weight_fn is None:
-                raise ValueError(f"{entry.file}: module '{entry.name}' is DoRA (has '{_dora_key(entry)}') and "
-                                 f"needs the base weight of '{key}'; pass base_weight_fn")
-            if base is None:
-                base = base_weight_fn(key)
-            total += dora_delta(entry, key, shape, strength, base, device, dora_mode)
+            w = base_for(entry, f"DoRA (has '{_dora_key(entry)}')")
+            total += dora_delta(entry, key, shape, strength, w, device, dora_mode)
         elif strength != 0.0:
             total += raw_delta(entry, key, shape, device).mul_(strength)
     return total
