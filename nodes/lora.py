@@ -151,8 +151,8 @@ def preset_display(det) -> str:
 
 
 def load_adapter(node: str, facts: HostFacts, role: str, name: str, strength: float, on_unmatched: str,
-                 path: Optional[str] = None, clip_given: bool = False) -> Loaded:
-    path = path or resolve_lora(node, name)
+                 clip_given: bool = False) -> Loaded:
+    path = resolve_lora(node, name)
     adapter = checked(node, formats.read_adapter, path)
     modules = adapter.modules()
     if not modules and not (clip_given and adapter.text_encoder_keys):
@@ -266,36 +266,6 @@ def plan_record(node: str, facts: HostFacts, loaded: list[Loaded], rec: dict) ->
 def check_shapes(node: str, key: str, shape, accel_items, present) -> None:
     """Shape errors at fuse time, not at sampling time (from tensor shapes alone; see lora.fuse)."""
     checked(node, check_key_shapes, [*accel_items, *(i for _, its in present for i in its)], key, shape)
-
-
-def iter_record_deltas(node: str, facts: HostFacts, loaded: list[Loaded], rec: dict):
-    for key, (shape, accel_items, present) in plan_record(node, facts, loaded, rec).items():
-        yield key, merge.merged_key_delta(key, shape, accel_items, present, mode=rec["merge_mode"],
-                                          density=rec["density"], p=rec["drop_p"], seed=rec["seed"],
-                                          base_weight_fn=facts.base_weight)
-
-
-def guarded(node: str, it):
-    """Iterate a lora/ generator, turning its ValueErrors into node errors."""
-    while True:
-        try:
-            yield next(it)
-        except StopIteration:
-            return
-        except ValueError as e:
-            raise ValueError(f"{node}: {e}") from None
-
-
-def reload_records(node: str, facts: HostFacts, records: list[dict]) -> list[tuple[dict, list[Loaded]]]:
-    out = []
-    for rec in records:
-        # clip_given: a text-encoder-only adapter was accepted at fuse time (it adds no UNet delta).
-        loaded = [load_adapter(node, facts, a["role"], a["name"], a["strength"], rec["on_unmatched"], a["path"],
-                               clip_given=True) for a in rec["adapters"]]
-        for a, ra in zip(loaded, rec["adapters"]):
-            a.block_weights = ra.get("block_weights", "")
-        out.append((rec, loaded))
-    return out
 
 
 # ---------------------------------------------------------------- FewStep LoRA Fuse
@@ -481,7 +451,7 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
             a = load_adapter(node, facts, "style", name, strength, on_unmatched, clip_given=te)
             a.block_weights = own_bw
             loaded.append(a)
-    rec = {"adapters": [{"role": a.role, "name": a.name, "path": a.path, "strength": float(a.strength),
+    rec = {"adapters": [{"role": a.role, "name": a.name, "strength": float(a.strength),
                          "te_modules": te_modules(a.adapter), "block_weights": a.block_weights} for a in loaded],
            "merge_mode": merge_mode, "density": float(density), "drop_p": float(drop_p), "seed": int(seed),
            "block_weights": block_weights, "lines_alpha": float(lines_alpha), "lines_beta": float(lines_beta),
@@ -581,9 +551,9 @@ def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, pro
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
     records = fuse_records(model)
-    # File names and settings only: local paths stay out of a file people share.
-    public = [{**r, "adapters": [{k: v for k, v in a.items() if k != "path"} for a in r["adapters"]]} for r in records]
-    metadata = {"fewstep.fuse": json.dumps(public), "fewstep.dtype": dtype,
+    # The records hold file names and settings only: local paths stay out of a file people share.
+    metadata = {"fewstep.fuse": json.dumps(records), "fewstep.dtype": dtype,
+                "fewstep.other_patched_weights": str(len(foreign_patched_keys(model))),
                 "fewstep.adapters": ", ".join(f"{a['role']}:{a['name']}@{a['strength']:g}"
                                               for r in records for a in r["adapters"])}
     base = model_base(model)
@@ -610,12 +580,15 @@ class FewStepExportLora(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepExportLora", display_name=EXPORT, category="advanced/model_merging", is_output_node=True,
-            description="Exports what FewStep LoRA Fuse added (acceleration + merged styles) as one kohya LoRA by "
+            description="Exports what the model's patches add to its base (FewStep LoRA Fuse's acceleration + "
+                        "merged styles, and any core LoRA loaders chained with it) as one kohya LoRA by "
                         "seeded randomized SVD, at a fixed rank or an energy threshold, with the text-encoder part "
                         "when the fused clip is connected. The report lists the overall and worst per-key relative "
                         "Frobenius errors.",
-            inputs=[io.Model.Input("model", tooltip="Model from FewStep LoRA Fuse (its fuse settings are re-read "
-                                                    "from the model; the deltas are recomputed from the files)."),
+            inputs=[io.Model.Input("model", tooltip="Model from FewStep LoRA Fuse. Everything patched onto it is "
+                                                    "exported: the fuse's deltas exactly (recomputed from the "
+                                                    "files), and patches of other nodes (e.g. a core LoRA loader "
+                                                    "before or after the fuse) as the host applies them."),
                     io.Combo.Input("mode", options=["rank", "energy"], default="rank",
                                    tooltip="rank = fixed rank for every weight; energy = smallest rank keeping "
                                            "this fraction of each delta's Frobenius norm."),
@@ -642,22 +615,50 @@ class FewStepExportLora(io.ComfyNode):
         return io.NodeOutput(report)
 
 
-def fused_deltas(node: str, model):
-    """Recompute (key, fp32 delta) of every fuse record on ``model`` (records summed per key when chained)."""
-    records = fuse_records(model)
-    if not records:
-        raise ValueError(f"{node}: the model carries no FewStep LoRA Fuse settings; connect the MODEL output of "
-                         "FewStep LoRA Fuse")
-    facts = HostFacts(node, model)
-    groups = reload_records(node, facts, records)
-    if len(groups) == 1:
-        rec, loaded = groups[0]
-        return iter_record_deltas(node, facts, loaded, rec)  # errors are named by the caller's checked()
-    acc: dict[str, torch.Tensor] = {}
-    for rec, loaded in groups:
-        for k, d in guarded(node, iter_record_deltas(node, facts, loaded, rec)):
-            acc[k] = d if k not in acc else acc[k] + d
-    return iter(acc.items())
+def _plain_fuse_patch(p) -> bool:
+    """A FewStep LoRA Fuse patch as the fuse adds it (strengths 1, no offset or function): its delta is exact."""
+    strength, adapter, strength_model, offset, function = p[:5]
+    return (isinstance(adapter, FusedDelta) and strength == 1.0 and strength_model == 1.0 and offset is None
+            and function is None)
+
+
+def fused_deltas(node: str, model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, fp32 delta) for every weight patch ``model`` carries, one key at a time (nothing accumulated).
+
+    A key patched only by FewStep LoRA Fuse nodes gives the sum of their exact fp32 deltas. A key that also carries
+    other patches (core LoRA loaders before or after the fuse, model merges) gives what the host applies: its own
+    ``calculate_weight`` over the key's whole patch list, minus the unpatched weight. So the export is the model's
+    whole difference from its base, never the fuse's part alone."""
+    import comfy.lora
+    import comfy.utils
+    keys = sorted(k for k, ps in model.patches.items() if ps)
+    if not keys:
+        raise ValueError(f"{node}: the model carries no weight patches; connect the MODEL output of FewStep LoRA "
+                         "Fuse (or of LoRA loaders)")
+
+    def gen():
+        for k in keys:
+            ps = model.patches[k]
+            if all(_plain_fuse_patch(p) for p in ps):
+                d = None
+                for p in ps:
+                    try:
+                        x = p[1].compute(device=None)
+                    except ValueError as e:
+                        raise ValueError(f"{node}: {e}") from None
+                    d = x if d is None else (d if x is None else d + x)
+                if d is not None:
+                    yield k, d
+                continue
+            bk = model.backup.get(k)
+            w = (bk.weight if bk is not None else comfy.utils.get_attr(model.model, k)).to(torch.float32)
+            yield k, comfy.lora.calculate_weight(ps, w.clone(), k) - w
+    return gen()
+
+
+def foreign_patched_keys(model) -> list[str]:
+    """Weights of ``model`` with patches from other nodes than FewStep LoRA Fuse (e.g. core LoRA loaders)."""
+    return sorted(k for k, ps in model.patches.items() if ps and not all(_plain_fuse_patch(p) for p in ps))
 
 
 def kohya_te_names(clip_key_map: dict[str, str]) -> dict[str, str]:
@@ -709,6 +710,7 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
         raise ValueError(f"{node}: mode must be 'rank' or 'energy', got {mode!r}")
     t0 = time.perf_counter()
     deltas = ((k, d) for k, d in fused_deltas(node, model) if torch.any(d))
+    foreign = foreign_patched_keys(model)
     te_keys, te_unnamed, te_names = [], [], {}
     if clip is not None:
         te_keys, te_unnamed, te_names, te_deltas = clip_deltas(clip)
@@ -727,7 +729,7 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
     records = fuse_records(model)
     meta = {"fewstep.fuse": json.dumps(records), "fewstep.export": json.dumps(
         {"mode": mode, "rank": rank, "energy": energy, "seed": seed, "method": rep.method,
-         "overall_rel_error": rep.overall_rel_error})}
+         "overall_rel_error": rep.overall_rel_error, "other_patched_weights": len(foreign)})}
     checked(node, lora_export.save_lora, path, sd, rep, meta)
     worst = rep.worst(10)
     ranks = [k.rank for k in rep.keys if k.rank]
@@ -741,6 +743,10 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
     lines += [f"  {k.rel_error:.4%}  r={k.rank}  {k.key}" for k in worst]
     if rep.skipped_zero:
         lines.append(f"zero deltas skipped: {len(rep.skipped_zero)}")
+    if foreign:
+        lines.append(f"{len(foreign)} weights also carry patches from other nodes (e.g. core LoRA loaders); they are "
+                     f"exported as the host applies them, so the file holds the model's whole change (e.g. "
+                     f"{foreign[0]})")
     te_in_files = sum(a.get("te_modules", 0) for r in records for a in r["adapters"])
     if clip is not None:
         lines.append(f"text encoder: {len(te_keys)} weights exported from the connected clip"

@@ -212,8 +212,66 @@ def test_svd_export_refuses_within_reported_error(L, model, loras_tmp, tmp_path,
 
 
 def test_export_needs_fused_model(L, model, tmp_path):
-    with pytest.raises(ValueError, match="FewStep Export LoRA: .*FewStep LoRA Fuse"):
+    with pytest.raises(ValueError, match="FewStep Export LoRA: the model carries no weight patches; connect the "
+                                         "MODEL output of FewStep LoRA Fuse"):
         L.export_fused(model, output_dir=str(tmp_path))
+
+
+def test_fuse_composes_with_core_loaders_and_itself(L, model):
+    """A core LoraLoaderModelOnly before or after the fuse, and two fuses in a row, give the core chain's weights;
+    the input models stay unpatched and unpatching is bit-exact."""
+    ref = base(model, PROBE)
+    want = weights(core_chain(model, [(LCM, 1.0), (KOHYA, 0.8)]), PROBE)
+    core_lcm = core_chain(model, [(LCM, 1.0)])
+    fused_lcm, _, _ = L.fuse(model, LCM, 1.0, [])
+    n_lcm = len(fused_lcm.patches)
+    chains = {"core then fuse": L.fuse(core_lcm, L.NONE, 1.0, [(KOHYA, 0.8)])[0],
+              "fuse then core": core_chain(fused_lcm, [(KOHYA, 0.8)]),
+              "fuse then fuse": L.fuse(fused_lcm, L.NONE, 1.0, [(KOHYA, 0.8)])[0]}
+    for what, m in chains.items():
+        got = weights(m, PROBE)
+        assert_close_to(got, want, ref, what)
+        assert all(torch.equal(v, ref[k]) for k, v in base(model, PROBE).items()), f"{what}: base not restored"
+    assert len(fused_lcm.patches) == n_lcm and all(len(ps) == 1 for ps in fused_lcm.patches.values())
+    assert not model.patches
+    assert len(L.fuse_records(chains["fuse then fuse"])) == 2
+    assert L.fuse_records(chains["core then fuse"])[0]["adapters"][0]["name"] == KOHYA
+    # What an export would see: only the keys with a core patch are "foreign".
+    kohya_keys = set(chains["fuse then fuse"].patches) - {k for k, ps in chains["fuse then fuse"].patches.items()
+                                                          if len(ps) == 1}
+    assert kohya_keys and set(L.foreign_patched_keys(chains["fuse then core"])) == kohya_keys
+    assert L.foreign_patched_keys(chains["fuse then fuse"]) == []
+
+
+def test_export_holds_core_loader_patches_too(L, model, loras_tmp, tmp_path, small_styles, standin_dir):
+    """Fuse, then a core LoRA loader on the same model: the export is the model's whole change (before, a core
+    LoRA after the fuse was silently left out), exact where only the fuse patched, the host's result elsewhere."""
+    import re
+    sd = {k: v for k, v in _kohya(standin_dir).items()
+          if "up_blocks_3_attentions_2_" in k or "down_blocks_0_attentions_0_transformer_blocks_0_attn1_" in k}
+    _write(loras_tmp / "small-core.safetensors", sd)
+    fused, _, _ = L.fuse(model, L.NONE, 1.0, small_styles)
+    m = core_chain(fused, [("small-core.safetensors", 0.5)])
+    foreign = L.foreign_patched_keys(m)
+    assert len(fused.patches) == 8 and len(m.patches) == 16 and len(foreign) == 12, (len(m.patches), foreign)
+    keys = sorted(m.patches)
+    ref = base(model, keys)
+    applied = weights(m, keys)
+    deltas = dict(L.fused_deltas(L.EXPORT, m))
+    assert sorted(deltas) == keys
+    for k in keys:
+        want = applied[k].double() - ref[k].double()
+        assert want.abs().max() > 0, k
+        err = (deltas[k].double() - want).abs().max().item()
+        assert err <= 4e-6 * (ref[k].abs().max().item() + want.abs().max().item()), (k, err)
+        if k not in foreign:  # the fuse-only keys stay the fuse's exact fp32 delta
+            assert torch.equal(deltas[k], delta_of(fused, k)), k
+    path, report = L.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"))
+    assert "12 weights also carry patches from other nodes" in report, report
+    assert re.search(r"16 weights exported", report), report
+    shutil.copy(path, loras_tmp / "exported-all.safetensors")
+    _, rep2, _ = L.fuse(model, L.NONE, 1.0, [("exported-all.safetensors", 1.0)])
+    assert "matched 16/16" in rep2, rep2
 
 
 # ---------------------------------------------------------------- bad input: errors name the file (and key)
