@@ -17,11 +17,13 @@ Recognised per-module tensor names (``<m>`` is the module prefix):
   ``.lora_magnitude_vector.default.weight``), LoRA factors only; shape [out] or [1, out, 1, 1] (conv); the
   fuser checks it has ``out`` values along one axis. It is kept as the entry's ``dora_scale`` (shape as stored) with
   ``dora_norm = "peft"``: the fuser normalises by the combined weight W + ΔW per output channel, as PEFT trains
-  it (see ``lora.fuse``). A module with both ``dora_scale`` and a magnitude vector is an error.
+  it (see ``lora.fuse``). A module with both ``dora_scale`` and a magnitude vector is an error. ai-toolkit's DoRA
+  ``<m>.magnitude`` ([out], the same per-output-row norm of the combined weight) is read the same way.
 * LoHa: ``hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b`` (+ ``hada_t1, hada_t2``).
 * LoKr: ``lokr_w1`` or ``lokr_w1_a/_b``; ``lokr_w2`` or ``lokr_w2_a/_b``
   (+ ``lokr_t2``).
-* full diff ``<m>.diff`` and bias diff ``<m>.diff_b``.
+* full diff ``<m>.diff`` and bias diff ``<m>.diff_b``; LyCORIS norm training ``<m>.w_norm`` / ``<m>.b_norm``
+  (a diff of the norm layer's weight / bias, as core ComfyUI applies them).
 * GLoRA (LyCORIS): ``a1.weight, a2.weight, b1.weight, b2.weight`` (new and old LyCORIS layouts).
 * OFT / BOFT (LyCORIS, sd-scripts ``oft_unet_*``): ``oft_blocks`` ([blocks, n, n]; BOFT [stages, blocks, b, b])
   (+ ``rescale``); the module's ``alpha`` is the OFT norm constraint, not a LoRA scale.
@@ -33,15 +35,23 @@ Alpha resolution per module, first hit wins: the ``<m>.alpha`` tensor; kohya
 header ``ss_network_alpha`` (``conv_alpha`` from ``ss_network_args`` for
 k x k convs with k > 1); diffusers header ``lora_adapter_metadata`` JSON
 (``alpha_pattern`` then ``lora_alpha``, with or without the ``unet.`` prefix);
-else alpha = rank (scale 1). Scale = alpha / rank.
+else alpha = rank (scale 1). Scale = alpha / rank, or alpha / sqrt(rank) for a
+plain LoRA whose alpha comes from a ``lora_adapter_metadata`` with
+``use_rslora`` (PEFT's rank-stabilised scaling).
 
-Text-encoder modules (``lora_te*``, ``text_encoder*``) are counted and reported
-as "text encoder keys (not fused into the UNet)"; they produce no entries.
+Text-encoder modules (``lora_te*``, ``text_encoder*``, ``text_encoders.*``,
+OneTrainer's ``clip_l.*`` / ``clip_g.*``, a PEFT CLIP adapter's
+``base_model.model.text_model.*``) are counted and reported as "text encoder
+keys (not fused into the UNet)"; they produce no entries. ``te_state_dict``
+turns them into the spellings and alpha tensors core ComfyUI's CLIP loader
+reads. Bundled textual-inversion embeddings (OneTrainer ``bundle_emb.*``) are
+listed apart as ``embedding_keys``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -90,6 +100,9 @@ _SUFFIXES: list[tuple[str, str, str]] = [
     (".lokr_t2", "lokr_t2", "lokr"),
     (".diff_b", "diff_b", "full"),
     (".diff", "diff", "full"),
+    (".w_norm", "w_norm", "full"),
+    (".b_norm", "b_norm", "full"),
+    (".magnitude", "magnitude", "peft"),  # ai-toolkit DoRA (PEFT convention)
     (".a1.weight", "glora_a1", "glora"),
     (".a2.weight", "glora_a2", "glora"),
     (".b1.weight", "glora_b1", "glora"),
@@ -104,11 +117,18 @@ _SUFFIXES.sort(key=lambda s: len(s[0]), reverse=True)
 DORA_NORM_PEFT = "peft"
 """``ModuleEntry.dora_norm`` of a PEFT/diffusers ``lora_magnitude_vector`` entry (combined-weight norm)."""
 
-_TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_te1_", "lora_te2_", "te1.", "te2.")
+_TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_te1_", "lora_te2_", "te1.", "te2.",
+                "clip_l.", "clip_g.", "base_model.model.text_model.")
+# Spellings core ComfyUI's CLIP key map does not know, and the ones it does (OneTrainer's OMI format names the
+# encoders clip_l / clip_g; a PEFT adapter saved from a CLIPTextModel starts at its text_model).
+_TE_RENAMES = (("clip_l.", "text_encoders.clip_l.transformer."), ("clip_g.", "text_encoders.clip_g.transformer."))
+_PEFT_TE_PREFIX = "base_model.model.text_model."
+_EMBEDDING_PREFIXES = ("bundle_emb.",)
 
 
 def is_text_encoder_module(module: str) -> bool:
-    """True when ``module`` names a text-encoder layer (kohya ``lora_te*`` or diffusers ``text_encoder*``)."""
+    """True when ``module`` names a text-encoder layer (kohya ``lora_te*``, diffusers ``text_encoder*``,
+    OneTrainer ``clip_l.``/``clip_g.``, PEFT ``base_model.model.text_model.``)."""
     return module.startswith(_TE_PREFIXES)
 
 
@@ -123,6 +143,7 @@ class ModuleEntry:
         alpha_source: "tensor", "ss_network_alpha", "ss_network_args.conv_alpha",
             "lora_adapter_metadata", or "rank" (defaulted).
         dora_scale: DoRA magnitude tensor (as stored in the file) or None.
+        rslora: PEFT rank-stabilised scaling (scale = alpha / sqrt(rank)); from ``lora_adapter_metadata``.
         dora_norm: how the fuser normalises ``dora_scale``: "" for kohya/LyCORIS ``dora_scale`` (axis from its
             shape, output-axis norm of the base or combined weight per ``dora_mode``); ``DORA_NORM_PEFT``
             ("peft") for a PEFT/diffusers ``lora_magnitude_vector``: always the per-output-channel norm of the
@@ -139,6 +160,7 @@ class ModuleEntry:
     dora_norm: str = ""
     style: str = ""
     source_keys: list[str] = field(default_factory=list)
+    rslora: bool = False
 
     kind = "base"
 
@@ -148,11 +170,11 @@ class ModuleEntry:
 
     @property
     def scale(self) -> float:
-        """alpha / rank (1.0 when alpha or rank is undefined)."""
+        """alpha / rank, or alpha / sqrt(rank) with ``rslora`` (1.0 when alpha or rank is undefined)."""
         r = self.rank
         if r is None or self.alpha is None:
             return 1.0
-        return float(self.alpha) / float(r)
+        return float(self.alpha) / (math.sqrt(r) if self.rslora else float(r))
 
 
 @dataclass
@@ -307,6 +329,7 @@ class Adapter:
         entries: UNet-side module entries (one module may give a weight entry and a bias entry).
         text_encoder_keys: tensor names belonging to text-encoder modules (not fused into the UNet).
         unknown_keys: tensor names that match no known suffix (e.g. old LyCORIS ``oft_diag``), left unused.
+        embedding_keys: bundled textual-inversion embeddings (OneTrainer ``bundle_emb.*``), not a LoRA part.
     """
 
     path: str
@@ -314,6 +337,7 @@ class Adapter:
     entries: list[Entry]
     text_encoder_keys: list[str] = field(default_factory=list)
     unknown_keys: list[str] = field(default_factory=list)
+    embedding_keys: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -336,6 +360,8 @@ class Adapter:
             parts.append(f"{len(self.text_encoder_keys)} text encoder keys (not fused into the UNet)")
         if self.unknown_keys:
             parts.append(f"{len(self.unknown_keys)} unrecognised keys (e.g. {self.unknown_keys[0]})")
+        if self.embedding_keys:
+            parts.append(f"{len(self.embedding_keys)} bundled embedding tensors (not a LoRA part)")
         return "; ".join(parts)
 
 
@@ -345,6 +371,51 @@ def split_key(key: str) -> tuple[str, str, str]:
         if key.endswith(suffix) and len(key) > len(suffix):
             return key[: -len(suffix)], role, style
     return key, "", ""
+
+
+def te_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> dict[str, torch.Tensor]:
+    """An adapter's text-encoder tensors as core ComfyUI's CLIP LoRA loader reads them.
+
+    * OneTrainer ``clip_l.*`` / ``clip_g.*`` become ``text_encoders.clip_l.transformer.*`` / ``…clip_g…``, and a PEFT
+      CLIP adapter's ``base_model.model.text_model.*`` becomes ``text_encoder.text_model.*`` (``text_encoder_2.`` when
+      its attention is 1280 wide: SDXL's CLIP-G): spellings the host's CLIP key map knows.
+    * A LoRA module whose alpha only the header gives (kohya ``ss_network_alpha``; diffusers
+      ``lora_adapter_metadata`` under ``text_encoder.`` / ``text_encoder_2.``, ``alpha_pattern`` and ``use_rslora``
+      included) gets an ``<m>.alpha`` tensor, so the host scales it as the UNet side is scaled; core reads only
+      ``.alpha`` tensors.
+    """
+    mods: dict[str, dict[str, torch.Tensor]] = {}
+    for k, t in tensors.items():
+        m, role, _ = split_key(k)
+        mods.setdefault(m, {})[role] = t
+    width = next((int(r["down"].shape[-1]) for m, r in mods.items() if ".self_attn." in m and "down" in r), None)
+    peft_target = "text_encoder_2.text_model." if width == 1280 else "text_encoder.text_model."
+
+    def rename(m: str) -> str:
+        for old, new in _TE_RENAMES:
+            if m.startswith(old):
+                return new + m[len(old):]
+        return peft_target + m[len(_PEFT_TE_PREFIX):] if m.startswith(_PEFT_TE_PREFIX) else m
+
+    out = {}
+    for k, t in tensors.items():
+        m = split_key(k)[0]
+        out[rename(m) + k[len(m):]] = t
+    resolvers: dict[str, _AlphaResolver] = {}
+    for m, roles in mods.items():
+        if "alpha" in roles or "down" not in roles or "up" not in roles:
+            continue
+        hm = rename(m)
+        part = "text_encoder_2." if hm.startswith("text_encoder_2.") else "text_encoder."
+        res = resolvers.setdefault(part, _AlphaResolver(path, metadata, part))
+        alpha, src = res.resolve(hm, False)
+        if alpha is None:
+            continue
+        rank = int(roles["down"].shape[0])
+        if src == "lora_adapter_metadata" and res.peft_rslora:
+            alpha = alpha * rank / math.sqrt(rank)  # the host divides by rank: alpha / sqrt(rank) overall
+        out[hm + ".alpha"] = torch.tensor(float(alpha))
+    return out
 
 
 def check_finite(path: str, key: str, t: torch.Tensor) -> None:
@@ -371,10 +442,14 @@ def _parse_float(v: object) -> Optional[float]:
 
 
 class _AlphaResolver:
-    """Alpha from header metadata when a module has no ``.alpha`` tensor."""
+    """Alpha from header metadata when a module has no ``.alpha`` tensor.
 
-    def __init__(self, path: str, metadata: dict[str, str]):
+    ``part`` is the diffusers ``lora_adapter_metadata`` prefix of the model part the modules belong to:
+    "unet." (also read without a prefix), "text_encoder." or "text_encoder_2."."""
+
+    def __init__(self, path: str, metadata: dict[str, str], part: str = "unet."):
         self.path = path
+        self.part = part
         self.ss_alpha = _parse_float(metadata.get("ss_network_alpha"))
         self.ss_conv_alpha: Optional[float] = None
         args = metadata.get("ss_network_args")
@@ -387,6 +462,7 @@ class _AlphaResolver:
                 LOG.warning("%s: header ss_network_args is not JSON; ignored", path)
         self.peft_alpha: Optional[float] = None
         self.peft_pattern: dict[str, float] = {}
+        self.peft_rslora = False
         raw = metadata.get("lora_adapter_metadata")
         if raw:
             try:
@@ -395,9 +471,10 @@ class _AlphaResolver:
                 LOG.warning("%s: header lora_adapter_metadata is not JSON; ignored", path)
                 cfg = {}
             if isinstance(cfg, dict):
-                for prefix in ("unet.", ""):
+                for prefix in ((part, "") if part == "unet." else (part,)):
                     if self.peft_alpha is None:
                         self.peft_alpha = _parse_float(cfg.get(prefix + "lora_alpha"))
+                        self.peft_rslora = cfg.get(prefix + "use_rslora") in (True, "true", "True")
                     pat = cfg.get(prefix + "alpha_pattern")
                     if isinstance(pat, dict):
                         for k, v in pat.items():
@@ -406,6 +483,8 @@ class _AlphaResolver:
                                 self.peft_pattern.setdefault(str(k), f)
 
     def resolve(self, module: str, is_conv_kxk: bool) -> tuple[Optional[float], str]:
+        """(alpha or None, its source) for ``module``; the source "lora_adapter_metadata" implies
+        ``self.peft_rslora`` applies."""
         if self.ss_alpha is not None or self.ss_conv_alpha is not None:
             if is_conv_kxk and self.ss_conv_alpha is not None:
                 return self.ss_conv_alpha, "ss_network_args.conv_alpha"
@@ -413,7 +492,7 @@ class _AlphaResolver:
                 return self.ss_alpha, "ss_network_alpha"
         if self.peft_pattern or self.peft_alpha is not None:
             dotted = module
-            for p in ("unet.", "base_model.model."):
+            for p in (self.part, "base_model.model."):
                 if dotted.startswith(p):
                     dotted = dotted[len(p):]
             for pat, val in self.peft_pattern.items():
@@ -473,8 +552,12 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     groups: dict[str, dict[str, tuple[str, torch.Tensor, str]]] = {}
     te_keys: list[str] = []
     unknown: list[str] = []
+    embeddings: list[str] = []
     for key, t in tensors.items():
         module, role, style = split_key(key)
+        if key.startswith(_EMBEDDING_PREFIXES):
+            embeddings.append(key)
+            continue
         if is_text_encoder_module(module):
             te_keys.append(key)
             continue
@@ -502,7 +585,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     for module, slot in groups.items():
         entries.extend(_build_entries(path, module, slot, resolver))
     return Adapter(path=path, metadata=metadata, entries=entries, text_encoder_keys=te_keys,
-                   unknown_keys=unknown)
+                   unknown_keys=unknown, embedding_keys=embeddings)
 
 
 def _get(slot: dict, role: str) -> Optional[torch.Tensor]:
@@ -563,6 +646,7 @@ def _build_entries(path: str, module: str, slot: dict, resolver: _AlphaResolver)
         c = common(style, ["up", "down", "mid"], kxk)
         if c["alpha"] is None:
             c["alpha"] = float(down.shape[0])
+        c["rslora"] = c["alpha_source"] == "lora_adapter_metadata" and resolver.peft_rslora
         out.append(LoraModule(down=down, up=up, mid=mid, **c))
         consumed |= {"up", "down", "mid"}
     elif any(r.startswith("hada_") for r in slot):
@@ -622,17 +706,24 @@ def _build_entries(path: str, module: str, slot: dict, resolver: _AlphaResolver)
     if dora is not None and any(isinstance(e, BASE_DEPENDENT) for e in out):
         raise ValueError(f"{path}: module '{module}' combines DoRA ('{keys.get('dora_scale') or keys['magnitude']}') "
                          f"with {out[0].kind.upper()}; DoRA is supported on LoRA, LoHa and LoKr modules only")
-    if "diff" in slot:
-        c = common("full", ["diff"], False)
+    for role in ("diff", "w_norm"):  # a whole-weight delta (LyCORIS full / norm training)
+        if role not in slot:
+            continue
+        c = common("full", [role], False)
         c["alpha"], c["alpha_source"] = None, "n/a"
         if out:
-            raise ValueError(f"{path}: module '{module}' has both a factored adapter and '{keys['diff']}'")
-        out.append(DiffModule(diff=_get(slot, "diff"), **c))
-        consumed.add("diff")
-    if "diff_b" in slot:
+            raise ValueError(f"{path}: module '{module}' has both {out[0].kind} weights and '{keys[role]}'")
+        out.append(DiffModule(diff=_get(slot, role), **c))
+        consumed.add(role)
+    for role in ("diff_b", "b_norm"):  # a bias delta
+        if role not in slot:
+            continue
+        if any(isinstance(e, BiasDiffModule) for e in out):
+            raise ValueError(f"{path}: module '{module}' has two bias deltas ('{keys['diff_b']}' and "
+                             f"'{keys['b_norm']}')")
         out.append(BiasDiffModule(name=module, file=path, alpha=None, alpha_source="n/a", style="full",
-                                  source_keys=[keys["diff_b"]], diff=_get(slot, "diff_b")))
-        consumed.add("diff_b")
+                                  source_keys=[keys[role]], diff=_get(slot, role)))
+        consumed.add(role)
     leftover = used - consumed
     if not out and set(slot) == {"alpha"}:
         LOG.warning("%s: '%s' has no adapter weights; ignored", path, keys["alpha"])

@@ -191,6 +191,8 @@ def report_lines(a: Loaded, clip_given: bool = False) -> list[str]:
              f"  text-encoder keys: {len(a.adapter.text_encoder_keys)}"
              + (" (connect clip to apply them)" if a.adapter.text_encoder_keys and not clip_given else ""),
              f"  unrecognised tensor names left unused: {len(a.adapter.unknown_keys)}",
+             *([f"  bundled embeddings: {len(a.adapter.embedding_keys)} tensors, not applied (load them as "
+                f"textual-inversion embeddings)"] if a.adapter.embedding_keys else []),
              f"  base model: {det.base_model.upper() if det.base_model else 'unknown'}"]
     if det.kind == "unknown":
         lines.append(f"  detected: unknown -- not a recognised acceleration LoRA (confidence {det.confidence})")
@@ -229,6 +231,7 @@ def apply_text_encoder(node: str, clip, loaded: list[Loaded], base_weight):
             raise ValueError(f"{node}: {a.path}: cannot read its text-encoder tensors ({e})") from None
         for k, t in sd.items():
             checked(node, formats.check_finite, a.path, k, t)
+        sd = formats.te_state_dict(sd, a.adapter.metadata, a.path)
         patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(sd), key_map, log_missing=False)
         added = c.add_patches(patches, strength) if strength != 0 else []
         n_mod = te_modules(a.adapter)

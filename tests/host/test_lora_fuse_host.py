@@ -566,6 +566,86 @@ def test_text_encoder_only_lora_needs_a_clip(L, model_clip, loras_tmp):
     assert not m.patches and len(c.patcher.patches) == 1 and "text encoder 1/1 modules applied" in rep, rep
 
 
+def test_onetrainer_text_encoder_names_applied_like_kohya(L, model_clip, te_style, loras_tmp):
+    """OneTrainer's OMI format (text encoder under clip_l.*, embeddings under bundle_emb.*): the text-encoder part
+    lands on the CLIP exactly as the kohya-named file does through core's LoraLoader; core alone does not know the
+    clip_l. names."""
+    import re
+    from safetensors.torch import load_file
+    import nodes
+    model, clip = model_clip
+    sd = load_file(str(loras_tmp / te_style))
+
+    def omi(k):
+        m = re.match(r"lora_te_text_model_encoder_layers_(\d+)_(self_attn|mlp)_(\w+?)(\.(?:lora_down\.weight|"
+                     r"lora_up\.weight|alpha))$", k)
+        return f"clip_l.text_model.encoder.layers.{m[1]}.{m[2]}.{m[3]}{m[4]}" if m else k
+    omi_sd = {omi(k): v for k, v in sd.items()}
+    assert sum(k.startswith("clip_l.") for k in omi_sd) == 60
+    omi_sd["bundle_emb.mystyle.clip_l"] = torch.zeros(2, 768, dtype=torch.float16)
+    _write(loras_tmp / "style-te-omi.safetensors", omi_sd)
+    m, c, rep, _ = L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [("style-te-omi.safetensors", 0.8)])
+    assert "text encoder 20/20 modules applied to CLIP (strength 0.8)" in rep, rep
+    assert "bundled embeddings: 1 tensors, not applied" in rep and "matched 128/128" in rep, rep
+    _, core_c = nodes.LoraLoader().load_lora(model, clip, te_style, 0.8, 0.8)
+    ours, theirs = clip_weights(c), clip_weights(core_c)
+    assert set(ours) == set(theirs) and len(ours) == 20
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    _, core_omi = nodes.LoraLoader().load_lora(model, clip, "style-te-omi.safetensors", 0.8, 0.8)
+    assert not core_omi.patcher.patches, "core ComfyUI now reads OneTrainer's clip_l. names; update the docs"
+
+
+def test_text_encoder_alpha_from_diffusers_header(L, model_clip, loras_tmp):
+    """A diffusers-format text-encoder LoRA whose alpha is only in lora_adapter_metadata is scaled by alpha/rank, as
+    diffusers does (and as the fuse does on the UNet side): equal to core's LoraLoader on the file with .alpha
+    tensors."""
+    import json
+    import nodes
+    model, clip = model_clip
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for i in range(2):
+        for proj in ("q_proj", "out_proj"):
+            mod = f"text_encoder.text_model.encoder.layers.{i}.self_attn.{proj}"
+            sd[f"{mod}.lora_A.weight"] = (torch.randn(8, 768, generator=g) * 0.05).half()
+            sd[f"{mod}.lora_B.weight"] = (torch.randn(768, 8, generator=g) * 0.05).half()
+    _write(loras_tmp / "te-header.safetensors", sd,
+           {"lora_adapter_metadata": json.dumps({"text_encoder.r": 8, "text_encoder.lora_alpha": 2})})
+    tensors = dict(sd)
+    for k in list(sd):
+        if k.endswith(".lora_A.weight"):
+            tensors[k[:-len(".lora_A.weight")] + ".alpha"] = torch.tensor(2.0)
+    _write(loras_tmp / "te-tensor.safetensors", tensors)
+    _, c, rep, _ = L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [("te-header.safetensors", 1.0)])
+    assert "text encoder 4/4 modules applied" in rep, rep
+    _, core_c = nodes.LoraLoader().load_lora(model, clip, "te-tensor.safetensors", 1.0, 1.0)
+    _, core_hdr = nodes.LoraLoader().load_lora(model, clip, "te-header.safetensors", 1.0, 1.0)
+    ours, theirs, header_only = clip_weights(c), clip_weights(core_c), clip_weights(core_hdr)
+    assert set(ours) == set(theirs) and len(ours) == 4
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert any(not torch.equal(ours[k], header_only[k]) for k in ours), "core now reads the header alpha"
+
+
+def test_lycoris_norm_training_fused_like_core(L, model, loras_tmp):
+    """LyCORIS train_norm (<m>.w_norm / <m>.b_norm) changes the norm layers' weight and bias, as core applies it."""
+    g = torch.Generator().manual_seed(9)
+    sd = {}
+    for blk, ch in (("down_blocks_0_attentions_0", 320), ("up_blocks_3_attentions_1", 320),
+                    ("mid_block_attentions_0", 1280)):
+        m = f"lora_unet_{blk}_norm"
+        sd[f"{m}.w_norm"] = (torch.randn(ch, generator=g) * 0.1).half()
+        sd[f"{m}.b_norm"] = (torch.randn(ch, generator=g) * 0.1).half()
+    _write(loras_tmp / "norm-train.safetensors", sd)
+    m, rep, _ = L.fuse(model, L.NONE, 1.0, [("norm-train.safetensors", 0.6)])
+    assert len(m.patches) == 6 and "unrecognised tensor names left unused: 0" in rep, rep
+    keys = sorted(m.patches)
+    assert {k.rsplit(".", 1)[1] for k in keys} == {"weight", "bias"} and all(".norm." in k for k in keys), keys
+    ref = base(model, keys)
+    ours, theirs = weights(m, keys), weights(core_chain(model, [("norm-train.safetensors", 0.6)]), keys)
+    assert all(not torch.equal(ours[k], ref[k]) for k in keys)
+    assert_close_to(ours, theirs, ref, "w_norm/b_norm vs core")
+
+
 def test_fp8_weights_fuse_like_core_with_stochastic_rounding(L, standin_dir):
     """fp8 (e4m3fn) UNet storage: the host rounds the fp32 sum stochastically, seeded by key, on both paths. The fuse
     matches core to within one fp8 step per element, the LoRA is not washed out, and unpatching restores the fp8

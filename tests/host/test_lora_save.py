@@ -46,6 +46,7 @@ def test_save_fused_round_trip(host, standin_dir, tmp_path):
     assert [a["name"] for a in record["adapters"]] == ["lcm-lora-sd15-standin.safetensors",
                                                        "style-sd15-kohya.safetensors"]
     assert all("path" not in a for a in record["adapters"])
+    assert meta["fewstep.other_patched_weights"] == "0"
     reloaded = comfy.sd.load_checkpoint_guess_config(path)[0]
     assert type(reloaded.model.model_config).__name__ == "SD15"
     assert preset == "LCM-LoRA"

@@ -299,3 +299,115 @@ def test_peft_dora_errors(tmp_path):
     with pytest.raises(ValueError, match=r"short.safetensors: 'unet\.[\w.]+\.lora_magnitude_vector' \(PEFT DoRA "
                                          r"magnitude\) has shape \(\d+,\) but model weight 'diffusion_model\."):
         peft_dora_deltas(p)
+
+
+# ---------------------------------------------------------------- trainer formats found by the format audit
+
+def test_onetrainer_omi_text_encoder_and_embedding_keys(tmp_path):
+    """OneTrainer's OMI format names the encoders clip_l./clip_g. and bundles embeddings under bundle_emb.: they
+    are text-encoder keys and embeddings, not UNet modules that match nothing; te_state_dict renames the encoder
+    keys to spellings core ComfyUI's CLIP key map knows, keeping their alpha tensors."""
+    from lora.formats import te_state_dict
+    f = make_factors()
+    te = "clip_l.text_model.encoder.layers.0.self_attn.q_proj"
+    te_g = "clip_g.text_model.encoder.layers.3.mlp.fc1"
+    extra = {f"{te}.lora_down.weight": torch.ones(4, 768), f"{te}.lora_up.weight": torch.ones(768, 4),
+             f"{te}.alpha": torch.tensor(2.0), f"{te_g}.lora_down.weight": torch.ones(4, 1280),
+             f"{te_g}.lora_up.weight": torch.ones(5120, 4), "bundle_emb.mystyle.clip_l": torch.zeros(2, 768)}
+    p = write_lora(str(tmp_path / "omi.safetensors"), f, U, "kohya_ldm", extra=extra)
+    ad = read_adapter(p, strict=True)
+    assert sorted(ad.text_encoder_keys) == sorted(k for k in extra if not k.startswith("bundle_emb."))
+    assert ad.embedding_keys == ["bundle_emb.mystyle.clip_l"] and ad.unknown_keys == []
+    assert "1 bundled embedding tensors" in ad.summary()
+    host = te_state_dict({k: v for k, v in extra.items() if k in ad.text_encoder_keys}, ad.metadata, p)
+    assert sorted(host) == sorted([
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_down.weight",
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.lora_up.weight",
+        "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.alpha",
+        "text_encoders.clip_g.transformer.text_model.encoder.layers.3.mlp.fc1.lora_down.weight",
+        "text_encoders.clip_g.transformer.text_model.encoder.layers.3.mlp.fc1.lora_up.weight"])
+    assert host["text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.alpha"].item() == 2.0
+
+
+@pytest.mark.parametrize("width, prefix", [(768, "text_encoder."), (1280, "text_encoder_2.")])
+def test_peft_clip_adapter_is_a_text_encoder_adapter(tmp_path, width, prefix):
+    """A PEFT adapter saved from a CLIPTextModel (base_model.model.text_model.*) is a text-encoder adapter; it goes
+    to the encoder its attention width names (1280: SDXL's CLIP-G)."""
+    from lora.formats import te_state_dict
+    m = "base_model.model.text_model.encoder.layers.0.self_attn.q_proj"
+    sd = {f"{m}.lora_A.weight": torch.ones(4, width), f"{m}.lora_B.weight": torch.ones(width, 4)}
+    p = save(str(tmp_path / "peft-te.safetensors"), sd)
+    ad = read_adapter(p, strict=True)
+    assert ad.modules() == [] and sorted(ad.text_encoder_keys) == sorted(sd)
+    host = te_state_dict(sd, {}, p)
+    assert sorted(host) == [f"{prefix}text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
+                            f"{prefix}text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight"]
+
+
+def test_text_encoder_alpha_from_the_header_becomes_a_tensor(tmp_path):
+    """Core's CLIP loader reads only .alpha tensors; header alphas (kohya ss_network_alpha, diffusers
+    lora_adapter_metadata per encoder, alpha_pattern, rsLoRA) become tensors so the text encoder is scaled like the
+    UNet side. An existing .alpha tensor is kept."""
+    from lora.formats import te_state_dict
+    q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    k = "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"
+    q2 = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"
+    sd = {f"{q}.lora_A.weight": torch.ones(8, 768), f"{q}.lora_B.weight": torch.ones(768, 8),
+          f"{k}.lora_A.weight": torch.ones(8, 768), f"{k}.lora_B.weight": torch.ones(768, 8),
+          f"{q2}.lora_A.weight": torch.ones(16, 1280), f"{q2}.lora_B.weight": torch.ones(1280, 16)}
+    meta = {"lora_adapter_metadata": json.dumps({
+        "unet.lora_alpha": 99, "text_encoder.lora_alpha": 4, "text_encoder.alpha_pattern": {"self_attn.k_proj": 2},
+        "text_encoder_2.lora_alpha": 8, "text_encoder_2.use_rslora": True})}
+    host = te_state_dict(sd, meta, "x.safetensors")
+    assert host[f"{q}.alpha"].item() == 4 and host[f"{k}.alpha"].item() == 2
+    assert host[f"{q2}.alpha"].item() == pytest.approx(8 * 16 / 4)  # host divides by rank 16: 8/sqrt(16) overall
+    kohya = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(4, 768),
+             "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(3072, 4),
+             "lora_te1_text_model_encoder_layers_0_mlp_fc2.lora_down.weight": torch.ones(4, 3072),
+             "lora_te1_text_model_encoder_layers_0_mlp_fc2.lora_up.weight": torch.ones(768, 4),
+             "lora_te1_text_model_encoder_layers_0_mlp_fc2.alpha": torch.tensor(1.0)}
+    host = te_state_dict(kohya, {"ss_network_alpha": "2"}, "k.safetensors")
+    assert host["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"].item() == 2
+    assert host["lora_te1_text_model_encoder_layers_0_mlp_fc2.alpha"].item() == 1
+    assert set(te_state_dict(kohya, {}, "k.safetensors")) == set(kohya)  # nothing to add without a header
+
+
+def test_rslora_scale_from_peft_metadata(tmp_path):
+    """diffusers' lora_adapter_metadata with use_rslora: PEFT scales by alpha / sqrt(rank)."""
+    f = make_factors(rank=16, alpha=8.0)
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": 16, "unet.lora_alpha": 8.0, "unet.use_rslora": True})}
+    p = write_lora(str(tmp_path / "rs.safetensors"), f, U, "peft", alpha_in_tensor=False, metadata=meta)
+    plain = write_lora(str(tmp_path / "plain.safetensors"), f, U, "peft", alpha_in_tensor=False,
+                       metadata={"lora_adapter_metadata": json.dumps({"unet.r": 16, "unet.lora_alpha": 8.0})})
+    ad = read_adapter(p)
+    assert {(e.rslora, e.scale) for e in ad.entries} == {(True, 2.0)}
+    assert {e.scale for e in read_adapter(plain).entries} == {0.5}
+    drs, dpl = deltas_for(p), deltas_for(plain)
+    for k in TARGETS:
+        assert torch.allclose(drs[k], 4 * dpl[k], rtol=1e-6, atol=1e-6), k
+    # an .alpha tensor wins over the header, and rsLoRA then does not apply (it belongs to the header's alpha)
+    t = write_lora(str(tmp_path / "t.safetensors"), f, U, "peft", alpha_in_tensor=True, metadata=meta)
+    assert {(e.rslora, e.scale) for e in read_adapter(t).entries} == {(False, 0.5)}
+
+
+def test_lycoris_norm_training_and_ai_toolkit_dora(tmp_path):
+    """LyCORIS train_norm writes <m>.w_norm / <m>.b_norm: diffs of the norm weight and bias (as core applies
+    them). ai-toolkit's DoRA magnitude <m>.magnitude is read as a PEFT-convention magnitude."""
+    from lora.formats import BiasDiffModule, DiffModule, DORA_NORM_PEFT
+    m = "lora_unet_down_blocks_0_attentions_0_norm"
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    sd = {f"{m}.w_norm": torch.full((320,), 0.01), f"{m}.b_norm": torch.full((320,), 0.02),
+          f"{q}.lora_down.weight": torch.ones(4, 320), f"{q}.lora_up.weight": torch.ones(320, 4),
+          f"{q}.magnitude": torch.ones(320)}
+    ad = read_adapter(save(str(tmp_path / "norm.safetensors"), sd), strict=True)
+    kinds = {(e.name, type(e).__name__) for e in ad.entries}
+    assert kinds == {(m, "DiffModule"), (m, "BiasDiffModule"), (q, "LoraModule")}
+    w = next(e for e in ad.entries if isinstance(e, DiffModule))
+    b = next(e for e in ad.entries if isinstance(e, BiasDiffModule))
+    assert torch.equal(w.diff, sd[f"{m}.w_norm"]) and torch.equal(b.diff, sd[f"{m}.b_norm"])
+    lo = next(e for e in ad.entries if isinstance(e, LoraModule))
+    assert lo.dora_norm == DORA_NORM_PEFT and torch.equal(lo.dora_scale, sd[f"{q}.magnitude"])
+    with pytest.raises(ValueError, match=r"has two bias deltas"):
+        read_adapter(save(str(tmp_path / "two.safetensors"), {f"{m}.w_norm": torch.ones(320),
+                                                              f"{m}.b_norm": torch.ones(320),
+                                                              f"{m}.diff_b": torch.ones(320)}))
