@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from tqdm.auto import trange
 
+from .discrete import BETA_SCHEDULES, DiscreteSchedule
 from .noise import default_noise_sampler
 
 __all__ = [
@@ -146,6 +147,33 @@ def _ms_call(fn, values: torch.Tensor) -> torch.Tensor:
     return fn(values).detach().to("cpu", torch.float64).reshape(values.shape)
 
 
+def _target_sigma_fn(model_sampling) -> tuple[Callable, bool]:
+    """(``sigma(s)`` for a step's target timestep s, whether it reads the model's full table).
+
+    A distilled (LCM) table -- core ``ModelSamplingDiscrete(lcm)``, AnimateDiff-Evolved's ``lcm`` schedules -- keeps
+    only the 50 grid timesteps (t = k*skip + skip-1), so an off-grid s (TCD's floor((1-gamma)t'), the diffusers
+    final step's s = 0) would be interpolated or clamped, while diffusers reads its full alpha-bar table there. The
+    full table is rebuilt from the schedule's parameters and used when it reproduces every kept point; else
+    ``(model_sampling.sigma, False)``.
+    """
+    table = getattr(model_sampling, "sigmas", None)
+    n = getattr(model_sampling, "num_timesteps", None)
+    if not isinstance(n, int) or not torch.is_tensor(table) or not 1 < table.numel() < n:
+        return model_sampling.sigma, True
+    kept = table.detach().to("cpu", torch.float64)
+    skip = n // kept.numel()
+    at = torch.arange(kept.numel()) * skip + (skip - 1)
+    for schedule in BETA_SCHEDULES:
+        try:
+            full = DiscreteSchedule(schedule, float(model_sampling.linear_start), float(model_sampling.linear_end), n,
+                                    dtype=torch.float64)
+        except (AttributeError, TypeError, ValueError):
+            break
+        if torch.allclose(full.sigmas[at], kept, rtol=1e-4, atol=0.0):
+            return full.sigma, True
+    return model_sampling.sigma, False
+
+
 def step_coefficients(
     sigmas: torch.Tensor,
     model_sampling,
@@ -174,7 +202,12 @@ def step_coefficients(
     t = _ms_call(model_sampling.timestep, s_i)
     t_next = torch.where(final, 0.0, _ms_call(model_sampling.timestep, torch.where(final, s_i, s_n)))
     s = torch.floor((1.0 - gamma) * t_next)
-    sigma_of_s = _ms_call(model_sampling.sigma, s)
+    target_sigma, exact = _target_sigma_fn(model_sampling)
+    if not exact and final_step == "diffusers" and bool(final.any()):
+        raise ValueError("final_step='diffusers' needs the noise level at timestep 0, which this model's distilled "
+                         "(LCM) sigma table does not hold; use final_step='x0', or remove the "
+                         "ModelSamplingDiscrete(lcm) / LCM beta-schedule node (fewstep's schedules need none)")
+    sigma_of_s = _ms_call(target_sigma, s)
     sigma_s = torch.where(s >= t_next, s_n, torch.minimum(sigma_of_s, s_n))
     sigma_s = torch.where(final, sigma_of_s if final_step == "diffusers" else 0.0, sigma_s)
     if clean_intermediate:

@@ -243,3 +243,35 @@ def test_too_short_sigmas_rejected(sd15, registered):
     model, _ = sd15
     with pytest.raises(ValueError, match="fewstep lcm sampler: the sigmas input has 1 value"):
         engine.fewstep_sample(None, torch.zeros(1, 4, SIZE, SIZE), torch.tensor([1.0]), kind="lcm")
+
+
+def test_distilled_lcm_table_uses_the_full_table_off_grid(host):
+    """On core's ModelSamplingDiscrete(lcm) table (50 kept timesteps) TCD's off-grid targets and the diffusers final
+    step (s = 0) read the full table, as diffusers does: the coefficients equal those on the plain model sampling.
+    A distilled table the full one cannot be rebuilt for (zsnr) refuses final_step='diffusers' with a clear error."""
+    import comfy.model_sampling
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscreteDistilled
+
+    class Distilled(ModelSamplingDiscreteDistilled, comfy.model_sampling.EPS):
+        pass
+
+    class Plain(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
+        pass
+
+    from fewstep.samplers import consistency, schedules
+    plain, distilled = Plain(), Distilled()
+    assert distilled.sigmas.numel() == 50
+    ts = schedules.lcm_timesteps(4)
+    sigmas = torch.cat([plain.sigma(torch.tensor(ts, dtype=torch.float32)), torch.zeros(1)])
+    for gamma in (0.3, 0.7):
+        a = consistency.step_coefficients(sigmas, plain, gamma, final_step="diffusers")
+        b = consistency.step_coefficients(sigmas, distilled, gamma, final_step="diffusers")
+        assert torch.allclose(a.sigma_s, b.sigma_s, rtol=1e-5, atol=0), (gamma, a.sigma_s, b.sigma_s)
+        assert torch.equal(a.t, b.t) and torch.equal(a.s, b.s)
+    assert abs(b.sigma_s[-1].item() - plain.sigma(torch.tensor(0.0)).item()) < 1e-6  # 0.0292, not sigma(19)
+    assert abs(distilled.sigma(torch.tensor(0.0)).item() - plain.sigma(torch.tensor(19.0)).item()) < 1e-6
+    zsnr = Distilled(zsnr=True)
+    with pytest.raises(ValueError, match=r"final_step='diffusers' needs the noise level at timestep 0.*"
+                                         r"use final_step='x0'"):
+        consistency.step_coefficients(sigmas, zsnr, 0.3, final_step="diffusers")
+    consistency.step_coefficients(sigmas, zsnr, 0.3, final_step="x0")  # the default stays usable
