@@ -30,7 +30,7 @@ from ..lora import export as lora_export
 from ..lora import formats, keys, merge
 from ..lora.fuse import check_key_shapes
 from ..samplers import presets
-from .sampling import checked
+from .sampling import checked, model_base
 
 LOG = logging.getLogger("fewstep")
 
@@ -90,15 +90,6 @@ def resolve_lora(node: str, name: str) -> str:
         return folder_paths.get_full_path_or_raise("loras", name)
     except FileNotFoundError:
         raise ValueError(f"{node}: LoRA file {name!r} is not in the loras folder(s)") from None
-
-
-def model_base(model) -> str:
-    """'sd15', 'sd2' or 'sdxl' from the model's UNet config (context width), else 'unknown'."""
-    cfg = getattr(model.model.model_config, "unet_config", {}) or {}
-    ctx = cfg.get("context_dim")
-    if cfg.get("adm_in_channels") and ctx == 2048:
-        return "sdxl"
-    return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(ctx, "unknown")
 
 
 class HostFacts:

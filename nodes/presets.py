@@ -13,7 +13,7 @@ from comfy_api.v0_0_2 import io
 from ..samplers import presets as preset_table
 from ..samplers import schedules
 from . import engine, registry
-from .sampling import checked, discrete_model_sampling
+from .sampling import checked, discrete_model_sampling, model_base
 
 CAT = "sampling/custom_sampling/fewstep"
 NONE = "none"
@@ -29,7 +29,7 @@ def preset_input(with_none=False):
 def preset_sigmas(node: str, model, preset, steps: int, strength: float):
     ms = discrete_model_sampling(node, model)
     return checked(node, lambda: schedules.timesteps_to_sigmas(
-        registry.preset_timesteps(preset, steps, strength), ms).cpu())
+        registry.preset_timesteps(preset, steps, strength, model_base(model)), ms).cpu())
 
 
 class FewStepPreset(io.ComfyNode):
@@ -44,7 +44,9 @@ class FewStepPreset(io.ComfyNode):
                     io.Int.Input("steps", default=0, min=0, max=100,
                                  tooltip="0 = the preset's own step count; fixed-timestep presets ignore it."),
                     io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01,
-                                   tooltip="img2img strength (LCM/TCD grids use diffusers' exact rule)."),
+                                   tooltip="img2img strength with diffusers' rule for the preset's grid: LCM/TCD cut the "
+                                           "original grid first; trailing/PCM keep the last int(steps*strength) "
+                                           "timesteps; fixed-timestep presets need 1.0."),
                     io.Float.Input("gamma", default=-1.0, min=-1.0, max=1.0, step=0.01,
                                    tooltip="TCD gamma override; -1 keeps the preset's value.")],
             outputs=[io.Sampler.Output(), io.Sigmas.Output(),
@@ -99,6 +101,7 @@ class FewStepSettings(io.ComfyNode):
                 settings["gamma"] = p.gamma
             ms = copy.copy(discrete_model_sampling(node, m))
             setattr(ms, registry.PRESET_ATTR, preset)
+            setattr(ms, registry.BASE_ATTR, model_base(m))
             m.add_object_patch("model_sampling", ms)
         if gamma >= 0:
             settings["gamma"] = gamma

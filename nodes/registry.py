@@ -25,24 +25,31 @@ log = logging.getLogger("fewstep")
 SAMPLER_KINDS = {"fewstep_lcm": "lcm", "fewstep_tcd": "tcd", "fewstep_pcm": "pcm"}
 AUTO = "fewstep_auto"
 PRESET_ATTR = "fewstep_preset"  # set on a copy of model_sampling by FewStep Settings
+BASE_ATTR = "fewstep_base"  # the model's base ("sdxl", "sd15", ...), set with PRESET_ATTR
 
 
 def preset_kind(preset) -> str:
     return {"euler": "ddim"}.get(preset.sampler, preset.sampler)
 
 
-def preset_timesteps(preset, steps: int, strength: float = 1.0) -> list[int]:
-    """The preset's grid for `steps` (its own step count when steps <= 0)."""
+def preset_timesteps(preset, steps: int, strength: float = 1.0, base: str = "") -> list[int]:
+    """The preset's grid for `steps` (its own step count when steps <= 0) on a model of `base` ("sdxl", "sd15", ...;
+    it picks PCM's solver size), cut for img2img `strength` by diffusers' rule for that grid: LCM/TCD cut the
+    original grid before picking steps; trailing and PCM keep the last int(steps*strength) timesteps; a fixed grid
+    (Hyper-SDXL 1-step UNet) has no img2img rule and refuses < 1."""
     n = preset.steps if steps <= 0 else steps
     if preset.schedule == "lcm":
         return schedules.lcm_timesteps(n, preset.original_steps, strength)
     if preset.schedule == "tcd":
         return schedules.tcd_timesteps(n, preset.original_steps, strength)
     if preset.schedule == "pcm":
-        return schedules.pcm_phase_timesteps(n, preset.num_ddim_timesteps or 50)
+        return schedules.strength_tail(schedules.pcm_phase_timesteps(n, preset.solver_steps(base)), strength)
     if preset.schedule == "trailing":
-        return schedules.trailing_timesteps(n)
+        return schedules.strength_tail(schedules.trailing_timesteps(n), strength)
     if preset.schedule == "fixed":
+        if strength != 1.0:
+            raise ValueError(f"preset {preset.name!r} runs the fixed timesteps {list(preset.fixed_timesteps)} and has "
+                             f"no img2img rule; set strength to 1.0 or pick another preset")
         return list(preset.fixed_timesteps)
     raise ValueError(f"preset {preset.name!r} has unknown schedule {preset.schedule!r}")
 
@@ -54,6 +61,9 @@ def _auto_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None
         raise ValueError("KSampler sampler 'fewstep_auto' needs a FewStep Settings node with a preset on the model; "
                          "add one, or pick fewstep_lcm / fewstep_tcd / fewstep_pcm")
     kind = preset_kind(preset_table.get_preset(name))
+    if kind != "tcd" and "gamma" in settings:
+        log.warning("fewstep_auto: preset %r samples with %s, which has no gamma; FewStep Settings' gamma %s is "
+                    "not used (pick sampler fewstep_tcd to use it)", name, kind, settings["gamma"])
     return engine.fewstep_sample(model, x, sigmas, extra_args, callback, disable, kind=kind, **kw)
 
 
@@ -65,7 +75,9 @@ def _auto_scheduler(model_sampling, steps):
     name = getattr(model_sampling, PRESET_ATTR, None)
     if not name:
         raise ValueError("KSampler scheduler 'fewstep_auto' needs a FewStep Settings node with a preset on the model")
-    return schedules.timesteps_to_sigmas(preset_timesteps(preset_table.get_preset(name), steps), model_sampling)
+    return schedules.timesteps_to_sigmas(
+        preset_timesteps(preset_table.get_preset(name), steps, base=getattr(model_sampling, BASE_ATTR, "")),
+        model_sampling)
 
 
 SCHEDULERS = {

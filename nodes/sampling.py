@@ -21,6 +21,15 @@ def checked(node: str, fn, *args, **kwargs):
         raise ValueError(f"{node}: {e}") from None
 
 
+def model_base(model) -> str:
+    """'sd15', 'sd2' or 'sdxl' from the model's UNet config (context width), else 'unknown'."""
+    cfg = getattr(model.model.model_config, "unet_config", {}) or {}
+    ctx = cfg.get("context_dim")
+    if cfg.get("adm_in_channels") and ctx == 2048:
+        return "sdxl"
+    return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(ctx, "unknown")
+
+
 def discrete_model_sampling(node: str, model):
     ms = model.get_model_object("model_sampling")
     return checked(node, consistency.resolve_model_sampling, None, ms)
@@ -177,14 +186,8 @@ class FewStepSchedulePCM(io.ComfyNode):
 
 
 def trailing_with_denoise(steps: int, denoise: float) -> list[int]:
-    """diffusers img2img rule on the trailing grid: keep the last round(steps*denoise) of `steps` timesteps."""
-    if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise must be in (0, 1], got {denoise}")
-    full = schedules.trailing_timesteps(steps)
-    keep = min(steps, int(steps * denoise))
-    if keep < 1:
-        raise ValueError(f"denoise {denoise} leaves no step of {steps}; raise denoise or steps")
-    return full[steps - keep:]
+    """diffusers img2img rule on the trailing grid: keep the last int(steps*denoise) of `steps` timesteps."""
+    return schedules.strength_tail(schedules.trailing_timesteps(steps), denoise)
 
 
 class FewStepScheduleTrailing(io.ComfyNode):

@@ -3,7 +3,10 @@
 ``sampler`` names a fewstep sampler ("lcm" = ``sample_lcm_exact``, "tcd" = ``sample_tcd`` with ``gamma``,
 "pcm" = ``sample_pcm``, "euler" = deterministic Euler, which equals ``sample_consistency`` with gamma 0).
 ``schedule`` names a grid in ``samplers.schedules`` ("lcm", "tcd", "pcm", "trailing", "fixed").
-``beta_schedule`` uses ComfyUI names ("linear" = diffusers "scaled_linear").
+``beta_schedule`` uses ComfyUI names ("linear" = diffusers "scaled_linear"); it records the card's schedule (the
+nodes sample on whatever model sampling the model carries). PCM phase edges come from the training scripts' DDIM
+solver size: ``num_ddim_timesteps`` (50, the SD1.5 scripts) or ``num_ddim_timesteps_sdxl`` (40, the SDXL script)
+on an SDXL model; see ``solver_steps``.
 """
 
 from __future__ import annotations
@@ -26,10 +29,17 @@ class Preset:
     original_steps: int = 50
     phases: int | None = None
     num_ddim_timesteps: int | None = None
+    num_ddim_timesteps_sdxl: int | None = None
     fixed_timesteps: tuple[int, ...] = ()
     lora_strength: float | None = 1.0
     beta_schedule: str = "linear"
     note: str = ""
+
+    def solver_steps(self, base: str = "") -> int:
+        """PCM DDIM solver size for the model ``base`` ("sdxl", "sd15", ...; "" = unknown: the SD1.5 value)."""
+        if base == "sdxl" and self.num_ddim_timesteps_sdxl:
+            return self.num_ddim_timesteps_sdxl
+        return self.num_ddim_timesteps or 50
 
 
 def _build() -> tuple[Preset, ...]:
@@ -40,15 +50,20 @@ def _build() -> tuple[Preset, ...]:
     ]
     for n in (2, 4, 8, 16):
         p.append(Preset(f"PCM smallcfg {n}-step", "pcm", "pcm", 0.0, "pcm", n, 1.0, "1-2", phases=n, num_ddim_timesteps=50,
-                        note="Phase edges for the SD1.5 scripts (50 DDIM timesteps); the SDXL example used 40."))
+                        num_ddim_timesteps_sdxl=40,
+                        note="Phase edges of the training scripts: 50 DDIM timesteps on SD1.5, 40 on SDXL (= the "
+                        "card's trailing grid)."))
     for n, cfg, rng in ((4, 3.0, "2.5-3.5"), (8, 4.5, "3-6"), (16, 4.5, "3-6 (card: 2-9 overall)")):
         p.append(Preset(f"PCM normalcfg {n}-step", "pcm", "pcm", 0.0, "pcm", n, cfg, rng, phases=n, num_ddim_timesteps=50,
-                        note="Use positive and negative prompts; SDXL example used 40 DDIM timesteps."
+                        num_ddim_timesteps_sdxl=40,
+                        note="Use positive and negative prompts; phase edges of 50 DDIM timesteps on SD1.5, 40 on SDXL."
                         + (" Card gives no 16-step CFG; 8-step value reused." if n == 16 else "")))
     p.append(Preset("PCM LCM-like", "pcm", "lcm", 1.0, "lcm", 4, 1.5, "1-2", note="Card: use like LCM (any steps)."))
     for n in (1, 2, 4, 8):
         p.append(Preset(f"Hyper-SD {n}-step", "hyper-sd", "euler", 0.0, "trailing", n, 1.0, "1 (diffusers guidance 0)",
-                        note="DDIM/Euler with trailing spacing; ~0.8 LoRA strength suggested in ComfyUI#2985."))
+                        note="DDIM/Euler with trailing spacing; ~0.8 LoRA strength suggested in ComfyUI#2985."
+                        + (" Hyper-SD's 1-step LoRA is the unified one: use 'Hyper-SD 1-step unified' for it."
+                           if n == 1 else "")))
     for n in (8, 12):
         p.append(Preset(f"Hyper-SD CFG {n}-step", "hyper-sd", "euler", 0.0, "trailing", n, 5.0, "5-8",
                         note="CFG-preserved LoRA: use negative prompts."))

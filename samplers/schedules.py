@@ -19,6 +19,7 @@ __all__ = [
     "pcm_phase_timesteps",
     "trailing_timesteps",
     "fixed_timesteps",
+    "strength_tail",
     "timesteps_to_sigmas",
 ]
 
@@ -120,6 +121,21 @@ def trailing_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]
     steps = _check_int("steps", steps, 1, num_train_timesteps)
     ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1
     return [int(t) for t in ts]
+
+
+def strength_tail(timesteps: list[int], strength: float = 1.0) -> list[int]:
+    """diffusers' img2img rule for a grid spaced by step count (DDIM/Euler ``trailing``, PCM phase edges).
+
+    ``StableDiffusionImg2ImgPipeline.get_timesteps``: keep the last ``min(int(n * strength), n)`` of the ``n``
+    timesteps, so 4 trailing steps at strength 0.5 run 499, 249 (two of the LoRA's own timesteps).
+    """
+    strength = _check_strength(strength)
+    n = len(timesteps)
+    keep = min(n, int(n * strength))
+    if keep < 1:
+        raise ValueError(f"strength (denoise) {strength} keeps none of the {n} steps (diffusers keeps "
+                         f"int(steps * strength)); raise strength or steps")
+    return list(timesteps[n - keep:])
 
 
 def fixed_timesteps(text: str, num_train_timesteps: int = 1000) -> list[int]:

@@ -275,3 +275,57 @@ def test_distilled_lcm_table_uses_the_full_table_off_grid(host):
                                          r"use final_step='x0'"):
         consistency.step_coefficients(sigmas, zsnr, 0.3, final_step="diffusers")
     consistency.step_coefficients(sigmas, zsnr, 0.3, final_step="x0")  # the default stays usable
+
+
+def test_preset_strength_follows_each_grids_img2img_rule(registered):
+    """FewStep Preset's strength: trailing and PCM presets keep the last int(steps*strength) of their own timesteps
+    (it was ignored there); LCM/TCD cut the original grid; a fixed-timestep preset refuses strength < 1."""
+    from fewstep.samplers import presets as table
+    pt = registered.preset_timesteps
+    assert pt(table.get_preset("SDXL-Lightning 4-step"), 4, 0.5) == [499, 249]
+    assert pt(table.get_preset("Hyper-SD 8-step"), 8, 0.5) == [499, 374, 249, 124]
+    full = pt(table.get_preset("PCM smallcfg 4-step"), 4, 1.0)
+    assert pt(table.get_preset("PCM smallcfg 4-step"), 4, 0.5) == full[2:] and len(full) == 4
+    assert pt(table.get_preset("TCD"), 4, 0.5) == [499, 379, 259, 139]
+    fixed = next(p for p in table.PRESETS if p.schedule == "fixed")
+    assert pt(fixed, 1, 1.0) == list(fixed.fixed_timesteps)
+    with pytest.raises(ValueError, match=r"has no img2img rule; set strength to 1.0"):
+        pt(fixed, 1, 0.5)
+
+
+def test_pcm_presets_use_the_sdxl_solver_size_on_sdxl(registered):
+    """PCM's SDXL training script uses 40 DDIM timesteps (its phase edges are the card's trailing grid), the SD1.5
+    scripts 50; the preset follows the model's base, and FewStep Settings carries the base to fewstep_auto."""
+    from fewstep.samplers import presets as table, schedules
+    p = table.get_preset("PCM smallcfg 4-step")
+    assert registered.preset_timesteps(p, 4, base="sd15") == [999, 739, 499, 239]
+    assert registered.preset_timesteps(p, 4, base="sdxl") == schedules.trailing_timesteps(4) == [999, 749, 499, 249]
+    assert registered.preset_timesteps(p, 8, base="sdxl") == schedules.trailing_timesteps(8)
+
+
+def test_settings_carry_the_model_base_to_the_auto_scheduler(sd15, registered):
+    from fewstep.nodes import presets as P
+    model, _ = sd15
+    m = P.FewStepSettings.execute(model, "PCM smallcfg 4-step", -1.0, "x0", "cpu", "off", 0).args[0]
+    ms = m.get_model_object("model_sampling")
+    assert getattr(ms, registered.BASE_ATTR) == "sd15" and not hasattr(model.get_model_object("model_sampling"),
+                                                                       registered.BASE_ATTR)
+    sig = registered._auto_scheduler(ms, 4)
+    want = [999, 739, 499, 239]
+    assert [int(ms.timestep(s)) for s in sig[:-1]] == want
+
+
+def test_auto_sampler_says_when_settings_gamma_is_not_used(sd15, registered, caplog):
+    """FewStep Settings' gamma with a non-TCD preset: fewstep_auto samples the preset's deterministic kind and says
+    the gamma is unused (FewStep Preset refuses the same request); fewstep_tcd uses it."""
+    import logging
+    from fewstep.nodes.presets import FewStepSettings
+    model, cond = sd15
+    m = FewStepSettings.execute(model, "Hyper-SD 2-step", 0.5, "x0", "cpu", "off", 0)[0]
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        run(m, cond, "fewstep_auto", "fewstep_auto", 2)
+    assert "FewStep Settings' gamma 0.5 is not used (pick sampler fewstep_tcd to use it)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        run(m, cond, "fewstep_tcd", "fewstep_auto", 2)
+    assert "is not used" not in caplog.text

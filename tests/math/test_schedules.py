@@ -142,3 +142,21 @@ def test_timesteps_to_sigmas():
         timesteps_to_sigmas([259, 499], ms)
     with pytest.raises(ValueError, match="timesteps"):
         timesteps_to_sigmas([], ms)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # diffusers vs numpy 2 copy keyword
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 8, 12])
+@pytest.mark.parametrize("strength", [0.2, 0.5, 0.74, 0.75, 1.0])
+def test_strength_tail_is_diffusers_img2img_on_trailing_grids(steps, strength):
+    """StableDiffusionImg2ImgPipeline.get_timesteps on Euler/DDIM 'trailing' keeps the last int(n*strength)."""
+    from samplers.schedules import strength_tail, trailing_timesteps
+    sch = diffusers.EulerDiscreteScheduler(timestep_spacing="trailing", beta_schedule="scaled_linear",
+                                           beta_start=0.00085, beta_end=0.012)
+    sch.set_timesteps(steps)
+    init = min(int(steps * strength), steps)
+    want = [int(t) for t in sch.timesteps[max(steps - init, 0):]]
+    if not want:
+        with pytest.raises(ValueError, match=r"keeps none of the \d+ steps"):
+            strength_tail(trailing_timesteps(steps), strength)
+        return
+    assert strength_tail(trailing_timesteps(steps), strength) == want
