@@ -67,17 +67,31 @@ def _auto_sampler(model, x, sigmas, extra_args=None, callback=None, disable=None
     return engine.fewstep_sample(model, x, sigmas, extra_args, callback, disable, kind=kind, **kw)
 
 
+DENOISE_HINT = ("; with denoise below 1, KSampler asks the scheduler for int(steps / denoise) steps and runs the "
+                "last `steps` of them: raise denoise, or for diffusers' img2img rule use SamplerCustom with a FewStep "
+                "schedule node's strength/denoise input")
+
+
 def _grid_scheduler(grid_fn, model_sampling, steps):
-    return schedules.timesteps_to_sigmas(grid_fn(steps), model_sampling)
+    try:
+        return schedules.timesteps_to_sigmas(grid_fn(steps), model_sampling)
+    except ValueError as e:
+        raise ValueError(f"fewstep scheduler: {e}{DENOISE_HINT}") from None
 
 
 def _auto_scheduler(model_sampling, steps):
     name = getattr(model_sampling, PRESET_ATTR, None)
     if not name:
         raise ValueError("KSampler scheduler 'fewstep_auto' needs a FewStep Settings node with a preset on the model")
-    return schedules.timesteps_to_sigmas(
-        preset_timesteps(preset_table.get_preset(name), steps, base=getattr(model_sampling, BASE_ATTR, "")),
-        model_sampling)
+    preset = preset_table.get_preset(name)
+    try:
+        timesteps = preset_timesteps(preset, steps, base=getattr(model_sampling, BASE_ATTR, ""))
+    except ValueError as e:
+        raise ValueError(f"fewstep_auto scheduler (preset {name!r}): {e}{DENOISE_HINT}") from None
+    if preset.schedule == "fixed" and steps != len(timesteps):
+        log.warning("fewstep_auto: preset %r always runs the timesteps %s; KSampler's steps (%d, or steps/denoise) "
+                    "and denoise are not used", name, timesteps, steps)
+    return schedules.timesteps_to_sigmas(timesteps, model_sampling)
 
 
 SCHEDULERS = {

@@ -329,3 +329,19 @@ def test_auto_sampler_says_when_settings_gamma_is_not_used(sd15, registered, cap
     with caplog.at_level(logging.WARNING, logger="fewstep"):
         run(m, cond, "fewstep_tcd", "fewstep_auto", 2)
     assert "is not used" not in caplog.text
+
+
+def test_scheduler_errors_explain_ksampler_denoise(sd15, registered, caplog):
+    """A low KSampler denoise makes the host ask for int(steps/denoise) steps; the error says so instead of only
+    naming a step count the user never typed. A fixed-timestep preset says it ignores steps and denoise."""
+    import logging
+    import comfy.samplers
+    from fewstep.nodes.presets import FewStepSettings
+    model, _ = sd15
+    ms = model.get_model_object("model_sampling")
+    with pytest.raises(ValueError, match=r"fewstep scheduler: .*int\(steps / denoise\)"):
+        comfy.samplers.calculate_sigmas(ms, "fewstep_lcm50", 80)
+    m = FewStepSettings.execute(model, "Hyper-SDXL 1-step UNet", -1.0, "x0", "cpu", "off", 0)[0]
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        sig = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "fewstep_auto", 4)
+    assert len(sig) == 2 and "always runs the timesteps [800]" in caplog.text
