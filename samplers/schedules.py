@@ -7,11 +7,14 @@ Every invalid request raises ``ValueError`` naming the argument; nothing loops o
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
 import numpy as np
 import torch
+
+LOG = logging.getLogger("fewstep")
 
 __all__ = [
     "lcm_timesteps",
@@ -182,4 +185,12 @@ def timesteps_to_sigmas(timesteps, model_sampling, dtype: torch.dtype | None = N
         raise ValueError(f"timesteps must give strictly decreasing sigmas; got timesteps {ts.tolist()} -> sigmas {sig.tolist()}")
     if not math.isfinite(float(sig.sum())):
         raise ValueError(f"model_sampling.sigma returned non-finite sigmas for timesteps {ts.tolist()}")
+    timestep = getattr(model_sampling, "timestep", None)
+    if callable(timestep):
+        seen = torch.as_tensor(timestep(sig[:-1])).detach().cpu().reshape(-1).round().long()
+        if not torch.equal(seen, ts.long()):
+            LOG.warning("the model's sigma table cannot place timesteps %s: the UNet will be told %s. A distilled "
+                        "(LCM) table -- ModelSamplingDiscrete(lcm), an LCM beta schedule -- keeps 50 timesteps only; "
+                        "remove that node for this schedule (fewstep's schedules need none)",
+                        ts.tolist(), seen.tolist())
     return sig

@@ -345,3 +345,23 @@ def test_scheduler_errors_explain_ksampler_denoise(sd15, registered, caplog):
     with caplog.at_level(logging.WARNING, logger="fewstep"):
         sig = comfy.samplers.calculate_sigmas(m.get_model_object("model_sampling"), "fewstep_auto", 4)
     assert len(sig) == 2 and "always runs the timesteps [800]" in caplog.text
+
+
+def test_distilled_table_warns_when_it_moves_a_grid(host, caplog):
+    """Trailing timesteps on a ModelSamplingDiscrete(lcm) table land on its 50-step grid (749 -> 739): the log says
+    what the UNet will be told and which node to remove; an LCM grid on it (on-grid) is silent."""
+    import logging
+    import comfy.model_sampling
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscreteDistilled
+    from fewstep.samplers import schedules
+
+    class Distilled(ModelSamplingDiscreteDistilled, comfy.model_sampling.EPS):
+        pass
+    ms = Distilled()
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        schedules.timesteps_to_sigmas(schedules.lcm_timesteps(4), ms)
+    assert "cannot place" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        schedules.timesteps_to_sigmas(schedules.trailing_timesteps(4), ms)
+    assert "cannot place timesteps [999, 749, 499, 249]: the UNet will be told [999, 739, 499, 239]" in caplog.text
+    assert "ModelSamplingDiscrete(lcm)" in caplog.text
