@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 from comfy_api.v0_0_2 import io
 
@@ -14,6 +15,8 @@ from ..samplers import presets as preset_table
 from ..samplers import schedules
 from . import engine, registry
 from .sampling import checked, discrete_model_sampling, model_base
+
+LOG = logging.getLogger("fewstep")
 
 CAT = "sampling/custom_sampling/fewstep"
 NONE = "none"
@@ -26,8 +29,17 @@ def preset_input(with_none=False):
                                   "Fuse's report names the matching preset when it recognises the file.")
 
 
+def check_prediction(node: str, preset, ms) -> None:
+    """Log when the preset's checkpoint predicts x0 but the model samples as another type (garbage otherwise)."""
+    if preset.prediction == "x0" and not any(c.__name__ == "X0" for c in type(ms).__mro__):
+        LOG.warning("%s: preset %r is for an x0-prediction checkpoint, but the model samples as %s; add "
+                    "ModelSamplingDiscrete with sampling 'x0' after the checkpoint loader", node, preset.name,
+                    type(ms).__name__)
+
+
 def preset_sigmas(node: str, model, preset, steps: int, strength: float):
     ms = discrete_model_sampling(node, model)
+    check_prediction(node, preset, ms)
     return checked(node, lambda: schedules.timesteps_to_sigmas(
         registry.preset_timesteps(preset, steps, strength, model_base(model)), ms).cpu())
 
@@ -100,6 +112,7 @@ class FewStepSettings(io.ComfyNode):
             if settings["kind"] == "tcd":
                 settings["gamma"] = p.gamma
             ms = copy.copy(discrete_model_sampling(node, m))
+            check_prediction(node, p, ms)
             setattr(ms, registry.PRESET_ATTR, preset)
             setattr(ms, registry.BASE_ATTR, model_base(m))
             m.add_object_patch("model_sampling", ms)

@@ -33,6 +33,7 @@ class Preset:
     fixed_timesteps: tuple[int, ...] = ()
     lora_strength: float | None = 1.0
     beta_schedule: str = "linear"
+    prediction: str = ""  # "x0" when the model card's checkpoint predicts x0 ("sample"); "" = the model's own
     note: str = ""
 
     def solver_steps(self, base: str = "") -> int:
@@ -73,6 +74,7 @@ def _build() -> tuple[Preset, ...]:
                     lora_strength=None, note="Full UNet, not a LoRA: a single step from t=800 (sigma 5.111)."))
     for n in (1, 2, 4, 8):
         p.append(Preset(f"SDXL-Lightning {n}-step", "lightning", "euler", 0.0, "trailing", n, 1.0, "1 (diffusers guidance 0)",
+                        prediction="x0" if n == 1 else "",
                         note="Use the checkpoint/LoRA matching the step count."
                         + (" The 1-step model is x0-prediction ('sample') and experimental." if n == 1 else "")))
     p.append(Preset("AnimateLCM", "animatelcm", "lcm", 1.0, "lcm", 6, 1.5, "1-2", lora_strength=0.8,

@@ -365,3 +365,22 @@ def test_distilled_table_warns_when_it_moves_a_grid(host, caplog):
         schedules.timesteps_to_sigmas(schedules.trailing_timesteps(4), ms)
     assert "cannot place timesteps [999, 749, 499, 249]: the UNet will be told [999, 739, 499, 239]" in caplog.text
     assert "ModelSamplingDiscrete(lcm)" in caplog.text
+
+
+def test_lightning_one_step_asks_for_x0_sampling(sd15, registered, caplog):
+    """SDXL-Lightning's 1-step checkpoint predicts x0: on an eps model the preset nodes say which node to add; with
+    ModelSamplingDiscrete(x0) they are silent."""
+    import logging
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    from fewstep.nodes.presets import FewStepPreset, FewStepSettings
+    model, _ = sd15
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        FewStepPreset.execute(model, "SDXL-Lightning 1-step", 0, 1.0, -1.0)
+        FewStepSettings.execute(model, "SDXL-Lightning 1-step", -1.0, "x0", "cpu", "off", 0)
+    assert caplog.text.count("add ModelSamplingDiscrete with sampling 'x0'") == 2
+    caplog.clear()
+    x0 = ModelSamplingDiscrete().patch(model, "x0", False)[0]
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        FewStepPreset.execute(x0, "SDXL-Lightning 1-step", 0, 1.0, -1.0)
+        FewStepPreset.execute(model, "SDXL-Lightning 4-step", 0, 1.0, -1.0)
+    assert "ModelSamplingDiscrete" not in caplog.text
