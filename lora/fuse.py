@@ -168,12 +168,16 @@ def check_key_shapes(items: Sequence[tuple[Entry, float]], key: str, shape: Sequ
     for entry, strength in items:
         if strength == 0.0 or (getattr(entry, "dora_scale", None) is not None and not _is_peft_dora(entry)):
             continue
-        if isinstance(entry, LoraModule):
-            _check_lora_shape(entry, key, shape)
-        elif isinstance(entry, BASE_DEPENDENT):
-            base_delta(entry, key, shape, 1.0, torch.empty(shape, device="meta"), torch.device("meta"))
-        else:
-            raw_delta(entry, key, shape, device=torch.device("meta"))
+        try:
+            if isinstance(entry, LoraModule):
+                _check_lora_shape(entry, key, shape)
+            elif isinstance(entry, BASE_DEPENDENT):
+                base_delta(entry, key, shape, 1.0, torch.empty(shape, device="meta"), torch.device("meta"))
+            else:
+                raw_delta(entry, key, shape, device=torch.device("meta"))
+        except RuntimeError as e:  # factor shapes torch cannot combine (einsum / kron / matmul)
+            raise ValueError(f"{entry.file}: {entry.kind} module '{entry.name}' has factor shapes that cannot make "
+                             f"'{key}' {list(shape)} ({e})") from None
         if _is_peft_dora(entry):
             peft_magnitude_shape(entry, key, shape)
 
@@ -207,7 +211,7 @@ def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: Optional[tor
             w2 = f(entry.w2_a) @ f(entry.w2_b)
         if w2.ndim == 4:
             w1 = w1.unsqueeze(2).unsqueeze(2)
-        d = torch.kron(w1, w2)
+        d = torch.kron(w1.contiguous(), w2.contiguous())  # the Tucker rebuild is a permuted view
     elif isinstance(entry, (DiffModule, BiasDiffModule)):
         d = entry.diff.to(device=device, dtype=torch.float32, copy=True)  # never alias the adapter tensor
     elif isinstance(entry, BASE_DEPENDENT):

@@ -8,12 +8,14 @@ Block slots (sd-scripts ``svd_merge_lora.get_lbw_block_index`` / LoRA-Block-Weig
     SDXL  12: BASE, IN04, IN05, IN07, IN08, MID, OUT00..OUT05
     SDXL  20: BASE, IN00..IN08, MID, OUT00..OUT08
 
-``block_of`` works on LDM names: ``input_blocks.N`` -> INnn, ``middle_block`` -> MID,
-``output_blocks.N`` -> OUTnn, anything else in the UNet (time_embed, label_emb,
-out) -> BASE. (sd-scripts puts SDXL time_embed/label_emb in IN00 and out in
-OUT09; we follow the fewstep convention BASE = "outside the block stack".)
+``block_of`` works on LDM names: ``input_blocks.N`` -> INnn (``input_blocks.0``,
+conv_in, is IN00 as in LoRA-Block-Weight), ``middle_block`` -> MID, ``output_blocks.N``
+-> OUTnn. UNet weights outside the block stack follow sd-scripts'
+``get_lbw_block_index``: on SDXL time_embed/label_emb -> IN00 and out -> OUT09 (a
+slot no SDXL vector lists, so weight 1); on SD1.x/2.x they have no slot (weight 1,
+as in sd-scripts and LoRA-Block-Weight). BASE is the text encoders' slot only.
 As in sd-scripts, a slot that the chosen vector does not list keeps weight 1.0
-(e.g. IN00/IN03/OUT00 with a 17-value vector).
+(e.g. IN00/IN03/OUT00 with a 17-value vector; LoRA-Block-Weight zeroes those).
 
 Presets (LBW names; LBW defines them for the SD1.5 17-slot vector, reproduced
 exactly here; other layouts use the same region rule, BASE = 1 except NONE):
@@ -22,18 +24,20 @@ INALL, MIDD (IND + MID + OUTD), OUTD (OUT00-06; SDXL OUT00-02), OUTS
 (OUT07-11; SDXL OUT03-08), OUTALL, MIDALL (MID only).
 
 LiNeS: depth order IN00..INmax -> MID -> OUT00..OUTmax, l = 1..L (SD1.5 L = 25,
-SDXL L = 19); λ(l) = α + β·(l−1)/(L−1). Weights outside the block stack (BASE)
-get α, as the paper does for embeddings/heads.
+SDXL L = 19); λ(l) = α + β·(l−1)/(L−1). Weights outside the block stack
+(time_embed, label_emb, out) get α, as the paper does for embeddings/heads.
 
 Merge modes act on the FULL per-key delta of each style adapter; the
 acceleration adapter is never merged, it is added linearly at its strength:
 
 * linear: Σ τᵢ (exact).
-* ties: trim each τᵢ to its top-``density`` fraction by |x|, elect γ = sgn(Σ τ̂ᵢ),
+* ties: trim each τᵢ (strength already applied) to its top ``int(density·n)`` entries by |x| (per
+  key, as PEFT and mergekit do), elect γ = sgn(Σ τ̂ᵢ) with a zero sum electing +1 (PEFT),
   disjoint mean over entries whose sign equals γ (zeros excluded).
 * dare: τ̃ᵢ = mᵢ ⊙ τᵢ / (1−p), mᵢ ~ Bernoulli(1−p) from a CPU torch.Generator
   seeded by sha256(seed, key, i): deterministic and independent of key order.
-* dare_ties: DARE drop/rescale, then TIES elect + disjoint mean.
+* dare_ties: DARE drop/rescale, then TIES elect + disjoint mean (no magnitude trim:
+  ``density`` is not used, as in PEFT's ``dare_ties`` where the random drop is the pruning).
 """
 from __future__ import annotations
 
@@ -176,8 +180,27 @@ _IN_RE = re.compile(r"^input_blocks_(\d+)_")
 _OUT_RE = re.compile(r"^output_blocks_(\d+)_")
 
 
+NO_SLOT = ""
+"""``block_of`` of a UNet weight no block-weight slot scales (weight 1)."""
+
+
 def block_of(host_key: str, arch: str = "sd15") -> str:
-    """Slot name (BASE/INnn/MID/OUTnn) of an LDM host key like ``diffusion_model.input_blocks.4.1.proj_in.weight``."""
+    """Block-weight slot (INnn/MID/OUTnn, or ``NO_SLOT``) of an LDM host key such as
+    ``diffusion_model.input_blocks.4.1.proj_in.weight``; sd-scripts' rule outside the block stack."""
+    a = normalize_arch(arch)
+    slot = stack_block_of(host_key, a)
+    if slot is not None:
+        return slot
+    c = canonical(host_key) + "_"
+    if a == "sdxl" and c.startswith(("time_embed_", "label_emb_")):
+        return "IN00"
+    if a == "sdxl" and c.startswith("out_"):
+        return "OUT09"
+    return NO_SLOT
+
+
+def stack_block_of(host_key: str, arch: str = "sd15") -> Optional[str]:
+    """INnn/MID/OUTnn of a weight inside the UNet's block stack, else None."""
     a = normalize_arch(arch)
     c = canonical(host_key) + "_"
     m = _IN_RE.match(c)
@@ -194,13 +217,15 @@ def block_of(host_key: str, arch: str = "sd15") -> str:
         if n >= N_BLOCKS[a]:
             raise ValueError(f"'{host_key}' is output block {n}, but {a} has {N_BLOCKS[a]} (wrong architecture?)")
         return f"OUT{n:02d}"
-    return "BASE"
+    return None
 
 
 def depth_of(host_key: str, arch: str = "sd15") -> Optional[int]:
-    """LiNeS depth l (1-based) in the order IN00..→MID→..OUTmax, or None for BASE weights."""
+    """LiNeS depth l (1-based) in the order IN00..→MID→..OUTmax, or None outside the block stack."""
     a = normalize_arch(arch)
-    slot = block_of(host_key, a)
+    slot = stack_block_of(host_key, a)
+    if slot is None:
+        return None
     region, i = _slot_index(slot)
     n = N_BLOCKS[a]
     if region == "IN":
@@ -252,13 +277,14 @@ def _seed_for(seed: int, key: str, index: int) -> int:
 
 
 def trim_top_k(t: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the ceil(density·n) largest-|x| entries of ``t`` (ties broken by torch.topk), zero the rest."""
+    """Keep the int(density·n) largest-|x| entries of ``t`` (at least one; PEFT/mergekit's count, ties broken by
+    torch.topk), zero the rest."""
     if not 0.0 < density <= 1.0:
         raise ValueError(f"TIES density must be in (0, 1], got {density}")
     if density >= 1.0:
         return t.clone()
     flat = t.reshape(-1)
-    k = max(1, int(-(-density * flat.numel() // 1)))
+    k = max(1, int(density * flat.numel()))
     idx = flat.abs().topk(k, sorted=False).indices
     out = torch.zeros_like(flat)
     out[idx] = flat[idx]
@@ -280,7 +306,7 @@ def dare_drop(t: torch.Tensor, p: float, seed: int, key: str, index: int) -> tor
 def ties_combine(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     """TIES elect + disjoint mean of already-trimmed deltas."""
     stack = torch.stack([d.to(torch.float32) for d in deltas])
-    elected = torch.sign(stack.sum(dim=0))
+    elected = torch.where(stack.sum(dim=0) >= 0, 1.0, -1.0)  # a zero sum elects +1, as PEFT does
     agree = (torch.sign(stack) == elected) & (stack != 0)
     num = (stack * agree).sum(dim=0)
     cnt = agree.sum(dim=0).clamp(min=1)

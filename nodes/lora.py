@@ -72,6 +72,10 @@ class FusedDelta(WeightAdapterBase):
             delta = self.compute(device=weight.device)
         except ValueError as e:
             raise ValueError(f"{self.node}: {e}") from None
+        except RuntimeError as e:
+            if isinstance(e, torch.OutOfMemoryError):
+                raise  # the host's memory handling deals with it
+            raise ValueError(f"{self.node}: computing the fused delta of '{key}' failed: {e}") from None
         if delta is not None and strength != 0.0:
             weight += function((strength * delta).to(weight.dtype))
         return weight
@@ -299,7 +303,8 @@ class FewStepLoraFuse(io.ComfyNode):
                                        "ties = trim to top-density, elect sign, disjoint mean; dare = random drop "
                                        "with rescale; dare_ties = both. The acceleration LoRA is always linear."),
                 io.Float.Input("density", default=0.2, min=0.01, max=1.0, step=0.01,
-                               tooltip="TIES: fraction of each style delta's largest entries kept."),
+                               tooltip="TIES: fraction of each style delta's largest entries kept (per weight). "
+                                       "Not used by dare_ties, where the random drop (drop_p) prunes."),
                 io.Float.Input("drop_p", default=0.5, min=0.0, max=0.99, step=0.01,
                                tooltip="DARE: probability of dropping each delta entry (survivors scaled 1/(1-p))."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
@@ -308,7 +313,8 @@ class FewStepLoraFuse(io.ComfyNode):
                                 tooltip="Per-block multipliers for the style LoRAs (not the acceleration LoRA): "
                                         "empty = all 1; a LoRA-Block-Weight preset (ALL, NONE, INS, IND, INALL, "
                                         "MIDD, OUTD, OUTS, OUTALL, MIDALL, ALL0.5) or a comma list (SD1.5: 17 or "
-                                        "26 values, SDXL: 12 or 20; BASE first). The layout follows the model."),
+                                        "26 values, SDXL: 12 or 20; BASE first = text encoder). Slots follow "
+                                        "sd-scripts: unlisted slots keep 1. The layout follows the model."),
                 io.Float.Input("lines_alpha", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="LiNeS: style scale at the shallowest block (and outside the block stack). "
                                        "Only used when lines_beta is not 0."),
@@ -482,7 +488,7 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
     preset = preset_display(accel.det) if accel else NONE
     head = (f"{node}: model {facts.base.upper()}, {len(loaded)} adapter(s), {n_keys} weights patched in "
             f"{time.perf_counter() - t0:.2f} s; merge {merge_mode}"
-            + (f" (density {density:g})" if merge_mode in ("ties", "dare_ties") else "")
+            + (f" (density {density:g})" if merge_mode == "ties" else "")
             + (f" (drop_p {drop_p:g}, seed {seed})" if merge_mode in ("dare", "dare_ties") else "")
             + (f"; block weights '{block_weights}'" if block_weights.strip() else "")
             + (f"; LiNeS alpha {lines_alpha:g} beta {lines_beta:g}" if lines_beta != 0 else ""))

@@ -49,8 +49,22 @@ def test_block_of_and_unlisted_slots():
     assert block_of("diffusion_model.input_blocks.4.1.proj_in.weight", "sd15") == "IN04"
     assert block_of("diffusion_model.middle_block.1.proj_in.weight", "sd15") == "MID"
     assert block_of("diffusion_model.output_blocks.11.1.proj_out.weight", "sd15") == "OUT11"
-    assert block_of("diffusion_model.time_embed.0.weight", "sdxl") == "BASE"
-    assert block_of("diffusion_model.out.2.weight", "sd15") == "BASE"
+    # Outside the block stack: sd-scripts' get_lbw_block_index (SDXL time_embed/label_emb -> IN00, out -> OUT09;
+    # SD1.x no slot, weight 1). BASE is the text encoders' slot only.
+    assert block_of("diffusion_model.time_embed.0.weight", "sdxl") == "IN00"
+    assert block_of("diffusion_model.label_emb.0.0.weight", "sdxl") == "IN00"
+    assert block_of("diffusion_model.out.2.weight", "sdxl") == "OUT09"
+    assert block_of("diffusion_model.out.2.weight", "sd15") == "" and block_of("diffusion_model.time_embed.0.weight",
+                                                                                "sd15") == ""
+    assert block_of("diffusion_model.input_blocks.0.0.weight", "sd15") == "IN00"
+    none15, none_xl = parse_block_weights("NONE", "sd15"), parse_block_weights("NONE", "sdxl")
+    assert none15.for_key("diffusion_model.time_embed.0.weight") == 1.0  # no slot: not scaled
+    assert none15.for_key("diffusion_model.out.2.weight") == 1.0
+    assert none_xl.for_key("diffusion_model.time_embed.0.weight") == 0.0  # follows IN00
+    assert none_xl.for_key("diffusion_model.out.2.weight") == 1.0  # OUT09: no SDXL vector lists it
+    xl20 = parse_block_weights(",".join(["1", "0.25"] + ["1"] * 18), "sdxl")  # IN00 = 0.25
+    assert xl20.for_key("diffusion_model.label_emb.0.2.weight") == 0.25
+    assert xl20.for_key("diffusion_model.input_blocks.0.0.weight") == 0.25
     with pytest.raises(ValueError, match="input block 10"):
         block_of("diffusion_model.input_blocks.10.0.in_layers.2.weight", "sdxl")
     bw = parse_block_weights(",".join(["0"] * 17), "sd15")
@@ -227,3 +241,40 @@ def test_detect_folder_metadata_structure(tmp_path):
     d = detect(_accel_file(str(tmp_path / "sd2.safetensors"), ctx=1024))
     assert d.base_model == "sd2"
     assert json.dumps(d.evidence)
+
+
+def test_ties_details_follow_peft():
+    """TIES keeps int(density*n) entries per key and a zero sum elects +1 (PEFT / mergekit); dare_ties is DARE then
+    TIES election without a magnitude trim, so density does not change it."""
+    from lora.merge import trim_top_k, ties_combine
+    t = torch.tensor([5.0, -4.0, 3.0, 2.0, 1.0])
+    assert torch.equal(trim_top_k(t, 0.5), torch.tensor([5.0, -4.0, 0.0, 0.0, 0.0]))  # int(2.5) = 2
+    assert torch.equal(trim_top_k(t, 0.01), torch.tensor([5.0, 0, 0, 0, 0]))  # at least one
+    a, b = torch.tensor([1.0, 2.0, -3.0]), torch.tensor([-1.0, 2.0, 1.0])
+    assert torch.equal(ties_combine([a, b]), torch.tensor([1.0, 2.0, -3.0]))  # 1-1 = 0 elects +1
+    d = [torch.randn(16, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    x = merge_deltas(d, "dare_ties", density=0.05, p=0.3, seed=1, key="k")
+    y = merge_deltas(d, "dare_ties", density=0.9, p=0.3, seed=1, key="k")
+    assert torch.equal(x, y)
+
+
+def test_lokr_tucker_conv_entry():
+    """LyCORIS writes LoKr 3x3 convs with a Tucker core (lokr_t2) by default: the rebuilt w2 is a permuted view, which
+    torch.kron refused; the delta equals LyCORIS' make_kron (kron of w1 with the contiguous Tucker rebuild)."""
+    from lora.formats import LokrModule
+    from lora.fuse import check_key_shapes, raw_delta
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    w1 = r(4, 4)
+    t2, w2_a, w2_b = r(2, 2, 3, 3), r(2, 80), r(2, 160)  # LyCORIS: w2_a [r, out/4], w2_b [r, in/4]; 320 x 640
+    e = LokrModule(name="m", file="f.safetensors", alpha=2.0, w1=w1, w2_a=w2_a, w2_b=w2_b, t2=t2)
+    shape = (320, 640, 3, 3)
+    check_key_shapes([(e, 1.0)], "k.weight", shape)
+    got = raw_delta(e, "k.weight", shape)
+    w2 = torch.einsum("ijkl,jr,ip->prkl", t2, w2_b, w2_a).contiguous()
+    want = torch.kron(w1[:, :, None, None], w2) * (2.0 / 2)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    bad = LokrModule(name="m", file="f.safetensors", alpha=2.0, w1=w1, w2_a=w2_a, w2_b=r(3, 160), t2=t2)
+    with pytest.raises(ValueError, match=r"f\.safetensors: lokr module 'm' has factor shapes that cannot make "
+                                         r"'k\.weight' \[320, 640, 3, 3\]"):
+        check_key_shapes([(bad, 1.0)], "k.weight", shape)
