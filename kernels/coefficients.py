@@ -47,6 +47,7 @@ def linear_coefficients(
     sigma_s: torch.Tensor | float = 0.0,
     c_skipv: torch.Tensor | float | None = None,
     c_out: torch.Tensor | float | None = None,
+    scale: torch.Tensor | float | None = None,
     *,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
@@ -57,11 +58,14 @@ def linear_coefficients(
         sigma_s: per-step target sigma of the consistency jump (``[n_steps]`` or a float; 0 = plain LCM, x_s = D).
         c_skipv: per-step skip coefficient applied to ``x`` (VP factor included); ``None`` = no boundary condition (0).
         c_out: per-step output coefficient applied to ``D_raw``; ``None`` = no boundary condition (1).
+        scale: per-step factor on ``x_next`` without the noise (``None`` = 1); the sampler's diffusers final step
+            uses ``1/sqrt(1 + sigma_s^2)`` there (``StepCoefficients.scale``).
         device: where the result lives; default ``sigmas.device``. Put it on the latent's device before the loop.
 
     The math is float64 (on the CPU when the target is MPS, which has no float64); only the result is float32.
     ``sigma_i == 0`` gives ``r = 0`` (``x_next = D``) instead of a division by zero. ``sigma_{i+1}^2 - sigma_s^2``
-    is clamped at 0. The last step never adds noise (``a_z = 0``), whatever ``sigmas[-1]`` is.
+    is clamped at 0. A step to sigma 0 adds no noise (``a_z = 0``); a schedule that ends above 0 (a split one)
+    re-noises on its last step too, as the sampler does.
     This is a pre-loop computation: it may read nothing back, but it does run a handful of tiny ops.
     """
     sigmas = torch.as_tensor(sigmas)
@@ -76,12 +80,12 @@ def linear_coefficients(
     s_s = _per_step(sigma_s, n, "sigma_s", work)
     skip = _per_step(0.0 if c_skipv is None else c_skipv, n, "c_skipv", work)
     cout = _per_step(1.0 if c_out is None else c_out, n, "c_out", work)
+    vp = _per_step(1.0 if scale is None else scale, n, "scale", work)
 
     nonzero = s_i != 0
     r = torch.where(nonzero, s_s / torch.where(nonzero, s_i, torch.ones_like(s_i)), torch.zeros_like(s_i))
-    a_x = r + (1.0 - r) * skip
-    a_d = (1.0 - r) * cout
-    a_z = torch.sqrt(torch.clamp(s_next * s_next - s_s * s_s, min=0.0))
-    a_z = torch.cat([a_z[:-1], torch.zeros_like(a_z[-1:])])
+    a_x = vp * (r + (1.0 - r) * skip)
+    a_d = vp * (1.0 - r) * cout
+    a_z = torch.where(s_next == 0, 0.0, torch.sqrt(torch.clamp(s_next * s_next - s_s * s_s, min=0.0)))
     coeffs = torch.stack([a_x, a_d, a_z, skip, cout], dim=1)
     return coeffs.to(device=out_device, dtype=torch.float32).contiguous()

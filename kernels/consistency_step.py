@@ -197,11 +197,7 @@ def consistency_step(
     step = _check_args(x, denoised, noise, coeffs, step)
     _check_out(out, x, "out")
     _check_out(x0_out, x, "x0_out")
-    if coeffs.dtype != torch.float32 or coeffs.device != x.device:
-        raise ValueError(
-            f"consistency_step: coeffs must be float32 on {x.device} (got {coeffs.dtype} on {coeffs.device}); "
-            "build them once with linear_coefficients(..., device=x.device)"
-        )
+    _check_kernel_coeffs(coeffs, x)
     if x.is_cuda:
         interpret = False
     elif x.device.type == "cpu" and interpreter_enabled():
@@ -217,8 +213,9 @@ def consistency_step(
     xc, dc = x.contiguous(), denoised.contiguous()
     zc = noise.contiguous() if noise is not None else xc  # dummy pointer, never read when HAS_NOISE=False
     coeffs = coeffs.contiguous()
-    xn = out if (out is not None and out.is_contiguous()) else torch.empty_like(xc)
-    x0 = x0_out if (x0_out is not None and x0_out.is_contiguous()) else torch.empty_like(xc)
+    inputs = (xc, dc, zc)
+    xn = out if _writable_in_place(out, inputs) else torch.empty_like(xc)
+    x0 = x0_out if _writable_in_place(x0_out, inputs) else torch.empty_like(xc)
 
     n = xc.numel()
     if n > 0:
@@ -230,6 +227,27 @@ def consistency_step(
         else:
             kernel[grid](xc, dc, zc, coeffs, xn, x0, n, step, HAS_NOISE=noise is not None, BLOCK=block, num_warps=num_warps)
     return _deliver(xn, out), _deliver(x0, x0_out)
+
+
+def _check_kernel_coeffs(coeffs: torch.Tensor, x: torch.Tensor) -> None:
+    if coeffs.dtype != torch.float32 or coeffs.device != x.device:
+        raise ValueError(
+            f"consistency_step: coeffs must be float32 on {x.device} (got {coeffs.dtype} on {coeffs.device}); "
+            "build them once with linear_coefficients(..., device=x.device)"
+        )
+
+
+def _writable_in_place(out: torch.Tensor | None, inputs) -> bool:
+    """Whether the kernel may write ``out`` directly: contiguous, and sharing memory with an input only as that exact
+    tensor (element i read and written by the same program). A partial overlap (a shifted view of ``x``) would be
+    read after other blocks wrote it, so it goes through a temporary."""
+    if out is None or not out.is_contiguous():
+        return False
+    for t in inputs:
+        if t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() and not (
+                t.data_ptr() == out.data_ptr() and t.shape == out.shape and t.is_contiguous()):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -313,10 +331,16 @@ def fused_step(
         raise ValueError(f"fused_step: backend must be None, 'auto', 'triton' or 'torch', got {backend!r}")
     if not x.is_cuda:
         return consistency_step(x, denoised, noise, coeffs, step, out, x0_out)
+    if _TRITON_BROKEN is not None:  # a launch already failed in this process: no retry (and no repeated warning)
+        return consistency_step_fallback(x, denoised, noise, coeffs, step, out, x0_out)
+    # Argument errors surface as errors (checked here, before the launch); anything the launch itself raises --
+    # including a ValueError from Triton, e.g. kernel sources missing from the install -- is a backend failure.
+    _check_args(x, denoised, noise, coeffs, step)
+    _check_out(out, x, "out")
+    _check_out(x0_out, x, "x0_out")
+    _check_kernel_coeffs(coeffs, x)
     try:
         return consistency_step(x, denoised, noise, coeffs, step, out, x0_out)
-    except (ValueError, IndexError, TypeError):  # argument errors surface as errors, not as a fallback
-        raise
     except Exception as e:  # compile / driver failure (e.g. GPU arch unsupported by this triton)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise

@@ -10,8 +10,10 @@ Usage (the host decides *whether* to capture from plain facts, then routes each 
 Pitfalls handled here (speed.md section 7): every tensor input is copied into a static buffer before replay
 (static addresses); outputs are cloned (the next replay overwrites them); 2 warm-up runs on a side stream before
 capture (cuBLAS workspaces, cudnn/Triton autotune, lazy init); capture on torch's non-default capture stream;
-syncs or any other error during warm-up/capture -> eager, one log line per key, never retried for that key;
-at most ``max_graphs`` graphs alive (each holds one forward's activation pool), least recently used evicted.
+syncs or any other error during warm-up/capture -> eager, one log line per key, never retried for that key,
+except the caller's ``passthrough`` exceptions (e.g. the host's interrupt), which propagate; at most ``max_graphs``
+graphs alive (each holds one forward's activation pool; the least recently used is evicted *before* a capture);
+a cache whose graphs keep being evicted unused (more shapes per step than ``max_graphs``) stops capturing.
 What the *key* must encode is the caller's job: latent shape/dtype/device, cond shapes (77-token chunks), cfg on/off
 (batch 1 vs 2), and the weight patch state (LoRA patches replace Parameters, and a graph bakes weight pointers).
 Non-tensor inputs are baked into the graph; if one differs from the captured value the call runs eagerly.
@@ -85,6 +87,12 @@ def capture_allowed(
 # --------------------------------------------------------------------------------------------------------------------
 # Key
 # --------------------------------------------------------------------------------------------------------------------
+def _short(key) -> str:
+    """A log-sized name for a key (its full repr lists every weight address)."""
+    shape = getattr(key, "shape", None)
+    return f"#{hash(key) & 0xFFFFFFFF:08x}" + (f" latent {tuple(shape)}" if shape is not None else "")
+
+
 def _norm_device(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
@@ -212,10 +220,11 @@ class CudaGraphCapturer:
 
 
 class _Entry:
-    __slots__ = ("spec", "static_leaves", "replay", "static_out", "handle")
+    __slots__ = ("spec", "static_leaves", "replay", "static_out", "handle", "hits")
 
     def __init__(self, spec, static_leaves, replay, static_out, handle):
         self.spec, self.static_leaves, self.replay, self.static_out, self.handle = spec, static_leaves, replay, static_out, handle
+        self.hits = 0  # cache hits after the capturing call
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -229,17 +238,24 @@ class GraphCache:
     or from an eager call when capture is not possible or failed for that key (one log line per key).
     """
 
-    def __init__(self, max_graphs: int = 4, *, warmup_runs: int = 2, capturer=None, logger: logging.Logger | None = None):
+    def __init__(self, max_graphs: int = 4, *, warmup_runs: int = 2, capturer=None, logger: logging.Logger | None = None,
+                 passthrough: tuple[type[BaseException], ...] = (), max_wasted: int | None = None):
+        """``passthrough``: exception types raised by ``fn`` during warm-up/capture that are the caller's (the
+        host's interrupt), re-raised instead of marking the key failed. ``max_wasted``: after this many graphs were
+        evicted without ever being reused (default ``2 * max_graphs``), capturing stops for this cache."""
         if max_graphs < 1:
             raise ValueError(f"GraphCache: max_graphs must be >= 1, got {max_graphs}")
         self.max_graphs = int(max_graphs)
         self.warmup_runs = int(warmup_runs)
         self.capturer = capturer if capturer is not None else CudaGraphCapturer()
         self.log = logger if logger is not None else log
+        self.passthrough = tuple(passthrough)
+        self.max_wasted = 2 * self.max_graphs if max_wasted is None else int(max_wasted)
+        self.disabled: str | None = None  # why capturing stopped for this cache
         self._graphs: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._failed: OrderedDict[Hashable, str] = OrderedDict()  # keys that never capture again (bounded)
         self._logged: OrderedDict[Hashable, None] = OrderedDict()
-        self.stats = {"captures": 0, "replays": 0, "eager": 0, "evictions": 0, "failures": 0}
+        self.stats = {"captures": 0, "replays": 0, "eager": 0, "evictions": 0, "failures": 0, "wasted": 0}
 
     # ---- introspection
     def __len__(self) -> int:
@@ -255,6 +271,7 @@ class GraphCache:
     def clear(self) -> None:
         self._graphs.clear()
         self._failed.clear()
+        self.disabled = None
 
     # ---- helpers
     def _log_once(self, key, level: int, msg: str) -> None:
@@ -263,7 +280,7 @@ class GraphCache:
         self._logged[key] = None
         if len(self._logged) > 256:
             self._logged.popitem(last=False)
-        self.log.log(level, "fewstep graph: %s; running eagerly (key %r)", msg, key)
+        self.log.log(level, "fewstep graph: %s; running eagerly (key %s)", msg, _short(key))
 
     def _eager(self, fn, args, kwargs):
         self.stats["eager"] += 1
@@ -285,6 +302,8 @@ class GraphCache:
             return self._eager(fn, args, kwargs)
 
         entry = self._graphs.get(key)
+        if entry is None and self.disabled is not None:
+            return self._eager(fn, args, kwargs)
         if entry is None:
             reason = self.capturer.unsupported_reason(leaves)
             if reason is not None:
@@ -295,6 +314,7 @@ class GraphCache:
                 return self._eager(fn, args, kwargs)
         else:
             self._graphs.move_to_end(key)
+            entry.hits += 1
 
         mismatch = self._mismatch(entry, spec, leaves)
         if mismatch is not None:
@@ -310,11 +330,28 @@ class GraphCache:
         out_spec = _flatten(entry.static_out, out_leaves)
         return _unflatten(out_spec, iter([t.clone() for t in out_leaves]))
 
+    def _evict_one(self) -> None:
+        _, old = self._graphs.popitem(last=False)
+        self.stats["evictions"] += 1
+        if old.hits == 0:
+            self.stats["wasted"] += 1
+            if self.stats["wasted"] >= self.max_wasted and self.disabled is None:
+                self.disabled = (f"{self.stats['wasted']} graphs were evicted before any reuse (more input shapes "
+                                 f"per step than the {self.max_graphs} kept); capture stopped for this model")
+                self.log.warning("fewstep graph: %s; running eagerly", self.disabled)
+                self._graphs.clear()
+
     def _capture(self, key, fn, spec, leaves) -> _Entry | None:
+        while len(self._graphs) >= self.max_graphs and self.disabled is None:  # free a pool before making one
+            self._evict_one()
+        if self.disabled is not None:
+            return None
         try:
             static_leaves = [t.detach().clone() for t in leaves]
             args, kwargs = _unflatten(spec, iter(static_leaves))
             replay, static_out, handle = self.capturer.capture(fn, args, kwargs, self.warmup_runs)
+        except self.passthrough:
+            raise
         except Exception as e:
             self.stats["failures"] += 1
             self._mark_failed(key, f"{type(e).__name__}: {e}")
@@ -324,9 +361,6 @@ class GraphCache:
         entry = _Entry(spec, static_leaves, replay, static_out, handle)
         self._graphs[key] = entry
         self.stats["captures"] += 1
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
-            self.stats["evictions"] += 1
         return entry
 
     @staticmethod

@@ -9,6 +9,7 @@ ControlNet or attention patches (their Python runs per step), and any capture fa
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import weakref
@@ -32,14 +33,25 @@ def log_once(msg: str) -> None:
 
 
 def cache_for(unet, capturer=None) -> GraphCache:
+    import comfy.model_management
     cache = _CACHES.get(unet)
     if cache is None:
-        cache = _CACHES[unet] = GraphCache(max_graphs=4, capturer=capturer, logger=log)
+        cache = _CACHES[unet] = GraphCache(max_graphs=4, capturer=capturer, logger=log,
+                                           passthrough=(comfy.model_management.InterruptProcessingException,))
     return cache
 
 
 def patch_state(unet) -> tuple:
     return (id(unet), tuple(p.data_ptr() for p in unet.parameters()))
+
+
+def patcher_fingerprint(patcher) -> tuple:
+    """What a graph bakes in that parameter addresses do not show, per model clone: object patches on the UNet
+    (swapped modules or forwards), weight-wrapper functions, and the weight-patch set."""
+    objects = tuple(sorted((k, id(v)) for k, v in getattr(patcher, "object_patches", {}).items()
+                           if k.startswith("diffusion_model")))
+    wrappers = tuple(sorted(getattr(patcher, "weight_wrapper_patches", {}) or {}))
+    return (getattr(patcher, "patches_uuid", None), objects, wrappers)
 
 
 def eager_reason(control, transformer_options: dict, kwargs: dict) -> str | None:
@@ -53,14 +65,17 @@ def eager_reason(control, transformer_options: dict, kwargs: dict) -> str | None
 
 
 def diffusion_model_wrapper(executor, x, timesteps=None, context=None, y=None, control=None,
-                            transformer_options={}, **kwargs):  # noqa: B006 (the host's own signature)
+                            transformer_options={}, fingerprint=(), **kwargs):  # noqa: B006 (the host's signature)
     reason = eager_reason(control, transformer_options, kwargs)
     if reason is not None:
         log_once(f"CUDA graph capture skipped: {reason}; running the UNet eagerly")
         return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
     unet = executor.class_obj
     cfg = len(transformer_options.get("cond_or_uncond", ())) > 1
-    key = GraphKey.from_tensors(x, (timesteps, context, y), cfg=cfg, patch_state=patch_state(unet))
+    # An attention override (e.g. SageAttention nodes) is Python the graph would bake in: part of the key.
+    override = transformer_options.get("optimized_attention_override")
+    state = (patch_state(unet), fingerprint, None if override is None else id(override))
+    key = GraphKey.from_tensors(x, (timesteps, context, y), cfg=cfg, patch_state=state)
 
     def call(x, timesteps, context, y):
         return executor(x, timesteps, context, y, None, transformer_options)
@@ -90,6 +105,6 @@ def with_graph_capture(model, x, extra_args: dict) -> dict:
         log_once(f"CUDA graph capture off: {reason}")
         return extra_args
     options = comfy.model_patcher.create_model_options_clone(extra_args.get("model_options", {}))
-    pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, diffusion_model_wrapper, options,
-                            is_model_options=True)
+    wrapper = functools.partial(diffusion_model_wrapper, fingerprint=patcher_fingerprint(patcher))
+    pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, wrapper, options, is_model_options=True)
     return {**extra_args, "model_options": options}

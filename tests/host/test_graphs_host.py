@@ -153,3 +153,51 @@ def test_real_capture_in_host_sampling_gpu(host, standin_dir):
     assert (with_lora - fused).abs().max().item() > 1e-3, "the LoRA changed nothing: a stale graph was replayed"
     again = run(model, "on")
     assert (again - fused).abs().max().item() <= tol, "the base model's result did not come back after the LoRA"
+
+
+def test_cancel_during_capture_reaches_the_host(tiny):
+    """The host raises InterruptProcessingException inside the UNet when Cancel is pressed; during a capture it
+    propagates (the cache is built with it as passthrough) instead of being logged as a failed capture."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+    from fewstep.nodes import graphs
+
+    class Cancelling(EmulatedCapturer):
+        def capture(self, fn, args, kwargs, warmup_runs):
+            raise mm.InterruptProcessingException()
+    unet = tiny.model.diffusion_model
+    graphs._CACHES.pop(unet, None)
+    cache = graphs.cache_for(unet, Cancelling())
+    opts = {}
+    pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, graphs.WRAPPER_KEY, graphs.diffusion_model_wrapper, opts)
+    with pytest.raises(mm.InterruptProcessingException):
+        run_unet(tiny, torch.randn(1, 4, 8, 8), torch.tensor([3.0]), torch.randn(1, 77, 64), dict(opts))
+    assert cache.stats["failures"] == 0 and not cache._failed
+    graphs._CACHES.pop(unet, None)
+
+
+def test_attention_override_and_object_patches_are_in_the_key(tiny):
+    """Clones share the UNet (and its parameter addresses): a clone with an attention override, or an object patch on
+    the UNet, must not replay another clone's graph."""
+    import comfy.patcher_extension as pe
+    from fewstep.nodes import graphs
+    capturer = EmulatedCapturer()
+    unet = tiny.model.diffusion_model
+    graphs._CACHES.pop(unet, None)
+    graphs.cache_for(unet, capturer)
+    opts = {}
+    pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, graphs.WRAPPER_KEY, graphs.diffusion_model_wrapper, opts)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+    run_unet(tiny, x, torch.tensor([3.0]), ctx, dict(opts))
+    calls = []
+
+    def override(func, *args, **kwargs):
+        calls.append(1)
+        return func(*args, **kwargs)
+    run_unet(tiny, x, torch.tensor([3.0]), ctx, {**opts, "optimized_attention_override": override})
+    assert capturer.captures == 2 and calls, "the override clone replayed the plain clone's graph"
+    a, b = tiny.clone(), tiny.clone()
+    b.add_object_patch("diffusion_model.out", torch.nn.Identity())
+    assert graphs.patcher_fingerprint(a) != graphs.patcher_fingerprint(b)
+    assert graphs.patcher_fingerprint(a) == graphs.patcher_fingerprint(tiny.clone())
+    graphs._CACHES.pop(unet, None)

@@ -282,3 +282,74 @@ def test_cuda_kernel_no_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@needs_triton
+def test_partially_overlapping_out_goes_through_a_temporary():
+    """An `out` that is a shifted view of `x` would be read after other blocks wrote it (a race on a GPU): it is
+    filled through a temporary. Exact aliasing (out=x) still writes in place."""
+    coeffs, _ = _coeffs()
+    n = 2 * 1024 + 5
+    buf = torch.randn(n + 37, generator=torch.Generator().manual_seed(4))
+    x, out = buf[:n], buf[37:]
+    _, d, z = _inputs((n,), torch.float32)
+    ref = consistency_step_reference(x.clone(), d, z, coeffs, 0)
+    got = consistency_step(x, d, z, coeffs, 0, out=out)
+    assert got[0] is out
+    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-6)
+    x2 = buf.clone()[:n]
+    ref2 = consistency_step_reference(x2.clone(), d, z, coeffs, 1)
+    got2 = consistency_step(x2, d, z, coeffs, 1, out=x2)
+    assert got2[0] is x2 and torch.equal(got2[0], ref2[0])
+
+
+def test_failed_launch_is_not_retried(monkeypatch, caplog):
+    """After a CUDA launch fails (e.g. an architecture this triton cannot compile for), later steps go straight to
+    the torch fallback: one attempt and one warning per process, not one per step."""
+    import logging
+
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+    monkeypatch.setattr(cs, "_TRITON_BROKEN", None)
+    calls = []
+
+    def broken(*a, **k):
+        calls.append(1)
+        raise RuntimeError("ptxas fatal: unsupported gpu architecture")
+    monkeypatch.setattr(cs, "consistency_step", broken)
+    coeffs, _ = _coeffs()
+    x, d, z = _inputs((7,), torch.float32)
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        for step in range(4):
+            got = fused_step(x.as_subclass(FakeCuda), d, z if step < 3 else None, coeffs, step, backend="triton")
+            ref = consistency_step_reference(x, d, z if step < 3 else None, coeffs, step)
+            assert torch.equal(got[0].as_subclass(torch.Tensor), ref[0])
+    assert len(calls) == 1 and cs._TRITON_BROKEN.startswith("RuntimeError: ptxas")
+    assert len([r for r in caplog.records if "Triton consistency step failed" in r.getMessage()]) == 1
+
+
+def test_triton_value_error_falls_back_but_argument_errors_raise(monkeypatch):
+    """A ValueError raised by Triton itself (e.g. '@jit functions should be defined in a Python file' when sources
+    are not shipped) is a backend failure: torch fallback. Bad arguments still raise before any launch."""
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+    monkeypatch.setattr(cs, "_TRITON_BROKEN", None)
+
+    def triton_says_no(*a, **k):
+        raise ValueError("@jit functions should be defined in a Python file")
+    monkeypatch.setattr(cs, "consistency_step", triton_says_no)
+    coeffs, _ = _coeffs()
+    x, d, z = _inputs((7,), torch.float32)
+    got = fused_step(x.as_subclass(FakeCuda), d, z, coeffs, 0, backend="triton")
+    assert torch.equal(got[0].as_subclass(torch.Tensor), consistency_step_reference(x, d, z, coeffs, 0)[0])
+    assert cs._TRITON_BROKEN.startswith("ValueError: @jit")
+    monkeypatch.setattr(cs, "_TRITON_BROKEN", None)
+    with pytest.raises(IndexError):
+        fused_step(x.as_subclass(FakeCuda), d, z, coeffs, 9, backend="triton")
+    with pytest.raises(ValueError, match="coeffs must be float32"):
+        fused_step(x.as_subclass(FakeCuda), d, z, coeffs.double(), 0, backend="triton")
+    assert cs._TRITON_BROKEN is None

@@ -144,6 +144,61 @@ def test_capture_failure_falls_back_once(caplog):
     assert cache.stats["failures"] == 1 and cache.stats["eager"] == 3 and len(cache) == 0
 
 
+class Interrupted(Exception):
+    """Stands in for the host's InterruptProcessingException (raised inside the UNet when Cancel is pressed)."""
+
+
+def test_caller_exceptions_pass_through_capture():
+    """Cancel pressed during warm-up/capture is the caller's: it propagates and the key may still capture later;
+    before, it was taken for a capture failure, swallowed, and the key never captured again."""
+    cap = FakeCapturer(fail=Interrupted("cancelled"))
+    cache = GraphCache(capturer=cap, passthrough=(Interrupted,))
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(1, 77, 8)
+    with pytest.raises(Interrupted):
+        cache.get_or_capture(key(), unet, (x, t), {"context": c})
+    assert cache.stats["failures"] == 0 and cache.stats["eager"] == 0
+    cap.fail = None
+    cache.get_or_capture(key(), unet, (x, t), {"context": c})
+    assert cap.captures == 2 and len(cache) == 1
+
+
+def test_thrashing_cache_stops_capturing(caplog):
+    """More shapes per step than graphs kept: every graph is evicted unused; after 2 * max_graphs such evictions the
+    cache runs eagerly with one warning instead of paying warm-ups and a capture per call. Eviction happens before a
+    capture, so at most max_graphs pools are alive."""
+    cap = FakeCapturer()
+    alive = []
+
+    class Counting(FakeCapturer):
+        def capture(self, fn, args, kwargs, warmup_runs):
+            alive.append(len(cache))
+            return cap.capture(fn, args, kwargs, warmup_runs)
+    cache = GraphCache(max_graphs=2, capturer=Counting())
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(1, 77, 8)
+    with caplog.at_level(logging.WARNING, logger="fewstep"):
+        for step in range(6):
+            for k in "abc":  # three shapes per step, two graphs kept
+                out = cache.get_or_capture(key(patch=k), unet, (x, t), {"context": c})
+                torch.testing.assert_close(out, unet(x, t, context=c))
+    assert max(alive) < 2  # a slot is freed before each capture
+    assert cache.disabled and cache.stats["wasted"] == 4 and cap.captures == 5 and len(cache) == 0
+    assert len([r for r in caplog.records if "capture stopped" in r.getMessage()]) == 1
+    ok = GraphCache(max_graphs=2, capturer=FakeCapturer())
+    for step in range(6):
+        for k in "ab":
+            ok.get_or_capture(key(patch=k), unet, (x, t), {"context": c})
+    assert not ok.disabled and ok.stats["replays"] == 12 and ok.stats["captures"] == 2
+
+
+def test_log_line_names_a_short_key(caplog):
+    cache = GraphCache()
+    huge = key(patch=tuple(range(5000)))
+    with caplog.at_level(logging.INFO, logger="fewstep"):
+        cache.get_or_capture(huge, unet, (torch.randn(1, 4, 8, 8), torch.tensor([1.0])), {"context": torch.ones(1)})
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "fewstep"]
+    assert len(line) < 300 and "latent (1, 4, 8, 8)" in line
+
+
 def test_mismatched_inputs_run_eagerly(caplog):
     cache = GraphCache(capturer=FakeCapturer())
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([1.0]), torch.randn(1, 77, 8)
