@@ -273,6 +273,14 @@ class GraphCache:
         self._failed.clear()
         self.disabled = None
 
+    def discard_where(self, stale: Callable[[Hashable], bool]) -> int:
+        """Drop the graphs whose key ``stale(key)`` says can never be hit again (freeing their pools); returns how
+        many were dropped."""
+        dead = [k for k in self._graphs if stale(k)]
+        for k in dead:
+            del self._graphs[k]
+        return len(dead)
+
     # ---- helpers
     def _log_once(self, key, level: int, msg: str) -> None:
         if key in self._logged:

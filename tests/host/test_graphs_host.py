@@ -201,3 +201,40 @@ def test_attention_override_and_object_patches_are_in_the_key(tiny):
     assert graphs.patcher_fingerprint(a) != graphs.patcher_fingerprint(b)
     assert graphs.patcher_fingerprint(a) == graphs.patcher_fingerprint(tiny.clone())
     graphs._CACHES.pop(unet, None)
+
+
+def test_stale_graphs_are_released(tiny, host):
+    """Graphs captured over weight addresses that moved (a LoRA patch, an offload/reload) can never replay: they are
+    dropped at the next sampling start, and a UNet whose weights left the device loses all its graphs."""
+    import comfy.patcher_extension as pe
+    from fewstep.nodes import graphs
+    capturer = EmulatedCapturer()
+    unet = tiny.model.diffusion_model
+    graphs._CACHES.pop(unet, None)
+    cache = graphs.cache_for(unet, capturer)
+    opts = {}
+    pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, graphs.WRAPPER_KEY, graphs.diffusion_model_wrapper, opts)
+    x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
+    run_unet(tiny, x, torch.tensor([3.0]), ctx, dict(opts))
+    m = tiny.clone()
+    key = "diffusion_model.out.2.weight"
+    m.add_patches({key: ("diff", (torch.ones_like(tiny.model.state_dict()[key]) * 0.01,))}, 1.0, 1.0)
+    m.patch_model()
+    try:
+        run_unet(m, x, torch.tensor([3.0]), ctx, dict(opts))
+        assert len(cache) == 2
+        graphs.release_stale_graphs(unet, x.device)  # the unpatched graph's weights are not the current ones
+        assert len(cache) == 1
+    finally:
+        m.unpatch_model()
+    graphs.release_stale_graphs(unet, x.device)  # back to the original weights: the patched graph is stale now
+    assert len(cache) == 0
+
+    other = torch.nn.Linear(2, 2, device="meta")  # a UNet whose weights are elsewhere (offloaded)
+    other_cache = graphs.cache_for(other, EmulatedCapturer())
+    other_cache.get_or_capture("k", lambda a: a * 2, (torch.ones(2),))
+    assert len(other_cache) == 1
+    graphs.release_stale_graphs(unet, x.device)
+    assert len(other_cache) == 0
+    graphs._CACHES.pop(unet, None)
+    graphs._CACHES.pop(other, None)
