@@ -75,10 +75,26 @@ def use_fused(mode: str, x) -> bool:
     if mode == "off":
         return False
     from ..kernels import consistency_step
-    available = x.is_cuda and consistency_step.triton_available()
-    if mode == "on" and not available:
-        raise ValueError("fewstep sampler: fused=on needs a CUDA latent and Triton; set fused to auto or off")
-    return available
+    if not x.is_cuda:
+        why = f"the latent is on {x.device}, and the fused kernel runs on CUDA"
+    elif not consistency_step.triton_available():
+        why = "triton cannot be imported in this Python (pip install triton, or triton-windows on Windows)"
+    else:
+        return True
+    if mode == "on":
+        raise ValueError(f"fewstep sampler: fused=on, but {why}; set fused to auto or off")
+    if x.is_cuda:  # auto on a GPU without triton: say once why it is the unfused loop
+        _log_once_info(f"fewstep sampler: fused=auto runs the unfused loop: {why}")
+    return False
+
+
+_SAID: set = set()
+
+
+def _log_once_info(msg: str) -> None:
+    if msg not in _SAID:
+        _SAID.add(msg)
+        log.info("%s", msg)
 
 
 def fewstep_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, *, kind="consistency", **node_options):

@@ -384,3 +384,20 @@ def test_lightning_one_step_asks_for_x0_sampling(sd15, registered, caplog):
         FewStepPreset.execute(x0, "SDXL-Lightning 1-step", 0, 1.0, -1.0)
         FewStepPreset.execute(model, "SDXL-Lightning 4-step", 0, 1.0, -1.0)
     assert "ModelSamplingDiscrete" not in caplog.text
+
+
+def test_fused_on_says_which_requirement_is_missing(registered, monkeypatch):
+    """fused=on on a CPU latent names the latent's device; on a GPU latent without triton it names triton."""
+    from fewstep.kernels import consistency_step
+    from fewstep.nodes import engine
+    with pytest.raises(ValueError, match=r"fused=on, but the latent is on cpu, and the fused kernel runs on CUDA"):
+        engine.use_fused("on", torch.zeros(1))
+    assert engine.use_fused("auto", torch.zeros(1)) is False and engine.use_fused("off", torch.zeros(1)) is False
+
+    class FakeCuda(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+    monkeypatch.setattr(consistency_step, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match=r"triton cannot be imported"):
+        engine.use_fused("on", torch.zeros(1).as_subclass(FakeCuda))
