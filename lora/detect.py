@@ -5,14 +5,25 @@ One algorithm, layered cheapest-first, every finding recorded in ``evidence``:
 1. Optional A1111 "addnet" short hash (sha256 of the tensor payload, first 12
    hex; or ``sshs_model_hash`` metadata) against the SD.Next table
    (``network_overrides.py``) -> confidence "high".
-2. File name (and parent folder for the generic ``pytorch_lora_weights``),
-   then metadata titles (``modelspec.title``, ``ss_output_name``) against the
-   release name patterns -> "medium"; "high" when the structure agrees.
+2. File name (and up to three parent folders for the generic
+   ``pytorch_lora_weights``: ComfyUI-Manager's ``loras/SD1.5/lcm/``, the HF
+   cache's ``models--org--repo/snapshots/<sha>/``), then metadata titles
+   (``modelspec.title``, ``ss_output_name``) against the release name patterns
+   -> "medium"; "high" when the structure agrees. Looser spellings seen in the
+   wild (Fooocus' ``sdxl_hyper_sd_4step_lora``, AnimateLCM's original
+   ``sd15_lora_beta``, a bare ``lcm``/``tcd`` folder) count only when the
+   structure looks like an acceleration LoRA. A name never wins over a clear
+   style structure (text-encoder keys and no resnet coverage, or no UNet
+   modules): such a file is reported unknown, with the name noted.
+   When nothing matched and the structure looks like an acceleration LoRA, the
+   payload hash is checked against the table (one more read of the file).
 3. Structure: UNet-only, full resnet (conv1/conv2) + time-embedding coverage,
    uniform rank, base model from context width (attn2 k/v input 768 = SD1.5,
-   1024 = SD2, 2048 = SDXL), ``label_emb``/``add_embedding`` keys (SDXL) and
-   block indices. Structure alone never names a kind: it returns kind
-   "unknown", confidence "low", and says why.
+   1024 = SD2, 2048 = SDXL; SDXL without mid-block attention and with at most
+   4 transformer blocks per level = SSD-1B), ``label_emb``/``add_embedding``
+   keys (SDXL), else proj_in's layer type (1x1 conv = SD1.5, linear = SD2).
+   Structure alone never names a kind: it returns kind "unknown", confidence
+   "low", and says why.
 
 Preset names match ``samplers/presets.py``: lcm, tcd,
 pcm_smallcfg_{2,4,8,16}step, pcm_normalcfg_{4,8,16}step, pcm_lcmlike,
@@ -59,6 +70,7 @@ KNOWN_HASHES: dict[str, tuple[str, Optional[str], Optional[str]]] = {
     "1c88f7295856": ("hypersd", "hypersd_4step", "sdxl"),
     "fdd5dcd1d88a": ("hypersd", "hypersd_2step", "sdxl"),
     "8cca3706050b": ("hypersd", "hypersd_1step_unified", "sdxl"),
+    "1c32bdb07a7c": ("lightning", "lightning_4step", "sdxl"),  # SimpleSDXL models_info.py
     "816d0eed49fd": ("flash", None, "sdxl"),
     "c2ec22757b46": ("flash", None, "sd15"),
 }
@@ -70,7 +82,7 @@ class Detection:
 
     kind: "lcm", "tcd", "pcm", "hypersd", "lightning", "animatelcm", "turbo", "flash" or "unknown".
     preset_name: sampler preset name (``PRESET_NAMES``) or None.
-    base_model: "sd15", "sd2", "sdxl" or None.
+    base_model: "sd15", "sd2", "sdxl", "ssd1b" or None.
     steps: distilled step count or None (variable / unknown).
     confidence: "high", "medium", "low" or "none".
     evidence: human-readable reasons, in the order they were found.
@@ -88,7 +100,9 @@ class Detection:
 
 def _base_from_text(s: str) -> Optional[str]:
     t = s.lower()
-    if re.search(r"sdxl|[-_]xl[-_.]|ssd-?1b|stable-diffusion-xl", t):
+    if re.search(r"ssd-?1b", t):
+        return "ssd1b"
+    if re.search(r"sdxl|[-_]xl[-_.]|stable-diffusion-xl", t):
         return "sdxl"
     if re.search(r"sd-?v?1[-_.]?5|sd15|sdv1|stable-diffusion-v1", t):
         return "sd15"
@@ -97,10 +111,50 @@ def _base_from_text(s: str) -> Optional[str]:
     return None
 
 
-def match_name(name: str) -> Optional[tuple[str, Optional[str], Optional[int], Optional[str], str]]:
-    """Match a release file name. Returns (kind, preset, steps, base, why) or None."""
+def match_name(name: str, loose: bool = False) -> Optional[tuple[str, Optional[str], Optional[int], Optional[str], str]]:
+    """Match a release file name. Returns (kind, preset, steps, base, why) or None.
+
+    ``loose`` also accepts spellings seen in the wild that are too generic to trust without an acceleration-like
+    structure (the caller decides)."""
     n = os.path.basename(name).lower()
     base = _base_from_text(n)
+    hit = _match_release(n, base)
+    if hit is None and loose and "unet" not in n:
+        hit = _match_loose(n, base)
+    return hit
+
+
+def _hypersd(steps: int, cfg: bool, b: Optional[str], why: str):
+    if cfg:
+        preset = f"hypersd_cfg_{steps}step"
+        return "hypersd", preset if preset in PRESET_NAMES else None, steps, b, why
+    if steps == 1:
+        return "hypersd", "hypersd_1step_unified", 1, b, why + " (1-step: the unified LoRA)"
+    preset = f"hypersd_{steps}step"
+    return "hypersd", preset if preset in PRESET_NAMES else None, steps, b, why
+
+
+def _match_loose(n: str, base: Optional[str]):
+    m = re.search(r"hyper[-_ ]?sd[-_ ]?(15|xl)?[-_ ]?(\d+)[-_ ]?steps?([-_ ]?cfg)?", n)
+    if m:
+        b = {"15": "sd15", "xl": "sdxl"}.get(m.group(1) or "", base)
+        return _hypersd(int(m.group(2)), bool(m.group(3)), b, "file name looks like Hyper-SD {N}-step")
+    m = re.search(r"lightning[-_ ]?(\d+)[-_ ]?steps?", n)
+    if m:
+        steps = int(m.group(1))
+        preset = f"lightning_{steps}step"
+        return ("lightning", preset if preset in PRESET_NAMES else None, steps, base or "sdxl",
+                "file name looks like SDXL-Lightning {N}-step")
+    if re.search(r"sd15[-_](t2v[-_])?(lora[-_])?beta([-_]lora)?|sd15[-_]t2v[-_]beta[-_]lora", n):
+        return "animatelcm", "animatelcm", None, "sd15", "file name is AnimateLCM's original sd15_lora_beta"
+    folder = re.sub(r"\.safetensors$", "", n)
+    if folder in ("lcm", "tcd", "lcm-lora", "lcm_lora", "tcd-lora", "tcd_lora"):
+        kind = "tcd" if folder.startswith("tcd") else "lcm"
+        return kind, kind, None, base, f"folder/file named '{folder}'"
+    return None
+
+
+def _match_release(n: str, base: Optional[str]):
     m = re.search(r"animatelcm", n)
     if m:
         return "animatelcm", "animatelcm", None, base or "sd15", "file name matches AnimateLCM*"
@@ -115,19 +169,12 @@ def match_name(name: str) -> Optional[tuple[str, Optional[str], Optional[int], O
         return "pcm", "pcm_lcmlike", None, m.group(1), "file name matches pcm_*_lcmlike"
     m = re.search(r"hyper-?sd(15|xl)-(\d+)-?steps?-cfg-lora", n)
     if m:
-        steps = int(m.group(2))
-        preset = f"hypersd_cfg_{steps}step"
-        return ("hypersd", preset if preset in PRESET_NAMES else None, steps,
-                "sd15" if m.group(1) == "15" else "sdxl", "file name matches Hyper-SD*-{N}steps-CFG-lora")
+        return _hypersd(int(m.group(2)), True, "sd15" if m.group(1) == "15" else "sdxl",
+                        "file name matches Hyper-SD*-{N}steps-CFG-lora")
     m = re.search(r"hyper-?sd(15|xl)-(\d+)-?steps?-lora", n)
     if m:
-        steps = int(m.group(2))
-        b = "sd15" if m.group(1) == "15" else "sdxl"
-        if steps == 1:
-            return "hypersd", "hypersd_1step_unified", 1, b, "file name matches Hyper-SD*-1step-lora (unified LoRA)"
-        preset = f"hypersd_{steps}step"
-        return ("hypersd", preset if preset in PRESET_NAMES else None, steps, b,
-                "file name matches Hyper-SD*-{N}steps-lora")
+        return _hypersd(int(m.group(2)), False, "sd15" if m.group(1) == "15" else "sdxl",
+                        "file name matches Hyper-SD*-{N}steps-lora")
     m = re.search(r"sdxl[-_]lightning[-_](\d+)[-_]?steps?[-_]lora", n)
     if m:
         steps = int(m.group(1))
@@ -206,19 +253,58 @@ def analyse_structure(adapter: Adapter) -> Structure:
     base, why = None, ""
     if ctx == 2048 or label:
         base, why = "sdxl", ("cross-attention context 2048" if ctx == 2048 else "label_emb/add_embedding keys")
+        ssd = _ssd1b_layout(names)
+        if ssd:
+            base, why = "ssd1b", ssd
     elif ctx == 768:
         base, why = "sd15", "cross-attention context 768, no label_emb/add_embedding"
     elif ctx == 1024:
         base, why = "sd2", "cross-attention context 1024"
-    elif ins and max(ins) > 8:
-        base, why = "sd15", f"input block {max(ins)} exists (SDXL has 0..8)"
-    elif downs and max(downs) == 3:
-        base, why = "sd15", "down_blocks.3 present (SDXL has 3 levels)"
+    elif (ins and max(ins) > 8) or (downs and max(downs) == 3):
+        # SD1.x and SD2.x share these blocks; proj_in tells them apart (1x1 conv in SD1.x, linear in SD2.x).
+        proj = next((e for e in adapter.entries if isinstance(e, LoraModule)
+                     and re.search(r"(attentions_\d+|_\d+_1)_proj_in$", canonical(e.name))), None)
+        if proj is not None:
+            base, why = (("sd15", "SD1.x block layout, proj_in is a 1x1 conv") if proj.down.ndim == 4
+                         else ("sd2", "SD1.x/2.x block layout, proj_in is linear (SD2.x)"))
     return Structure(unet_only=not adapter.text_encoder_keys, n_modules=len(set(names)), ranks=ranks,
                      has_time_emb=has_time, resnet_blocks=len(resnets), resnet_conv_blocks=len(resnets_conv),
                      has_down_up_samplers=samplers, context_dim=ctx, has_label_emb=label,
                      max_input_block=max(ins) if ins else None, max_down_block=max(downs) if downs else None,
                      base_model=base, base_why=why)
+
+
+def _ssd1b_layout(names: list[str]) -> str:
+    """Why an SDXL-width adapter is for SSD-1B (no mid-block attention, at most 4 transformer blocks at the deepest
+    level, which SDXL has 10 of), or "" when it is not, or cannot be told."""
+    deep = [int(m.group(1)) for n in names for m in
+            [re.match(r"(?:input_blocks_[78]_1|down_blocks_2_attentions_\d+)_transformer_blocks_(\d+)_", n)] if m]
+    mid_attn = any(re.match(r"(middle_block_1|mid_block_attentions_0)_", n) for n in names)
+    if deep and max(deep) == 3 and not mid_attn and any(re.match(r"(output_blocks_\d+_1|up_blocks_\d+_attentions)", n)
+                                                         for n in names):
+        return "SDXL width, no mid-block attention and 4 transformer blocks at the deepest level (SSD-1B)"
+    return ""
+
+
+def _style_like(s: Structure, adapter: Adapter) -> str:
+    """Why the tensors say "style LoRA" clearly enough to overrule a release-like name, or ""."""
+    if not adapter.modules():
+        return "it has no UNet LoRA modules"
+    if not s.unet_only and s.resnet_conv_blocks == 0:
+        return "it has text-encoder keys and no resnet coverage (a style LoRA's shape)"
+    return ""
+
+
+def _ancestor_names(path: str, levels: int = 3) -> list[str]:
+    """Parent folder names, nearest first; the HF cache's ``models--org--repo`` becomes ``org/repo``."""
+    out, d = [], os.path.dirname(os.path.abspath(path))
+    for _ in range(levels):
+        name = os.path.basename(d)
+        if not name:
+            break
+        out.append(name.replace("models--", "", 1).replace("--", "/") if name.startswith("models--") else name)
+        d = os.path.dirname(d)
+    return out
 
 
 def _accel_like(s: Structure) -> tuple[bool, list[str]]:
@@ -285,24 +371,41 @@ def detect(source: Union[Adapter, str, os.PathLike], *, compute_hash: bool = Fal
 
     candidates = [("file name", adapter.path)]
     base_name = os.path.basename(adapter.path).lower()
+    folder_base = None
     if base_name.startswith("pytorch_lora_weights"):
-        candidates.append(("folder name", os.path.basename(os.path.dirname(os.path.abspath(adapter.path)))))
+        ancestors = _ancestor_names(adapter.path)
+        candidates += [("folder name", a) for a in ancestors]
+        folder_base = next((b for b in map(_base_from_text, ancestors) if b), None)
         ev.append("generic diffusers file name pytorch_lora_weights (used by LCM-LoRA and TCD releases)")
     for k in ("modelspec.title", "ss_output_name"):
         if meta.get(k):
             candidates.append((f"metadata {k}", meta[k]))
+    style = _style_like(s, adapter)
     for where, text in candidates:
-        hit = match_name(text)
+        hit = match_name(text, loose=accel_like)
         if hit:
             kind, preset, steps, base, reason = hit
             ev.append(f"{where}: {reason}")
             ev.extend(f"structure: {w}" for w in why)
+            if style:
+                ev.append(f"but {style}: not treated as an acceleration LoRA (a style LoRA named after one, or "
+                          f"made on top of one); pick the preset by hand if it really is one")
+                return Detection("unknown", None, s.base_model or base or meta_base, None, "low", ev, False)
             conf = "high" if accel_like else "medium"
             if not accel_like:
                 ev.append("structure does not look like a full-UNet distillation LoRA; relying on the name")
             if preset is None:
                 ev.append(f"no sampler preset for {kind} with {steps} steps")
-            return finish(kind, preset, steps, base, conf)
+            return finish(kind, preset, steps, base or folder_base, conf)
+
+    if accel_like and not compute_hash and short is None:
+        short = addnet_hash(adapter.path)[:12]
+        ev.append(f"no release name; payload hash {short}")
+        if short in KNOWN_HASHES:
+            kind, preset, base = KNOWN_HASHES[short]
+            ev.append(f"hash {short} is a known release ({kind}, SD.Next table)")
+            m = re.search(r"(\d+)step", preset or "")
+            return finish(kind, preset, int(m.group(1)) if m else None, base, "high")
 
     ev.extend(f"structure: {w}" for w in why)
     if accel_like:

@@ -21,12 +21,15 @@ def checked(node: str, fn, *args, **kwargs):
         raise ValueError(f"{node}: {e}") from None
 
 
+SSD1B_DEPTH = [0, 0, 2, 2, 4, 4]  # the host's SSD1B unet_config transformer_depth (SDXL: [0, 0, 2, 2, 10, 10])
+
+
 def model_base(model) -> str:
-    """'sd15', 'sd2' or 'sdxl' from the model's UNet config (context width), else 'unknown'."""
+    """'sd15', 'sd2', 'sdxl' or 'ssd1b' from the model's UNet config (context width, depth), else 'unknown'."""
     cfg = getattr(model.model.model_config, "unet_config", {}) or {}
     ctx = cfg.get("context_dim")
     if cfg.get("adm_in_channels") and ctx == 2048:
-        return "sdxl"
+        return "ssd1b" if list(cfg.get("transformer_depth") or []) == SSD1B_DEPTH else "sdxl"
     return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(ctx, "unknown")
 
 

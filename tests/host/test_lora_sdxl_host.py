@@ -129,3 +129,33 @@ def test_export_names_text_encoder_weights_as_kohya_writes_them(host, arch):
         else:
             assert lk.startswith("lora_te1_" if hk.startswith("clip_l.") else "lora_te2_"), (hk, lk)
         assert kmap[lk] == hk
+
+
+def test_ssd1b_lora_refused_on_sdxl_and_ssd1b_model_named(L, sdxl, tmp_path, host):
+    """An SSD-1B LoRA (its modules all exist in SDXL with the same shapes) is not fused silently into SDXL: the
+    base check names both. The host's SSD-1B config is recognised as its own base."""
+    import comfy.supported_models as sm
+    import folder_paths
+    from safetensors.torch import save_file
+    from fewstep.nodes.sampling import model_base
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for i in range(4):  # 4 transformer blocks at the deepest level, no mid-block attention: SSD-1B
+        n = f"lora_unet_down_blocks_2_attentions_0_transformer_blocks_{i}_attn2_to_k"
+        sd[n + ".lora_down.weight"] = torch.randn(4, 2048, generator=g)
+        sd[n + ".lora_up.weight"] = torch.randn(1280, 4, generator=g)
+    n = "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    sd[n + ".lora_down.weight"] = torch.randn(4, 1280, generator=g)
+    sd[n + ".lora_up.weight"] = torch.randn(1280, 4, generator=g)
+    save_file(sd, str(tmp_path / "lcm-ssd1b-style.safetensors"))
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    try:
+        with pytest.raises(ValueError, match=r"lcm-ssd1b-style\.safetensors was made for SSD1B but the model is SDXL"):
+            L.fuse(sdxl, L.NONE, 1.0, [("lcm-ssd1b-style.safetensors", 1.0)])
+    finally:
+        folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))
+
+    class M:  # what model_base reads: model.model.model_config.unet_config
+        class model:
+            model_config = sm.SSD1B(dict(sm.SSD1B.unet_config))
+    assert model_base(M) == "ssd1b" and model_base(sdxl) == "sdxl"

@@ -278,3 +278,88 @@ def test_lokr_tucker_conv_entry():
     with pytest.raises(ValueError, match=r"f\.safetensors: lokr module 'm' has factor shapes that cannot make "
                                          r"'k\.weight' \[320, 640, 3, 3\]"):
         check_key_shapes([(bad, 1.0)], "k.weight", shape)
+
+
+def _style_file(path, names, ctx=768, te=True, rank=8):
+    """A kohya style LoRA: attention only (q/k/v/out of a few blocks), with text-encoder keys."""
+    g = torch.Generator().manual_seed(1)
+    sd = {}
+    for blk in names:
+        for proj, inn in (("attn1_to_q", 320), ("attn2_to_k", ctx), ("attn2_to_v", ctx), ("attn1_to_out_0", 320)):
+            n = f"lora_unet_{blk}_transformer_blocks_0_{proj}"
+            sd[n + ".lora_down.weight"] = torch.randn(rank, inn, generator=g)
+            sd[n + ".lora_up.weight"] = torch.randn(320, rank, generator=g)
+    if te:
+        sd["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.randn(rank, 768, generator=g)
+        sd["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.randn(3072, rank, generator=g)
+    return save(path, sd, {"ss_network_dim": str(rank)})
+
+
+@pytest.mark.parametrize("name", ["anime_lcm_lora.safetensors", "pixelart_sdxl_lightning_4step_lora.safetensors",
+                                  "my_style_tcd.safetensors"])
+def test_style_structure_vetoes_a_release_like_name(tmp_path, name):
+    """A style LoRA (text-encoder keys, attention only) named after an acceleration LoRA is reported unknown, with
+    the name noted, instead of getting a preset."""
+    d = detect(_style_file(str(tmp_path / name), ["down_blocks_0_attentions_0", "up_blocks_3_attentions_2"]))
+    assert d.kind == "unknown" and d.preset_name is None and d.confidence == "low", d
+    assert any("not treated as an acceleration LoRA" in e for e in d.evidence)
+
+
+@pytest.mark.parametrize("parts,kind,base", [
+    (("SD1.5", "lcm"), "lcm", "sd15"),  # ComfyUI-Manager's save path for "LCM LoRA SD1.5"
+    (("hub", "models--latent-consistency--lcm-lora-sdv1-5", "snapshots", "d2a6220"), "lcm", "sd15"),  # HF cache
+    (("SD1.5", "tcd"), "tcd", "sd15"),
+])
+def test_generic_name_looks_up_parent_folders(tmp_path, parts, kind, base):
+    d = detect(_accel_file(str(tmp_path.joinpath(*parts) / "pytorch_lora_weights.safetensors")))
+    assert (d.kind, d.preset_name, d.base_model) == (kind, kind, base), d.evidence
+
+
+@pytest.mark.parametrize("name,preset,ctx", [
+    ("sdxl_hyper_sd_4step_lora.safetensors", "hypersd_4step", 2048),  # Fooocus
+    ("hypersd-xl-8steps.safetensors", "hypersd_8step", 2048),
+    ("sdxl_hyper_sd_8step_cfg_lora.safetensors", "hypersd_cfg_8step", 2048),
+    ("SDXL-Lightning-4step.safetensors", "lightning_4step", 2048),
+    ("sd15_lora_beta.safetensors", "animatelcm", 768),  # AnimateLCM's original name (diffusers docs)
+])
+def test_names_seen_in_the_wild_need_the_structure(tmp_path, name, preset, ctx):
+    d = detect(_accel_file(str(tmp_path / "a" / name), ctx=ctx))
+    assert d.preset_name == preset and d.confidence == "high", d.evidence
+    s = detect(_style_file(str(tmp_path / "b" / name), ["down_blocks_1_attentions_0"], ctx=ctx, te=False))
+    assert s.kind == "unknown", s.evidence  # the loose spelling alone is not enough
+
+
+def test_base_sd2_ssd1b_and_hash_fallback(tmp_path, monkeypatch):
+    """SD1.x vs SD2.x without cross-attention k/v: proj_in's layer type; SSD-1B (no mid-block attention, 4 deep
+    transformer blocks) is not SDXL; an unnamed acceleration-shaped file is looked up by its payload hash."""
+    import lora.detect as D
+    g = torch.Generator().manual_seed(2)
+
+    def lora(sd, name, down_shape, out=8):
+        sd[f"lora_unet_{name}.lora_down.weight"] = torch.randn(*down_shape, generator=g)
+        sd[f"lora_unet_{name}.lora_up.weight"] = torch.randn(out, down_shape[0], *([1, 1] if len(down_shape) == 4
+                                                                                     else []), generator=g)
+    for conv, want in ((True, "sd15"), (False, "sd2")):
+        sd = {}
+        lora(sd, "down_blocks_3_resnets_0_conv1", (4, 8, 3, 3))
+        lora(sd, "down_blocks_1_attentions_0_proj_in", (4, 640, 1, 1) if conv else (4, 640))
+        d = detect(save(str(tmp_path / f"{want}.safetensors"), sd))
+        assert d.base_model == want, d.evidence
+    sd = {}
+    lora(sd, "down_blocks_3_resnets_0_conv1", (4, 8, 3, 3))
+    assert detect(save(str(tmp_path / "ambiguous.safetensors"), sd)).base_model is None  # SD1.x or SD2.x
+    ssd, xl = {}, {}
+    for tgt, depth, mid in ((ssd, 4, False), (xl, 10, True)):
+        for i in range(depth):
+            lora(tgt, f"down_blocks_2_attentions_0_transformer_blocks_{i}_attn2_to_k", (4, 2048))
+        lora(tgt, "up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", (4, 1280))
+        if mid:
+            lora(tgt, "mid_block_attentions_0_transformer_blocks_0_attn1_to_q", (4, 1280))
+    assert detect(save(str(tmp_path / "ssd.safetensors"), ssd)).base_model == "ssd1b"
+    assert detect(save(str(tmp_path / "xl.safetensors"), xl)).base_model == "sdxl"
+    p = _accel_file(str(tmp_path / "renamed.safetensors"))
+    d = detect(p)
+    assert d.kind == "unknown" and any("payload hash" in e for e in d.evidence)
+    monkeypatch.setitem(D.KNOWN_HASHES, D.addnet_hash(p)[:12], ("hypersd", "hypersd_8step", "sd15"))
+    d = detect(p)
+    assert (d.kind, d.preset_name, d.confidence) == ("hypersd", "hypersd_8step", "high")
