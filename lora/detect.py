@@ -234,7 +234,7 @@ def analyse_structure(adapter: Adapter) -> Structure:
     resnets_conv: set[str] = set()
     for n in names:
         m = _RESNET_RE.match(n)
-        if m:
+        if m and not re.search(r"^input_blocks_\d+_0_op$", n):  # LDM downsamplers sit at index 0 too
             blk = m.group(0)
             resnets.add(blk)
             if re.search(r"(conv1|conv2|in_layers_2|out_layers_3)$", n):

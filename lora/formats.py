@@ -537,6 +537,7 @@ def read_adapter(path: Union[str, os.PathLike], strict: bool = False) -> Adapter
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             keys = list(f.keys())
+            _refuse_non_adapter(path, keys)  # before reading gigabytes of a checkpoint put in the loras folder
             for k in keys:
                 tensors[k] = f.get_tensor(k)
     except ValueError:
@@ -544,6 +545,21 @@ def read_adapter(path: Union[str, os.PathLike], strict: bool = False) -> Adapter
     except Exception as e:  # safetensors raises SafetensorError / OSError for truncation
         raise ValueError(f"{path}: cannot read safetensors file (truncated or corrupt: {e})") from e
     return parse_state_dict(tensors, metadata, path, strict=strict)
+
+
+def _refuse_non_adapter(path: str, keys: list[str]) -> None:
+    """ValueError when no tensor name is an adapter part (a full checkpoint or UNet in the loras folder), from the
+    header alone."""
+    names = set(keys)
+    for k in keys:
+        module, role, _ = split_key(k)
+        if k.startswith(_EMBEDDING_PREFIXES) or is_text_encoder_module(module):
+            return
+        if role and (role != "ia3_weight" or f"{module}.on_input" in names):
+            return
+    if keys:
+        raise ValueError(f"{path}: none of its {len(keys)} tensors is a LoRA/LyCORIS part (e.g. '{keys[0]}'); it "
+                         f"looks like a full checkpoint or UNet: load it with a checkpoint/UNet loader instead")
 
 
 def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str,

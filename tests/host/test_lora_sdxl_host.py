@@ -159,3 +159,25 @@ def test_ssd1b_lora_refused_on_sdxl_and_ssd1b_model_named(L, sdxl, tmp_path, hos
         class model:
             model_config = sm.SSD1B(dict(sm.SSD1B.unet_config))
     assert model_base(M) == "ssd1b" and model_base(sdxl) == "sdxl"
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_full_unet_lora_in_ldm_names_looks_like_acceleration(host, tmp_path, kind):
+    """A whole-UNet LoRA written with LDM module names (input_blocks_*): its downsamplers (input_blocks_N_0_op) are not
+    resnets missing their convs, so the structure reads as an acceleration LoRA and the name gives high confidence."""
+    from fewstep.lora.detect import detect
+    from tools import standins
+    p = tmp_path / f"lcm-lora-{kind}-ldm.safetensors"
+    standins.build_lora(kind, "kohya_ldm", "full", 1, 1.0, p)
+    d = detect(str(p))
+    assert d.kind == "lcm" and d.accel_like_structure and d.confidence == "high", d.evidence
+
+
+def test_checkpoint_in_the_loras_folder_refused_from_its_header(host, tmp_path):
+    from safetensors.torch import save_file
+    from fewstep.lora.formats import read_adapter
+    p = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "model.diffusion_model.input_blocks.0.0.bias": torch.zeros(4)}, str(p))
+    with pytest.raises(ValueError, match=r"none of its 2 tensors is a LoRA/LyCORIS part .* checkpoint/UNet loader"):
+        read_adapter(p)
