@@ -73,7 +73,7 @@ class FusedDelta(WeightAdapterBase):
         except ValueError as e:
             raise ValueError(f"{self.node}: {e}") from None
         except RuntimeError as e:
-            if isinstance(e, torch.OutOfMemoryError):
+            if isinstance(e, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
                 raise  # the host's memory handling deals with it
             raise ValueError(f"{self.node}: computing the fused delta of '{key}' failed: {e}") from None
         if delta is not None and strength != 0.0:
