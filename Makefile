@@ -1,6 +1,6 @@
 # fewstep developer commands. On a fresh machine only two are needed:
 #   make demo   -- set everything up, run every workflows/api/*.json on the stand-in (or CHECKPOINT=...), images in out/
-#   make test   -- set everything up and run all three test tiers (math, in-process host, real server)
+#   make test   -- set everything up and run all four test tiers (math, in-process host, real server, frontend)
 # Also: make serve (graph editor on PORT, default 8188), make bench, make standins, make setup.
 SHELL := /bin/bash
 PYTHON3 ?= python3

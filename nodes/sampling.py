@@ -136,8 +136,8 @@ def strength_input():
 
 def original_steps_input():
     return io.Combo.Input("original_steps", options=["50", "100", "25"], default="50",
-                          tooltip="The distillation grid (diffusers original_inference_steps): 50 for LCM-LoRA/TCD, "
-                                  "100 for AnimateLCM's reference config.")
+                          tooltip="Size of the distillation grid (the scheduler's original_inference_steps "
+                                  "setting): 50 for LCM-LoRA/TCD, 100 for AnimateLCM's reference config, 25 coarse.")
 
 
 def _sigmas(node, model, fn, *args):
