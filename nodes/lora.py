@@ -25,9 +25,7 @@ import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 from comfy_api.v0_0_2 import io
 
-from ..lora import detect as lora_detect
-from ..lora import export as lora_export
-from ..lora import formats, keys, merge
+from ..lora import formats, keys, merge  # detect and export are imported where used (start-up time)
 from ..lora.fuse import check_key_shapes
 from ..samplers import presets
 from .sampling import checked, model_base
@@ -159,6 +157,7 @@ def load_adapter(node: str, facts: HostFacts, role: str, name: str, strength: fl
         raise ValueError(f"{node}: {path}: {len(unknown)} of its {len(unknown) + used} UNet tensors are of no known "
                          f"adapter type (e.g. '{unknown[0]}'); fusing the rest would be a partial result. Supported: "
                          f"LoRA/LoCon, LoHa, LoKr, GLoRA, OFT/BOFT, IA3, DoRA, full diffs")
+    from ..lora import detect as lora_detect
     det = checked(node, lora_detect.detect, adapter)
     if det.base_model and det.base_model != facts.base:
         raise ValueError(f"{node}: {path} was made for {det.base_model.upper()} but the model is "
@@ -718,6 +717,7 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
     kw = dict(rank=rank, energy=None, dtype=DTYPES[dtype]) if mode == "rank" else \
         dict(rank=None, energy=energy, max_rank=rank, dtype=DTYPES[dtype])
     kw["lora_names"] = te_names
+    from ..lora import export as lora_export
     if method == "full":
         sd, rep = checked(node, lora_export.full_svd_export, deltas, **kw)
     else:

