@@ -48,15 +48,22 @@ def run_unet(patcher, x, sigma, context, transformer_options):
     return patcher.model.apply_model(x, sigma, c_crossattn=context, transformer_options=transformer_options)
 
 
-def test_wrapper_keys_and_replay_equal_eager(tiny, monkeypatch):
+def wrapped(tiny, capturer):
+    """A fresh graph cache for the tiny UNet with `capturer`, and transformer options carrying the capture wrapper."""
     import comfy.patcher_extension as pe
     from fewstep.nodes import graphs
-    capturer = EmulatedCapturer()
     unet = tiny.model.diffusion_model
     graphs._CACHES.pop(unet, None)
-    graphs.cache_for(unet, capturer)
+    cache = graphs.cache_for(unet, capturer)
     opts = {}
     pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, graphs.WRAPPER_KEY, graphs.diffusion_model_wrapper, opts)
+    return unet, cache, opts
+
+
+def test_wrapper_keys_and_replay_equal_eager(tiny, monkeypatch):
+    from fewstep.nodes import graphs
+    capturer = EmulatedCapturer()
+    unet, _, opts = wrapped(tiny, capturer)
     x = torch.randn(1, 4, 8, 8)
     ctx = torch.randn(1, 77, 64)
     eager = run_unet(tiny, x, torch.tensor([3.0]), ctx, {})
@@ -159,17 +166,12 @@ def test_cancel_during_capture_reaches_the_host(tiny):
     """The host raises InterruptProcessingException inside the UNet when Cancel is pressed; during a capture it
     propagates (the cache is built with it as passthrough) instead of being logged as a failed capture."""
     import comfy.model_management as mm
-    import comfy.patcher_extension as pe
     from fewstep.nodes import graphs
 
     class Cancelling(EmulatedCapturer):
         def capture(self, fn, args, kwargs, warmup_runs):
             raise mm.InterruptProcessingException()
-    unet = tiny.model.diffusion_model
-    graphs._CACHES.pop(unet, None)
-    cache = graphs.cache_for(unet, Cancelling())
-    opts = {}
-    pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, graphs.WRAPPER_KEY, graphs.diffusion_model_wrapper, opts)
+    unet, cache, opts = wrapped(tiny, Cancelling())
     with pytest.raises(mm.InterruptProcessingException):
         run_unet(tiny, torch.randn(1, 4, 8, 8), torch.tensor([3.0]), torch.randn(1, 77, 64), dict(opts))
     assert cache.stats["failures"] == 0 and not cache._failed
@@ -179,14 +181,9 @@ def test_cancel_during_capture_reaches_the_host(tiny):
 def test_attention_override_and_object_patches_are_in_the_key(tiny):
     """Clones share the UNet (and its parameter addresses): a clone with an attention override, or an object patch on
     the UNet, must not replay another clone's graph."""
-    import comfy.patcher_extension as pe
     from fewstep.nodes import graphs
     capturer = EmulatedCapturer()
-    unet = tiny.model.diffusion_model
-    graphs._CACHES.pop(unet, None)
-    graphs.cache_for(unet, capturer)
-    opts = {}
-    pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, graphs.WRAPPER_KEY, graphs.diffusion_model_wrapper, opts)
+    unet, _, opts = wrapped(tiny, capturer)
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
     run_unet(tiny, x, torch.tensor([3.0]), ctx, dict(opts))
     calls = []
@@ -206,14 +203,9 @@ def test_attention_override_and_object_patches_are_in_the_key(tiny):
 def test_stale_graphs_are_released(tiny, host):
     """Graphs captured over weight addresses that moved (a LoRA patch, an offload/reload) can never replay: they are
     dropped at the next sampling start, and a UNet whose weights left the device loses all its graphs."""
-    import comfy.patcher_extension as pe
     from fewstep.nodes import graphs
     capturer = EmulatedCapturer()
-    unet = tiny.model.diffusion_model
-    graphs._CACHES.pop(unet, None)
-    cache = graphs.cache_for(unet, capturer)
-    opts = {}
-    pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, graphs.WRAPPER_KEY, graphs.diffusion_model_wrapper, opts)
+    unet, cache, opts = wrapped(tiny, capturer)
     x, ctx = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 64)
     run_unet(tiny, x, torch.tensor([3.0]), ctx, dict(opts))
     m = tiny.clone()

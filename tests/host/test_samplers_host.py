@@ -245,20 +245,27 @@ def test_too_short_sigmas_rejected(sd15, registered):
         engine.fewstep_sample(None, torch.zeros(1, 4, SIZE, SIZE), torch.tensor([1.0]), kind="lcm")
 
 
-def test_distilled_lcm_table_uses_the_full_table_off_grid(host):
-    """On core's ModelSamplingDiscrete(lcm) table (50 kept timesteps) TCD's off-grid targets and the diffusers final
-    step (s = 0) read the full table, as diffusers does: the coefficients equal those on the plain model sampling.
-    A distilled table the full one cannot be rebuilt for (zsnr) refuses final_step='diffusers' with a clear error."""
+def distilled_eps():
+    """Core ModelSamplingDiscrete(lcm)'s model sampling class (50 kept timesteps), eps prediction."""
     import comfy.model_sampling
     from comfy_extras.nodes_model_advanced import ModelSamplingDiscreteDistilled
 
     class Distilled(ModelSamplingDiscreteDistilled, comfy.model_sampling.EPS):
         pass
+    return Distilled
+
+
+def test_distilled_lcm_table_uses_the_full_table_off_grid(host):
+    """On core's ModelSamplingDiscrete(lcm) table (50 kept timesteps) TCD's off-grid targets and the diffusers final
+    step (s = 0) read the full table, as diffusers does: the coefficients equal those on the plain model sampling.
+    A distilled table the full one cannot be rebuilt for (zsnr) refuses final_step='diffusers' with a clear error."""
+    import comfy.model_sampling
 
     class Plain(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
         pass
 
     from fewstep.samplers import consistency, schedules
+    Distilled = distilled_eps()
     plain, distilled = Plain(), Distilled()
     assert distilled.sigmas.numel() == 50
     ts = schedules.lcm_timesteps(4)
@@ -351,13 +358,8 @@ def test_distilled_table_warns_when_it_moves_a_grid(host, caplog):
     """Trailing timesteps on a ModelSamplingDiscrete(lcm) table land on its 50-step grid (749 -> 739): the log says
     what the UNet will be told and which node to remove; an LCM grid on it (on-grid) is silent."""
     import logging
-    import comfy.model_sampling
-    from comfy_extras.nodes_model_advanced import ModelSamplingDiscreteDistilled
     from fewstep.samplers import schedules
-
-    class Distilled(ModelSamplingDiscreteDistilled, comfy.model_sampling.EPS):
-        pass
-    ms = Distilled()
+    ms = distilled_eps()()
     with caplog.at_level(logging.WARNING, logger="fewstep"):
         schedules.timesteps_to_sigmas(schedules.lcm_timesteps(4), ms)
     assert "cannot place" not in caplog.text
