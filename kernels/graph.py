@@ -241,8 +241,9 @@ class GraphCache:
     def __init__(self, max_graphs: int = 4, *, warmup_runs: int = 2, capturer=None, logger: logging.Logger | None = None,
                  passthrough: tuple[type[BaseException], ...] = (), max_wasted: int | None = None):
         """``passthrough``: exception types raised by ``fn`` during warm-up/capture that are the caller's (the
-        host's interrupt), re-raised instead of marking the key failed. ``max_wasted``: after this many graphs were
-        evicted without ever being reused (default ``2 * max_graphs``), capturing stops for this cache."""
+        host's interrupt), re-raised instead of marking the key failed. ``max_wasted``: after this many graphs in a
+        row were evicted without ever being reused, with no cache hit in between (default ``2 * max_graphs``),
+        capturing stops for this cache; a hit resets the count, so one-off shapes in a long session never add up."""
         if max_graphs < 1:
             raise ValueError(f"GraphCache: max_graphs must be >= 1, got {max_graphs}")
         self.max_graphs = int(max_graphs)
@@ -252,6 +253,7 @@ class GraphCache:
         self.passthrough = tuple(passthrough)
         self.max_wasted = 2 * self.max_graphs if max_wasted is None else int(max_wasted)
         self.disabled: str | None = None  # why capturing stopped for this cache
+        self._wasted_run = 0  # unused evictions since the last cache hit
         self._graphs: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._failed: OrderedDict[Hashable, str] = OrderedDict()  # keys that never capture again (bounded)
         self._logged: OrderedDict[Hashable, None] = OrderedDict()
@@ -323,6 +325,7 @@ class GraphCache:
         else:
             self._graphs.move_to_end(key)
             entry.hits += 1
+            self._wasted_run = 0
 
         mismatch = self._mismatch(entry, spec, leaves)
         if mismatch is not None:
@@ -343,9 +346,10 @@ class GraphCache:
         self.stats["evictions"] += 1
         if old.hits == 0:
             self.stats["wasted"] += 1
-            if self.stats["wasted"] >= self.max_wasted and self.disabled is None:
-                self.disabled = (f"{self.stats['wasted']} graphs were evicted before any reuse (more input shapes "
-                                 f"per step than the {self.max_graphs} kept); capture stopped for this model")
+            self._wasted_run += 1
+            if self._wasted_run >= self.max_wasted and self.disabled is None:
+                self.disabled = (f"{self._wasted_run} graphs in a row were evicted before any reuse (more input "
+                                 f"shapes per step than the {self.max_graphs} kept); capture stopped for this model")
                 self.log.warning("fewstep graph: %s; running eagerly", self.disabled)
                 self._graphs.clear()
 

@@ -188,6 +188,13 @@ def test_thrashing_cache_stops_capturing(caplog):
         for k in "ab":
             ok.get_or_capture(key(patch=k), unet, (x, t), {"context": c})
     assert not ok.disabled and ok.stats["replays"] == 12 and ok.stats["captures"] == 2
+    # one-off shapes over a long session (each evicted unused) never add up while other keys keep hitting
+    long = GraphCache(max_graphs=2, capturer=FakeCapturer())
+    for i in range(12):
+        long.get_or_capture(key(patch="hot"), unet, (x, t), {"context": c})
+        long.get_or_capture(key(patch=f"once{i}"), unet, (x, t), {"context": c})
+        long.get_or_capture(key(patch="hot"), unet, (x, t), {"context": c})
+    assert not long.disabled and long.stats["wasted"] >= 10
 
 
 def test_log_line_names_a_short_key(caplog):
