@@ -363,11 +363,14 @@ def detect(source: Union[Adapter, str, os.PathLike], *, compute_hash: bool = Fal
     if compute_hash and short not in KNOWN_HASHES:
         short = addnet_hash(adapter.path)[:12]
         ev.append(f"payload hash {short}")
-    if short in KNOWN_HASHES:
+    def known(short: str) -> Detection:
         kind, preset, base = KNOWN_HASHES[short]
         ev.append(f"hash {short} is a known release ({kind}, SD.Next table)")
-        steps = int(re.search(r"(\d+)step", preset).group(1)) if preset and re.search(r"(\d+)step", preset) else None
-        return finish(kind, preset, steps, base, "high")
+        m = re.search(r"(\d+)step", preset or "")
+        return finish(kind, preset, int(m.group(1)) if m else None, base, "high")
+
+    if short in KNOWN_HASHES:
+        return known(short)
 
     candidates = [("file name", adapter.path)]
     base_name = os.path.basename(adapter.path).lower()
@@ -402,10 +405,7 @@ def detect(source: Union[Adapter, str, os.PathLike], *, compute_hash: bool = Fal
         short = addnet_hash(adapter.path)[:12]
         ev.append(f"no release name; payload hash {short}")
         if short in KNOWN_HASHES:
-            kind, preset, base = KNOWN_HASHES[short]
-            ev.append(f"hash {short} is a known release ({kind}, SD.Next table)")
-            m = re.search(r"(\d+)step", preset or "")
-            return finish(kind, preset, int(m.group(1)) if m else None, base, "high")
+            return known(short)
 
     ev.extend(f"structure: {w}" for w in why)
     if accel_like:

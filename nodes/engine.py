@@ -84,17 +84,10 @@ def use_fused(mode: str, x) -> bool:
     if mode == "on":
         raise ValueError(f"fewstep sampler: fused=on, but {why}; set fused to auto or off")
     if x.is_cuda:  # auto on a GPU without triton: say once why it is the unfused loop
-        _log_once_info(f"fewstep sampler: fused=auto runs the unfused loop: {why}")
+        from .graphs import log_once
+        log_once(f"sampler fused=auto runs the unfused loop: {why}")
     return False
 
-
-_SAID: set = set()
-
-
-def _log_once_info(msg: str) -> None:
-    if msg not in _SAID:
-        _SAID.add(msg)
-        log.info("%s", msg)
 
 
 def fewstep_sample(model, x, sigmas, extra_args=None, callback=None, disable=None, *, kind="consistency", **node_options):

@@ -303,15 +303,19 @@ def test_partially_overlapping_out_goes_through_a_temporary():
     assert got2[0] is x2 and torch.equal(got2[0], ref2[0])
 
 
+class FakeCuda(torch.Tensor):
+    """A CPU tensor that reports is_cuda, to reach fused_step's CUDA-only branches on a machine without a GPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
 def test_failed_launch_is_not_retried(monkeypatch, caplog):
     """After a CUDA launch fails (e.g. an architecture this triton cannot compile for), later steps go straight to
     the torch fallback: one attempt and one warning per process, not one per step."""
     import logging
 
-    class FakeCuda(torch.Tensor):
-        @property
-        def is_cuda(self):
-            return True
     monkeypatch.setattr(cs, "_TRITON_BROKEN", None)
     calls = []
 
@@ -333,10 +337,6 @@ def test_failed_launch_is_not_retried(monkeypatch, caplog):
 def test_triton_value_error_falls_back_but_argument_errors_raise(monkeypatch):
     """A ValueError raised by Triton itself (e.g. '@jit functions should be defined in a Python file' when sources
     are not shipped) is a backend failure: torch fallback. Bad arguments still raise before any launch."""
-    class FakeCuda(torch.Tensor):
-        @property
-        def is_cuda(self):
-            return True
     monkeypatch.setattr(cs, "_TRITON_BROKEN", None)
 
     def triton_says_no(*a, **k):
