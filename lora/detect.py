@@ -40,7 +40,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .formats import Adapter, LoraModule, read_adapter
+from .adapters import LoraModule
+from .formats import Adapter, read_adapter
 from .keys import canonical
 
 LOG = logging.getLogger("fewstep")
@@ -324,6 +325,34 @@ def _accel_like(s: Structure) -> tuple[bool, list[str]]:
     return ok, why
 
 
+def _metadata_base(meta: dict, ev: list[str]) -> Optional[str]:
+    """The base model the header names (``modelspec.architecture``, ``ss_base_model_version``, ``ss_v2``), noted in
+    ``ev``."""
+    meta_base = None
+    arch = meta.get("modelspec.architecture", "") or meta.get("ss_base_model_version", "")
+    if arch:
+        meta_base = _base_from_text(arch) or ("sd15" if arch.startswith("sd_v1") else None)
+        if meta_base:
+            ev.append(f"metadata: base {meta_base} ({arch})")
+    if meta.get("ss_v2") == "True" and not meta_base:
+        meta_base = "sd2"
+        ev.append("metadata: ss_v2=True (SD2)")
+    return meta_base
+
+
+def _short_hash(adapter: Adapter, meta: dict, compute_hash: bool, ev: list[str]) -> Optional[str]:
+    """The addnet short hash from the header (``sshs_model_hash``), or of the payload with ``compute_hash``."""
+    short = None
+    hs = meta.get("sshs_model_hash")
+    if hs:
+        short = hs.lower()[:12]
+        ev.append(f"metadata sshs_model_hash {short}")
+    if compute_hash and short not in KNOWN_HASHES:
+        short = addnet_hash(adapter.path)[:12]
+        ev.append(f"payload hash {short}")
+    return short
+
+
 def detect(source: Union[Adapter, str, os.PathLike], *, compute_hash: bool = False) -> Detection:
     """Detect the acceleration-LoRA kind of an adapter (or a ``.safetensors`` path).
 
@@ -338,15 +367,7 @@ def detect(source: Union[Adapter, str, os.PathLike], *, compute_hash: bool = Fal
     accel_like, why = _accel_like(s)
     if s.base_model:
         ev.append(f"structure: base {s.base_model} ({s.base_why})")
-    meta_base = None
-    arch = meta.get("modelspec.architecture", "") or meta.get("ss_base_model_version", "")
-    if arch:
-        meta_base = _base_from_text(arch) or ("sd15" if arch.startswith("sd_v1") else None)
-        if meta_base:
-            ev.append(f"metadata: base {meta_base} ({arch})")
-    if meta.get("ss_v2") == "True" and not meta_base:
-        meta_base = "sd2"
-        ev.append("metadata: ss_v2=True (SD2)")
+    meta_base = _metadata_base(meta, ev)
 
     def finish(kind, preset, steps, base, conf) -> Detection:
         b = s.base_model or base or meta_base
@@ -355,14 +376,7 @@ def detect(source: Union[Adapter, str, os.PathLike], *, compute_hash: bool = Fal
             conf = "low"
         return Detection(kind, preset, b, steps, conf, ev, accel_like)
 
-    short = None
-    hs = meta.get("sshs_model_hash")
-    if hs:
-        short = hs.lower()[:12]
-        ev.append(f"metadata sshs_model_hash {short}")
-    if compute_hash and short not in KNOWN_HASHES:
-        short = addnet_hash(adapter.path)[:12]
-        ev.append(f"payload hash {short}")
+    short = _short_hash(adapter, meta, compute_hash, ev)
     def known(short: str) -> Detection:
         kind, preset, base = KNOWN_HASHES[short]
         ev.append(f"hash {short} is a known release ({kind}, SD.Next table)")

@@ -23,7 +23,6 @@ with ``torch.linalg.svd`` (benchmark reference).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -32,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
+
+from .seeds import seed_for
 
 LOG = logging.getLogger("fewstep")
 
@@ -69,11 +70,6 @@ class ExportReport:
         return sorted(self.keys, key=lambda r: r.rel_error, reverse=True)[:n]
 
 
-def _seed_for(seed: int, key: str) -> int:
-    h = hashlib.sha256(f"{int(seed)}\x00{key}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
 def randomized_svd(m: torch.Tensor, k: int, *, oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS,
                    seed: int = 0, key: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Seeded Halko randomized SVD of a 2-D fp32 matrix: returns (U [m, k], S [k], Vh [k, n]).
@@ -88,7 +84,7 @@ def randomized_svd(m: torch.Tensor, k: int, *, oversample: int = OVERSAMPLE, pow
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
         return u[:, :k], s[:k], vh[:k]
     g = torch.Generator(device="cpu")
-    g.manual_seed(_seed_for(seed, key))
+    g.manual_seed(seed_for(seed, key))
     omega = torch.randn(cols, l, generator=g, dtype=torch.float32).to(m.device)
     q, _ = torch.linalg.qr(m @ omega)
     for _ in range(power_iters):
@@ -205,7 +201,7 @@ def export_lora(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, to
     """Randomized-SVD export of host-key deltas to a kohya LoRA state dict (see module doc).
 
     Args:
-        deltas: host key -> fp32 delta (dict or an iterator such as ``lora.fuse.iter_deltas``).
+        deltas: host key -> fp32 delta (a dict or an iterator of (key, delta) pairs, one key at a time).
         rank: fixed rank, or
         energy: Frobenius energy threshold (exactly one of rank/energy).
         max_rank: rank cap for energy mode.

@@ -4,32 +4,17 @@ One algorithm: parse the tensor names of a safetensors file into per-module
 entries. Nothing is unpickled: ``.ckpt/.pt/.pth/.bin`` paths are rejected with
 a message saying to convert the file to safetensors.
 
-Recognised per-module tensor names (``<m>`` is the module prefix):
+Tensor names: ``<m>.<suffix>`` with ``<m>`` the module prefix. Each adapter kind in ``lora.adapters`` lists its
+suffixes and parses its part of a module (LoRA/LoCon, LoHa, LoKr, GLoRA, OFT/BOFT, IA3, full diffs, norm); this
+module adds the ones every kind shares:
 
-* plain LoRA / LoCon:  ``<m>.lora_up.weight`` + ``<m>.lora_down.weight``
-  (+ ``<m>.lora_mid.weight`` for LoCon Tucker), PEFT ``<m>.lora_B.weight`` +
-  ``<m>.lora_A.weight`` (also ``.lora_B.default.weight``), diffusers
-  ``<m>.lora.up.weight`` + ``<m>.lora.down.weight``, old diffusers
-  ``<m>_lora.up.weight``, transformers ``<m>.lora_linear_layer.up.weight``,
-  Mochi ``<m>.lora_B`` + ``<m>.lora_A``.
-* ``<m>.alpha`` (scalar), ``<m>.dora_scale`` (kohya/LyCORIS DoRA magnitude, any adapter).
+* ``<m>.alpha`` (scalar) and ``<m>.dora_scale`` (kohya/LyCORIS DoRA magnitude, LoRA/LoHa/LoKr).
 * PEFT/diffusers DoRA magnitude ``<m>.lora_magnitude_vector`` (also ``.lora_magnitude_vector.weight`` and
   ``.lora_magnitude_vector.default.weight``), LoRA factors only; shape [out] or [1, out, 1, 1] (conv); the
   fuser checks it has ``out`` values along one axis. It is kept as the entry's ``dora_scale`` (shape as stored) with
   ``dora_norm = "peft"``: the fuser normalises by the combined weight W + ΔW per output channel, as PEFT trains
   it (see ``lora.fuse``). A module with both ``dora_scale`` and a magnitude vector is an error. ai-toolkit's DoRA
   ``<m>.magnitude`` ([out], the same per-output-row norm of the combined weight) is read the same way.
-* LoHa: ``hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b`` (+ ``hada_t1, hada_t2``).
-* LoKr: ``lokr_w1`` or ``lokr_w1_a/_b``; ``lokr_w2`` or ``lokr_w2_a/_b``
-  (+ ``lokr_t2``).
-* full diff ``<m>.diff`` and bias diff ``<m>.diff_b``; LyCORIS norm training ``<m>.w_norm`` / ``<m>.b_norm``
-  (a diff of the norm layer's weight / bias, as core ComfyUI applies them).
-* GLoRA (LyCORIS): ``a1.weight, a2.weight, b1.weight, b2.weight`` (new and old LyCORIS layouts).
-* OFT / BOFT (LyCORIS, sd-scripts ``oft_unet_*``): ``oft_blocks`` ([blocks, n, n]; BOFT [stages, blocks, b, b])
-  (+ ``rescale``); the module's ``alpha`` is the OFT norm constraint, not a LoRA scale.
-* IA3 (LyCORIS): ``<m>.weight`` + ``<m>.on_input`` (a ``.weight`` without ``.on_input`` stays unrecognised).
-
-GLoRA, OFT/BOFT and IA3 deltas depend on the base weight; ``lora.fuse`` computes them against it.
 
 Alpha resolution per module, first hit wins: the ``<m>.alpha`` tensor; kohya
 header ``ss_network_alpha`` (``conv_alpha`` from ``ss_network_args`` for
@@ -59,63 +44,25 @@ from typing import Optional, Union
 
 import torch
 
+from .adapters import ADAPTERS, Entry, ModuleTensors, Suffix, parse_module
+
 LOG = logging.getLogger("fewstep")
 
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
-# (suffix, role, style). Matched longest-suffix-first.
-_SUFFIXES: list[tuple[str, str, str]] = [
-    (".lora_up.weight", "up", "kohya"),
-    (".lora_down.weight", "down", "kohya"),
-    (".lora_mid.weight", "mid", "kohya"),
-    (".lora_B.default.weight", "up", "peft"),
-    (".lora_A.default.weight", "down", "peft"),
-    (".lora_B.weight", "up", "peft"),
-    (".lora_A.weight", "down", "peft"),
-    (".lora.up.weight", "up", "diffusers"),
-    (".lora.down.weight", "down", "diffusers"),
-    ("_lora.up.weight", "up", "diffusers_old"),
-    ("_lora.down.weight", "down", "diffusers_old"),
-    (".lora_linear_layer.up.weight", "up", "transformers"),
-    (".lora_linear_layer.down.weight", "down", "transformers"),
-    (".lora_B", "up", "mochi"),
-    (".lora_A", "down", "mochi"),
-    (".alpha", "alpha", ""),
-    (".dora_scale", "dora_scale", ""),
-    (".lora_magnitude_vector", "magnitude", "peft"),
-    (".lora_magnitude_vector.weight", "magnitude", "peft"),
-    (".lora_magnitude_vector.default.weight", "magnitude", "peft"),
-    (".hada_w1_a", "hada_w1_a", "loha"),
-    (".hada_w1_b", "hada_w1_b", "loha"),
-    (".hada_w2_a", "hada_w2_a", "loha"),
-    (".hada_w2_b", "hada_w2_b", "loha"),
-    (".hada_t1", "hada_t1", "loha"),
-    (".hada_t2", "hada_t2", "loha"),
-    (".lokr_w1", "lokr_w1", "lokr"),
-    (".lokr_w1_a", "lokr_w1_a", "lokr"),
-    (".lokr_w1_b", "lokr_w1_b", "lokr"),
-    (".lokr_w2", "lokr_w2", "lokr"),
-    (".lokr_w2_a", "lokr_w2_a", "lokr"),
-    (".lokr_w2_b", "lokr_w2_b", "lokr"),
-    (".lokr_t2", "lokr_t2", "lokr"),
-    (".diff_b", "diff_b", "full"),
-    (".diff", "diff", "full"),
-    (".w_norm", "w_norm", "full"),
-    (".b_norm", "b_norm", "full"),
-    (".magnitude", "magnitude", "peft"),  # ai-toolkit DoRA (PEFT convention)
-    (".a1.weight", "glora_a1", "glora"),
-    (".a2.weight", "glora_a2", "glora"),
-    (".b1.weight", "glora_b1", "glora"),
-    (".b2.weight", "glora_b2", "glora"),
-    (".oft_blocks", "oft_blocks", "oft"),
-    (".rescale", "oft_rescale", "oft"),
-    (".on_input", "ia3_on_input", "ia3"),
-    (".weight", "ia3_weight", "ia3"),  # only with a matching .on_input (see parse_state_dict)
-]
-_SUFFIXES.sort(key=lambda s: len(s[0]), reverse=True)
-
-DORA_NORM_PEFT = "peft"
-"""``ModuleEntry.dora_norm`` of a PEFT/diffusers ``lora_magnitude_vector`` entry (combined-weight norm)."""
+# Suffixes every kind shares (alpha, DoRA magnitudes); each adapter kind adds its own (lora.adapters).
+_COMMON_SUFFIXES = (
+    Suffix(".alpha", "alpha", ""),
+    Suffix(".dora_scale", "dora_scale", ""),
+    Suffix(".lora_magnitude_vector", "magnitude", "peft"),
+    Suffix(".lora_magnitude_vector.weight", "magnitude", "peft"),
+    Suffix(".lora_magnitude_vector.default.weight", "magnitude", "peft"),
+    Suffix(".magnitude", "magnitude", "peft"),  # ai-toolkit DoRA (PEFT convention)
+)
+_SUFFIXES: list[Suffix] = sorted([*_COMMON_SUFFIXES, *(s for kind in ADAPTERS for s in kind.suffixes)],
+                                 key=lambda s: len(s.suffix), reverse=True)  # matched longest-suffix-first
+SUPPORTED = ", ".join([k.name for k in ADAPTERS] + ["DoRA"])
+_NEEDS = {s.role: s.needs for s in _SUFFIXES if s.needs}  # role -> sibling suffix it needs (IA3's bare .weight)
 
 _TE_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "lora_te1_", "lora_te2_", "te1.", "te2.",
                 "clip_l.", "clip_g.", "base_model.model.text_model.")
@@ -130,193 +77,6 @@ def is_text_encoder_module(module: str) -> bool:
     """True when ``module`` names a text-encoder layer (kohya ``lora_te*``, diffusers ``text_encoder*``,
     OneTrainer ``clip_l.``/``clip_g.``, PEFT ``base_model.model.text_model.``)."""
     return module.startswith(_TE_PREFIXES)
-
-
-@dataclass
-class ModuleEntry:
-    """Common fields of one adapter module (one target weight).
-
-    Attributes:
-        name: the module prefix as written in the file (e.g. ``lora_unet_..._to_q``).
-        file: path of the file it came from (for error messages).
-        alpha: alpha value, or None when the file carried none.
-        alpha_source: "tensor", "ss_network_alpha", "ss_network_args.conv_alpha",
-            "lora_adapter_metadata", or "rank" (defaulted).
-        dora_scale: DoRA magnitude tensor (as stored in the file) or None.
-        rslora: PEFT rank-stabilised scaling (scale = alpha / sqrt(rank)); from ``lora_adapter_metadata``.
-        dora_norm: how the fuser normalises ``dora_scale``: "" for kohya/LyCORIS ``dora_scale`` (axis from its
-            shape, output-axis norm of the base or combined weight per ``dora_mode``); ``DORA_NORM_PEFT``
-            ("peft") for a PEFT/diffusers ``lora_magnitude_vector``: always the per-output-channel norm of the
-            combined weight W + ΔW, whatever ``dora_mode`` is.
-        style: key style ("kohya", "peft", "diffusers", "loha", "lokr", "full", ...).
-        source_keys: the tensor names consumed for this entry.
-    """
-
-    name: str
-    file: str
-    alpha: Optional[float] = None
-    alpha_source: str = "rank"
-    dora_scale: Optional[torch.Tensor] = None
-    dora_norm: str = ""
-    style: str = ""
-    source_keys: list[str] = field(default_factory=list)
-    rslora: bool = False
-
-    kind = "base"
-
-    @property
-    def rank(self) -> Optional[int]:
-        return None
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank, or alpha / sqrt(rank) with ``rslora`` (1.0 when alpha or rank is undefined)."""
-        r = self.rank
-        if r is None or self.alpha is None:
-            return 1.0
-        return float(self.alpha) / (math.sqrt(r) if self.rslora else float(r))
-
-
-@dataclass
-class LoraModule(ModuleEntry):
-    """Plain LoRA / LoCon: ΔW = scale · up @ [mid ∘] down.
-
-    Shapes: linear down [r, in], up [out, r]; conv down [r, in, kh, kw], up [out, r, 1, 1];
-    LoCon Tucker: down [r, in, 1, 1], mid [r, r, kh, kw], up [out, r, 1, 1].
-    """
-
-    down: torch.Tensor = None  # type: ignore[assignment]
-    up: torch.Tensor = None  # type: ignore[assignment]
-    mid: Optional[torch.Tensor] = None
-    kind = "lora"
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-
-@dataclass
-class LohaModule(ModuleEntry):
-    """LoHa: ΔW = scale · (w1_a @ w1_b) ⊙ (w2_a @ w2_b); Tucker form when t1/t2 given. rank = w1_b.shape[0]."""
-
-    w1_a: torch.Tensor = None  # type: ignore[assignment]
-    w1_b: torch.Tensor = None  # type: ignore[assignment]
-    w2_a: torch.Tensor = None  # type: ignore[assignment]
-    w2_b: torch.Tensor = None  # type: ignore[assignment]
-    t1: Optional[torch.Tensor] = None
-    t2: Optional[torch.Tensor] = None
-    kind = "loha"
-
-    @property
-    def rank(self) -> int:
-        return int(self.w1_b.shape[0])
-
-
-@dataclass
-class LokrModule(ModuleEntry):
-    """LoKr: ΔW = scale · kron(W1, W2). rank = w2_b.shape[0] if W2 is factored, else w1_b.shape[0],
-    else undefined (scale 1), as in ComfyUI's LoKrAdapter."""
-
-    w1: Optional[torch.Tensor] = None
-    w1_a: Optional[torch.Tensor] = None
-    w1_b: Optional[torch.Tensor] = None
-    w2: Optional[torch.Tensor] = None
-    w2_a: Optional[torch.Tensor] = None
-    w2_b: Optional[torch.Tensor] = None
-    t2: Optional[torch.Tensor] = None
-    kind = "lokr"
-
-    @property
-    def rank(self) -> Optional[int]:
-        if self.w2 is None and self.w2_b is not None:
-            return int(self.w2_b.shape[0])
-        if self.w1 is None and self.w1_b is not None:
-            return int(self.w1_b.shape[0])
-        return None
-
-
-@dataclass
-class DiffModule(ModuleEntry):
-    """Full weight delta (LyCORIS "full"): ΔW = diff."""
-
-    diff: torch.Tensor = None  # type: ignore[assignment]
-    kind = "diff"
-
-
-@dataclass
-class BiasDiffModule(ModuleEntry):
-    """Bias delta: Δb = diff_b (targets the ``.bias`` of the module)."""
-
-    diff: torch.Tensor = None  # type: ignore[assignment]
-    kind = "bias_diff"
-
-
-@dataclass
-class GloraModule(ModuleEntry):
-    """GLoRA (LyCORIS): ΔW = scale · (W·A + B), A = a1 @ a2 acting on the input axis, B = b1 @ b2.
-
-    New LyCORIS layout: a1 [in, r], a2 [r, in], b1 [out, r], b2 [r, in·k·k] (1×1 convs for a1/a2 on conv layers);
-    old layout (LyCORIS < 2): ΔW = scale · ((W_flat @ a2) @ a1 + b2 @ b1) with a1 [r, in], a2 [in, r], b1 [r, in],
-    b2 [out, r]. ``lora.fuse`` picks the layout from the shapes (as ComfyUI does). Needs the base weight W.
-    """
-
-    a1: torch.Tensor = None  # type: ignore[assignment]
-    a2: torch.Tensor = None  # type: ignore[assignment]
-    b1: torch.Tensor = None  # type: ignore[assignment]
-    b2: torch.Tensor = None  # type: ignore[assignment]
-    kind = "glora"
-
-    @property
-    def rank(self) -> int:
-        new = self.b2.shape[0] == self.b1.shape[1] == self.a1.shape[1] == self.a2.shape[0]
-        return int(self.a2.shape[0] if new else self.a1.shape[0])
-
-    @property
-    def scale(self) -> float:
-        """alpha / rank; alpha None or 0 means rank (LyCORIS: no scaling)."""
-        if not self.alpha:
-            return 1.0
-        return float(self.alpha) / float(self.rank)
-
-
-@dataclass
-class OftModule(ModuleEntry):
-    """OFT / BOFT (LyCORIS ``diag-oft`` / ``boft``, sd-scripts OFT): W' = rescale ⊙ (R-rotated W).
-
-    ``blocks`` [k, n, n] (OFT: block-diagonal Cayley rotation, W' = Rᵀ W per block of n output rows) or
-    [m, k, b, b] (BOFT: m butterfly stages). ``alpha`` is the constraint: the skew part's norm is clamped to
-    ``alpha · out_dim`` (0 or None: no clamp). Needs the base weight W.
-    """
-
-    blocks: torch.Tensor = None  # type: ignore[assignment]
-    rescale: Optional[torch.Tensor] = None
-
-    @property
-    def kind(self) -> str:  # type: ignore[override]
-        return "boft" if self.blocks.ndim == 4 else "oft"
-
-    @property
-    def scale(self) -> float:
-        return 1.0
-
-
-@dataclass
-class Ia3Module(ModuleEntry):
-    """IA3 (LyCORIS): W' = W ⊙ (1 + w) along the output axis, or the input axis when ``on_input``. Needs W."""
-
-    weight: torch.Tensor = None  # type: ignore[assignment]
-    on_input: bool = False
-    kind = "ia3"
-
-    @property
-    def scale(self) -> float:
-        return 1.0
-
-
-BASE_DEPENDENT = (GloraModule, OftModule, Ia3Module)
-"""Entry types whose delta depends on the base weight (besides DoRA entries of any type)."""
-
-Entry = Union[LoraModule, LohaModule, LokrModule, DiffModule, BiasDiffModule, GloraModule, OftModule, Ia3Module]
 
 
 @dataclass
@@ -367,10 +127,15 @@ class Adapter:
 
 def split_key(key: str) -> tuple[str, str, str]:
     """Split a tensor name into (module prefix, role, style); role "" when the suffix is unknown."""
-    for suffix, role, style in _SUFFIXES:
-        if key.endswith(suffix) and len(key) > len(suffix):
-            return key[: -len(suffix)], role, style
+    for s in _SUFFIXES:
+        if key.endswith(s.suffix) and len(key) > len(s.suffix):
+            return key[: -len(s.suffix)], s.role, s.style
     return key, "", ""
+
+
+def _is_part(module: str, role: str, names) -> bool:
+    """``role`` names an adapter part of ``module`` (a role that needs a sibling, IA3's ``.weight``, only with it)."""
+    return bool(role) and (role not in _NEEDS or module + _NEEDS[role] in names)
 
 
 def te_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str) -> dict[str, torch.Tensor]:
@@ -555,7 +320,7 @@ def _refuse_non_adapter(path: str, keys: list[str]) -> None:
         module, role, _ = split_key(k)
         if k.startswith(_EMBEDDING_PREFIXES) or is_text_encoder_module(module):
             return
-        if role and (role != "ia3_weight" or f"{module}.on_input" in names):
+        if _is_part(module, role, names):
             return
     if keys:
         raise ValueError(f"{path}: none of its {len(keys)} tensors is a LoRA/LyCORIS part (e.g. '{keys[0]}'); it "
@@ -577,7 +342,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
         if is_text_encoder_module(module):
             te_keys.append(key)
             continue
-        if not role or (role == "ia3_weight" and f"{module}.on_input" not in tensors):
+        if not _is_part(module, role, tensors):
             unknown.append(key)
             continue
         check_finite(path, key, t)
@@ -589,7 +354,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
 
     if unknown:
         msg = (f"{path}: {len(unknown)} tensor(s) of unknown adapter type are not used, "
-               f"e.g. '{unknown[0]}' (supported: LoRA/LoCon, LoHa, LoKr, GLoRA, OFT/BOFT, IA3, DoRA, full diffs)")
+               f"e.g. '{unknown[0]}' (supported: {SUPPORTED})")
         if strict:
             raise ValueError(msg)
         LOG.warning(msg)
@@ -599,155 +364,6 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     resolver = _AlphaResolver(path, metadata)
     entries: list[Entry] = []
     for module, slot in groups.items():
-        entries.extend(_build_entries(path, module, slot, resolver))
+        entries.extend(parse_module(ModuleTensors(path, module, slot, resolver.resolve, resolver.peft_rslora)))
     return Adapter(path=path, metadata=metadata, entries=entries, text_encoder_keys=te_keys,
                    unknown_keys=unknown, embedding_keys=embeddings)
-
-
-def _get(slot: dict, role: str) -> Optional[torch.Tensor]:
-    v = slot.get(role)
-    return None if v is None else v[1]
-
-
-def _dora(path: str, module: str, slot: dict, keys: dict[str, str]) -> tuple[Optional[torch.Tensor], str]:
-    """(DoRA magnitude or None, ``dora_norm``) of one module: kohya ``dora_scale`` or PEFT ``lora_magnitude_vector``."""
-    if "magnitude" not in slot:
-        return _get(slot, "dora_scale"), ""
-    if "dora_scale" in slot:
-        raise ValueError(f"{path}: module '{module}' has two DoRA magnitudes ('{keys['dora_scale']}' and "
-                         f"'{keys['magnitude']}'); the file mixes key styles")
-    if "up" not in slot and "down" not in slot:
-        raise ValueError(f"{path}: '{keys['magnitude']}' (PEFT DoRA magnitude) has no LoRA up/down factors "
-                         f"for module '{module}'")
-    return _get(slot, "magnitude"), DORA_NORM_PEFT
-
-
-def _build_entries(path: str, module: str, slot: dict, resolver: _AlphaResolver) -> list[Entry]:
-    used = {role for role in slot}
-    keys = {role: v[0] for role, v in slot.items()}
-    alpha_t = _get(slot, "alpha")
-    alpha: Optional[float] = None
-    alpha_source = "rank"
-    if alpha_t is not None:
-        if alpha_t.numel() != 1:
-            raise ValueError(f"{path}: '{keys['alpha']}' must be a scalar, got shape {tuple(alpha_t.shape)}")
-        alpha = float(alpha_t.reshape(()).item())
-        alpha_source = "tensor"
-    dora, dora_norm = _dora(path, module, slot, keys)
-    out: list[Entry] = []
-
-    def common(style: str, roles: list[str], kxk: bool) -> dict:
-        a, src = alpha, alpha_source
-        if a is None:
-            a, src = resolver.resolve(module, kxk)
-        src_keys = [keys[r] for r in roles if r in keys]
-        for r in ("alpha", "dora_scale", "magnitude"):
-            if r in keys:
-                src_keys.append(keys[r])
-        return dict(name=module, file=path, alpha=a, alpha_source=src, dora_scale=dora, dora_norm=dora_norm,
-                    style=style, source_keys=src_keys)
-
-    consumed: set[str] = {"alpha", "dora_scale", "magnitude"}
-    if "up" in slot or "down" in slot:
-        if "up" not in slot or "down" not in slot:
-            have = keys.get("up") or keys.get("down")
-            raise ValueError(f"{path}: '{have}' has no matching {'down' if 'up' in slot else 'up'} factor; "
-                             f"the file is incomplete")
-        up, down, mid = _get(slot, "up"), _get(slot, "down"), _get(slot, "mid")
-        style = slot["up"][2]
-        if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0]:
-            raise ValueError(f"{path}: module '{module}' rank mismatch: up {tuple(up.shape)} vs down "
-                             f"{tuple(down.shape)} ('{keys['up']}')")
-        kxk = (mid is not None and mid.ndim == 4 and mid.shape[-1] > 1) or (down.ndim == 4 and down.shape[-1] > 1)
-        c = common(style, ["up", "down", "mid"], kxk)
-        if c["alpha"] is None:
-            c["alpha"] = float(down.shape[0])
-        c["rslora"] = c["alpha_source"] == "lora_adapter_metadata" and resolver.peft_rslora
-        out.append(LoraModule(down=down, up=up, mid=mid, **c))
-        consumed |= {"up", "down", "mid"}
-    elif any(r.startswith("hada_") for r in slot):
-        need = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"]
-        miss = [r for r in need if r not in slot]
-        if miss:
-            raise ValueError(f"{path}: LoHa module '{module}' lacks '{module}.{miss[0]}'")
-        c = common("loha", need + ["hada_t1", "hada_t2"], _get(slot, "hada_t1") is not None)
-        e = LohaModule(w1_a=_get(slot, "hada_w1_a"), w1_b=_get(slot, "hada_w1_b"), w2_a=_get(slot, "hada_w2_a"),
-                       w2_b=_get(slot, "hada_w2_b"), t1=_get(slot, "hada_t1"), t2=_get(slot, "hada_t2"), **c)
-        if e.alpha is None:
-            e.alpha = float(e.rank)
-        out.append(e)
-        consumed |= set(need) | {"hada_t1", "hada_t2"}
-    elif any(r.startswith("lokr_") for r in slot):
-        w1_ok = "lokr_w1" in slot or ("lokr_w1_a" in slot and "lokr_w1_b" in slot)
-        w2_ok = "lokr_w2" in slot or ("lokr_w2_a" in slot and "lokr_w2_b" in slot)
-        if not (w1_ok and w2_ok):
-            raise ValueError(f"{path}: LoKr module '{module}' needs lokr_w1 (or lokr_w1_a/_b) and lokr_w2 "
-                             f"(or lokr_w2_a/_b)")
-        roles = ["lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"]
-        c = common("lokr", roles, _get(slot, "lokr_t2") is not None)
-        e = LokrModule(w1=_get(slot, "lokr_w1"), w1_a=_get(slot, "lokr_w1_a"), w1_b=_get(slot, "lokr_w1_b"),
-                       w2=_get(slot, "lokr_w2"), w2_a=_get(slot, "lokr_w2_a"), w2_b=_get(slot, "lokr_w2_b"),
-                       t2=_get(slot, "lokr_t2"), **c)
-        if e.alpha is None and e.rank is not None:
-            e.alpha = float(e.rank)
-        out.append(e)
-        consumed |= set(roles)
-    elif any(r.startswith("glora_") for r in slot):
-        need = ["glora_a1", "glora_a2", "glora_b1", "glora_b2"]
-        miss = [r for r in need if r not in slot]
-        if miss:
-            raise ValueError(f"{path}: GLoRA module '{module}' lacks '{module}.{miss[0][6:]}.weight'")
-        c = common("glora", need, False)
-        out.append(GloraModule(a1=_get(slot, "glora_a1"), a2=_get(slot, "glora_a2"), b1=_get(slot, "glora_b1"),
-                               b2=_get(slot, "glora_b2"), **c))
-        consumed |= set(need)
-    elif "oft_blocks" in slot:
-        blocks = _get(slot, "oft_blocks")
-        if blocks.ndim not in (3, 4) or blocks.shape[-1] != blocks.shape[-2]:
-            raise ValueError(f"{path}: '{keys['oft_blocks']}' has shape {tuple(blocks.shape)}; OFT blocks are "
-                             f"[blocks, n, n] and BOFT blocks [stages, blocks, b, b]")
-        c = common("oft", ["oft_blocks", "oft_rescale"], False)
-        out.append(OftModule(blocks=blocks, rescale=_get(slot, "oft_rescale"), **c))
-        consumed |= {"oft_blocks", "oft_rescale"}
-    elif "ia3_on_input" in slot:
-        if "ia3_weight" not in slot:
-            raise ValueError(f"{path}: IA3 module '{module}' lacks '{module}.weight'")
-        flag = _get(slot, "ia3_on_input")
-        if flag.numel() != 1:
-            raise ValueError(f"{path}: '{keys['ia3_on_input']}' must be a scalar, got shape {tuple(flag.shape)}")
-        c = common("ia3", ["ia3_weight", "ia3_on_input"], False)
-        c["alpha"], c["alpha_source"] = None, "n/a"
-        out.append(Ia3Module(weight=_get(slot, "ia3_weight"), on_input=bool(flag.reshape(()).item()), **c))
-        consumed |= {"ia3_weight", "ia3_on_input"}
-    if dora is not None and any(isinstance(e, BASE_DEPENDENT) for e in out):
-        raise ValueError(f"{path}: module '{module}' combines DoRA ('{keys.get('dora_scale') or keys['magnitude']}') "
-                         f"with {out[0].kind.upper()}; DoRA is supported on LoRA, LoHa and LoKr modules only")
-    for role in ("diff", "w_norm"):  # a whole-weight delta (LyCORIS full / norm training)
-        if role not in slot:
-            continue
-        c = common("full", [role], False)
-        c["alpha"], c["alpha_source"] = None, "n/a"
-        if out:
-            raise ValueError(f"{path}: module '{module}' has both {out[0].kind} weights and '{keys[role]}'")
-        out.append(DiffModule(diff=_get(slot, role), **c))
-        consumed.add(role)
-    for role in ("diff_b", "b_norm"):  # a bias delta
-        if role not in slot:
-            continue
-        if any(isinstance(e, BiasDiffModule) for e in out):
-            raise ValueError(f"{path}: module '{module}' has two bias deltas ('{keys['diff_b']}' and "
-                             f"'{keys['b_norm']}')")
-        out.append(BiasDiffModule(name=module, file=path, alpha=None, alpha_source="n/a", style="full",
-                                  source_keys=[keys[role]], diff=_get(slot, role)))
-        consumed.add(role)
-    leftover = used - consumed
-    if not out and set(slot) == {"alpha"}:
-        LOG.warning("%s: '%s' has no adapter weights; ignored", path, keys["alpha"])
-        return []
-    if not out or ("dora_scale" in slot and not any(isinstance(e, (LoraModule, LohaModule, LokrModule)) for e in out)):
-        lone = keys.get("alpha") or keys.get("dora_scale") or next(iter(keys.values()))
-        raise ValueError(f"{path}: '{lone}' has no adapter weights for module '{module}'")
-    if leftover:
-        raise ValueError(f"{path}: '{keys[sorted(leftover)[0]]}' does not fit module '{module}' "
-                         f"({out[0].kind} adapter)")
-    return out

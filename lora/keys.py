@@ -10,8 +10,11 @@ layer passes in (never imported from ``comfy`` here):
   result, ``down_blocks.0.attentions.0.proj_in.weight`` ->
   ``input_blocks.1.1.proj_in.weight`` (no ``diffusion_model.`` prefix).
 
-Canonical form: strip a known prefix (``lora_unet_``, sd-scripts OFT ``oft_unet_``, ``lycoris_``, ``unet.``,
-``base_model.model.``, ``unet.base_model.model.``, ``model.diffusion_model.``,
+The family's ``lora.layouts.KeyLayout`` holds what differs per family (the prefixes, the host key prefix, the
+block names of the report); the UNet families share ``UNET_KEYS``.
+
+Canonical form: strip the layout's known prefixes (UNet: ``lora_unet_``, sd-scripts OFT ``oft_unet_``,
+``lycoris_``, ``unet.``, ``base_model.model.``, ``unet.base_model.model.``, ``model.diffusion_model.``,
 ``diffusion_model.``), drop old attention-processor segments (``.processor``),
 replace ``.`` by ``_``, and append ``_0`` to a bare ``to_out``. Both LDM
 (``input_blocks_1_1_proj_in``) and diffusers (``down_blocks_0_attentions_0_proj_in``)
@@ -24,23 +27,13 @@ import logging
 import re
 from typing import Iterable, Optional
 
+from .layouts import UNET_KEYS, KeyLayout
+
 LOG = logging.getLogger("fewstep")
 
-_PREFIXES = (
-    "unet.base_model.model.",
-    "base_model.model.unet.",
-    "base_model.model.",
-    "model.diffusion_model.",
-    "diffusion_model.",
-    "lora_unet_",
-    "oft_unet_",
-    "lycoris_",
-    "unet.",
-)
 
-
-def canonical(name: str) -> str:
-    """Canonical underscore form of a UNet module name (any spelling, with or without ``.weight``).
+def canonical(name: str, layout: KeyLayout = UNET_KEYS) -> str:
+    """Canonical underscore form of a module name (any spelling, with or without ``.weight``) under ``layout``.
 
     >>> canonical("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_out")
     'down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0'
@@ -51,7 +44,7 @@ def canonical(name: str) -> str:
     changed = True
     while changed:
         changed = False
-        for p in _PREFIXES:
+        for p in layout.prefixes:
             if n.startswith(p):
                 n = n[len(p):]
                 changed = True
@@ -68,31 +61,35 @@ class KeyMapper:
     Args:
         host_key_map: lora-key -> host weight key (ComfyUI ``model_lora_keys_unet``).
         diffusers_to_ldm: diffusers weight name -> LDM weight name (ComfyUI ``unet_to_diffusers``).
-        host_prefix: prefix of host keys in front of the LDM path (``diffusion_model.``).
+        layout: the family's key layout (prefixes stripped from module names, host key prefix).
     """
 
     def __init__(self, host_key_map: dict[str, str], diffusers_to_ldm: Optional[dict[str, str]] = None,
-                 host_prefix: str = "diffusion_model."):
-        self.host_prefix = host_prefix
+                 layout: KeyLayout = UNET_KEYS):
+        self.layout = layout
+        host_prefix = layout.host_prefix
         self.table: dict[str, str] = {}
         self.ambiguous: dict[str, set[str]] = {}
         host_weights = {v for v in host_key_map.values() if isinstance(v, str) and v.endswith(".weight")}
         self.host_weights = host_weights
         for hk in sorted(host_weights):
-            self._add(canonical(hk), hk)
+            self._add(self.canonical(hk), hk)
         for dk, lk in (diffusers_to_ldm or {}).items():
             if not dk.endswith(".weight"):
                 continue
             hk = host_prefix + lk
             if host_weights and hk not in host_weights:
                 continue  # e.g. unet_to_diffusers lists a downsampler the model lacks
-            self._add(canonical(dk), hk)
+            self._add(self.canonical(dk), hk)
         for lk, hk in host_key_map.items():
             if isinstance(hk, str) and hk.endswith(".weight"):
-                self._add(canonical(lk), hk)
+                self._add(self.canonical(lk), hk)
         if self.ambiguous:
             LOG.warning("fewstep key map: %d module names map to several host weights, e.g. %s",
                         len(self.ambiguous), next(iter(self.ambiguous)))
+
+    def canonical(self, name: str) -> str:
+        return canonical(name, self.layout)
 
     def _add(self, canon: str, host_key: str) -> None:
         old = self.table.get(canon)
@@ -103,7 +100,7 @@ class KeyMapper:
 
     def lookup(self, module: str) -> Optional[str]:
         """Host weight key for ``module`` or None (also None when the name is ambiguous)."""
-        c = canonical(module)
+        c = self.canonical(module)
         if c in self.ambiguous:
             return None
         return self.table.get(c)
@@ -121,32 +118,21 @@ class KeyMapper:
         return matched, unmatched
 
 
-def match_modules(modules: Iterable[str], host_key_map: dict[str, str],
-                  diffusers_to_ldm: Optional[dict[str, str]] = None,
-                  host_prefix: str = "diffusion_model.") -> tuple[dict[str, str], list[str]]:
-    """One-shot ``KeyMapper(host_key_map, diffusers_to_ldm).match(modules)``."""
-    return KeyMapper(host_key_map, diffusers_to_ldm, host_prefix).match(modules)
-
-
-_BLOCK_RE = re.compile(r"(input_blocks_\d+|middle_block|output_blocks_\d+|"
-                       r"(?:down|up)_blocks_\d+|mid_block|time_embed|label_emb|add_embedding|conv_in|conv_out|out)")
-
-
-def group_unmatched(unmatched: Iterable[str]) -> dict[str, list[str]]:
-    """Group unmatched module names by UNet block (for a loud, short report)."""
+def group_unmatched(unmatched: Iterable[str], layout: KeyLayout = UNET_KEYS) -> dict[str, list[str]]:
+    """Group unmatched module names by model block (for a loud, short report)."""
     groups: dict[str, list[str]] = {}
     for m in unmatched:
-        hit = _BLOCK_RE.search(canonical(m))
+        hit = re.search(layout.block_re, canonical(m, layout))
         groups.setdefault(hit.group(1) if hit else "other", []).append(m)
     return groups
 
 
-def require_all_matched(path: str, unmatched: list[str], limit: int = 5) -> None:
+def require_all_matched(path: str, unmatched: list[str], limit: int = 5, layout: KeyLayout = UNET_KEYS) -> None:
     """Raise ``ValueError`` naming the file and the first unmatched keys when any module is unmatched."""
     if not unmatched:
         return
-    groups = group_unmatched(unmatched)
+    groups = group_unmatched(unmatched, layout)
     by_block = ", ".join(f"{b}: {len(v)}" for b, v in sorted(groups.items()))
-    raise ValueError(f"{path}: {len(unmatched)} UNet module(s) match no weight of the loaded model "
+    raise ValueError(f"{path}: {len(unmatched)} module(s) match no weight of the loaded model "
                      f"(by block: {by_block}); first: {unmatched[:limit]}. Is the adapter made for another "
-                     f"base model (SD1.5 vs SDXL)?")
+                     f"base model (e.g. SD1.5 vs SDXL)?")

@@ -1,100 +1,68 @@
 """Block weights, LiNeS depth scaling, and linear/TIES/DARE merging of full per-key deltas.
 
-Block slots (sd-scripts ``svd_merge_lora.get_lbw_block_index`` / LoRA-Block-Weight)::
+The slots, vector lengths and depth order of each family come from its ``lora.layouts.BlockLayout`` record; the
+rules here are the same for every family:
 
-    26-slot grid: BASE, IN00..IN11, MID, OUT00..OUT11
-    SD1.5 17: BASE, IN01, IN02, IN04, IN05, IN07, IN08, MID, OUT03..OUT11
-    SD1.5 26: the full grid
-    SDXL  12: BASE, IN04, IN05, IN07, IN08, MID, OUT00..OUT05
-    SDXL  20: BASE, IN00..IN08, MID, OUT00..OUT08
+``block_of`` works on the model's weight names: a weight in the block stack gets its region's slot
+(``input_blocks.N`` -> INnn, ``input_blocks.0`` -- conv_in -- is IN00 as in LoRA-Block-Weight; ``middle_block``
+-> MID; ``output_blocks.N`` -> OUTnn). Weights outside the stack follow the layout's ``outside`` table, i.e.
+sd-scripts' ``get_lbw_block_index``: on SDXL time_embed/label_emb -> IN00 and out -> OUT09 (a slot no SDXL vector
+lists, so weight 1); on SD1.x/2.x they have no slot (weight 1, as in sd-scripts and LoRA-Block-Weight). BASE is
+the text encoders' slot only. As in sd-scripts, a slot that the chosen vector does not list keeps weight 1.0 (e.g.
+IN00/IN03/OUT00 with a 17-value vector; LoRA-Block-Weight zeroes those).
 
-``block_of`` works on LDM names: ``input_blocks.N`` -> INnn (``input_blocks.0``,
-conv_in, is IN00 as in LoRA-Block-Weight), ``middle_block`` -> MID, ``output_blocks.N``
--> OUTnn. UNet weights outside the block stack follow sd-scripts'
-``get_lbw_block_index``: on SDXL time_embed/label_emb -> IN00 and out -> OUT09 (a
-slot no SDXL vector lists, so weight 1); on SD1.x/2.x they have no slot (weight 1,
-as in sd-scripts and LoRA-Block-Weight). BASE is the text encoders' slot only.
-As in sd-scripts, a slot that the chosen vector does not list keeps weight 1.0
-(e.g. IN00/IN03/OUT00 with a 17-value vector; LoRA-Block-Weight zeroes those).
-
-Presets (LBW names; LBW defines them for the SD1.5 17-slot vector, reproduced
-exactly here; other layouts use the same region rule, BASE = 1 except NONE):
-ALL, NONE, ALL0.5, INS (IN00-04; SDXL IN00-05), IND (IN05-11; SDXL IN06-08),
-INALL, MIDD (IND + MID + OUTD), OUTD (OUT00-06; SDXL OUT00-02), OUTS
+Presets (LBW names; LBW defines them for the SD1.5 17-slot vector, reproduced exactly here; other layouts use the
+same region rule with their own ``lbw_split``, BASE = 1 except NONE): ALL, NONE, ALL0.5, INS (IN00-04; SDXL
+IN00-05), IND (IN05-11; SDXL IN06-08), INALL, MIDD (IND + MID + OUTD), OUTD (OUT00-06; SDXL OUT00-02), OUTS
 (OUT07-11; SDXL OUT03-08), OUTALL, MIDALL (MID only).
 
-LiNeS: depth order IN00..INmax -> MID -> OUT00..OUTmax, l = 1..L (SD1.5 L = 25,
-SDXL L = 19); λ(l) = α + β·(l−1)/(L−1). Weights outside the block stack
-(time_embed, label_emb, out) get α, as the paper does for embeddings/heads.
+LiNeS: depth order along the layout's regions (IN00..INmax -> MID -> OUT00..OUTmax), l = 1..L (SD1.5 L = 25,
+SDXL L = 19); λ(l) = α + β·(l−1)/(L−1). Weights outside the block stack (time_embed, label_emb, out) get α, as the
+paper does for embeddings/heads.
 
-Merge modes act on the FULL per-key delta of each style adapter; the
-acceleration adapter is never merged, it is added linearly at its strength:
+Merge modes act on the FULL per-key delta of each style adapter; the acceleration adapter is never merged, it is
+added linearly at its strength:
 
-* linear: Σ τᵢ (exact).
+* linear: Σ τᵢ, exact, with every adapter's plain-LoRA factors in one GEMM (``lora.fuse.key_delta``).
 * ties: trim each τᵢ (strength already applied) to its top ``int(density·n)`` entries by |x| (per
   key, as PEFT and mergekit do), elect γ = sgn(Σ τ̂ᵢ) with a zero sum electing +1 (PEFT),
   disjoint mean over entries whose sign equals γ (zeros excluded).
-* dare: τ̃ᵢ = mᵢ ⊙ τᵢ / (1−p), mᵢ ~ Bernoulli(1−p) from a CPU torch.Generator
-  seeded by sha256(seed, key, i): deterministic and independent of key order.
+* dare: τ̃ᵢ = mᵢ ⊙ τᵢ / (1−p), mᵢ ~ Bernoulli(1−p) from a CPU torch.Generator seeded by sha256(seed, key, i)
+  with i the style's position in the fuse's style list: deterministic and independent of key order and of
+  which other styles touch the key.
 * dare_ties: DARE drop/rescale, then TIES elect + disjoint mean (no magnitude trim:
   ``density`` is not used, as in PEFT's ``dare_ties`` where the random drop is the pruning).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
-from .formats import Entry
+from .adapters import Entry
 from .fuse import BaseWeightFn, KeyScaleFn, group_by_key, key_delta
 from .keys import canonical
+from .layouts import FAMILIES, BlockLayout, block_layout
+from .seeds import seed_for
 
 LOG = logging.getLogger("fewstep")
 
-SLOTS26: list[str] = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["MID"] + [f"OUT{i:02d}" for i in range(12)]
-
-LAYOUTS: dict[str, dict[int, list[str]]] = {
-    "sd15": {
-        17: ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID"] + [f"OUT{i:02d}" for i in range(3, 12)],
-        26: list(SLOTS26),
-    },
-    "sdxl": {
-        12: ["BASE", "IN04", "IN05", "IN07", "IN08", "MID"] + [f"OUT{i:02d}" for i in range(6)],
-        20: ["BASE"] + [f"IN{i:02d}" for i in range(9)] + ["MID"] + [f"OUT{i:02d}" for i in range(9)],
-    },
-}
-N_BLOCKS = {"sd15": 12, "sdxl": 9}
-
-_ARCH_ALIASES = {"sd15": "sd15", "sd1": "sd15", "sd1.5": "sd15", "sd1x": "sd15", "sd2": "sd15", "sd21": "sd15",
-                 "sd2.1": "sd15", "sdxl": "sdxl", "xl": "sdxl", "ssd1b": "sdxl"}
-
 MERGE_MODES = ("linear", "ties", "dare", "dare_ties")
-
-
-def normalize_arch(arch: str) -> str:
-    """Map an architecture name to "sd15" (SD1.x/SD2.x share the UNet layout) or "sdxl"."""
-    a = _ARCH_ALIASES.get(str(arch).lower().replace("-", "").replace("_", ""))
-    if a is None:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of sd15, sd2, sdxl")
-    return a
+PRESETS = ("NONE", "ALL", "ALL0.5", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL", "MIDALL")
 
 
 def _slot_index(slot: str) -> tuple[str, int]:
-    if slot.startswith("IN"):
-        return "IN", int(slot[2:])
-    if slot.startswith("OUT"):
-        return "OUT", int(slot[3:])
-    return slot, -1
+    """("IN", 4) for IN04, ("MID", -1) for MID."""
+    m = re.fullmatch(r"([A-Z]+?)(\d+)", slot)
+    return (m.group(1), int(m.group(2))) if m else (slot, -1)
 
 
-def _preset_value(name: str, slot: str, arch: str) -> float:
+def _preset_value(name: str, slot: str, layout: BlockLayout) -> float:
     region, i = _slot_index(slot)
-    xl = arch == "sdxl"
-    ins_max, outd_max = (5, 2) if xl else (4, 6)
+    ins_max, outd_max = layout.lbw_split
     if name == "NONE":
         return 0.0
     if name == "ALL":
@@ -112,9 +80,6 @@ def _preset_value(name: str, slot: str, arch: str) -> float:
         "OUTD": outd, "OUTS": outs, "OUTALL": region == "OUT", "MIDALL": region == "MID",
     }
     return 1.0 if table[name] else 0.0
-
-
-PRESETS = ("NONE", "ALL", "ALL0.5", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL", "MIDALL")
 
 
 @dataclass(frozen=True)
@@ -141,27 +106,26 @@ class BlockWeights:
 
 
 def parse_block_weights(text: str, arch: str) -> BlockWeights:
-    """Parse a LBW vector ("1,0,0.5,…") or a preset name for ``arch``.
+    """Parse a LBW vector ("1,0,0.5,…") or a preset name for family ``arch``.
 
-    Accepted counts: SD1.5/SD2 17 or 26; SDXL 12 or 20. Presets expand to the full
+    Accepted counts: the layout's vector lengths (SD1.5/SD2 17 or 26; SDXL 12 or 20). Presets expand to the full
     layout (26 / 20 slots).
 
     Raises:
         ValueError: wrong count (message names the expected counts), non-numeric value, unknown preset.
     """
-    a = normalize_arch(arch)
-    counts = sorted(LAYOUTS[a])
+    layout = block_layout(arch)
+    a, counts = layout.name, layout.counts
     t = (text or "").strip()
     if not t:
         raise ValueError(f"empty block-weight text; give {' or '.join(map(str, counts))} comma-separated values "
                          f"for {a} or a preset ({', '.join(PRESETS)})")
     up = t.upper()
     if up in PRESETS:
-        slots = LAYOUTS[a][max(counts)]
-        return BlockWeights(a, tuple(slots), tuple(_preset_value(up, s, a) for s in slots))
-    parts = [p.strip() for p in re.split(r"[,\s]+", t) if p.strip()]
+        slots = layout.slots(max(counts))
+        return BlockWeights(arch, slots, tuple(_preset_value(up, s, layout) for s in slots))
     vals: list[float] = []
-    for p in parts:
+    for p in (p.strip() for p in re.split(r"[,\s]+", t) if p.strip()):
         try:
             v = float(p)
         except ValueError:
@@ -170,76 +134,67 @@ def parse_block_weights(text: str, arch: str) -> BlockWeights:
         if v != v or abs(v) == float("inf"):
             raise ValueError(f"block weight {p!r} is not finite")
         vals.append(v)
-    if len(vals) not in LAYOUTS[a]:
+    if layout.slots(len(vals)) is None:
         raise ValueError(f"{a} block weights need {' or '.join(map(str, counts))} values, got {len(vals)} "
-                         f"({'slots: ' + ','.join(LAYOUTS[a][counts[0]])})")
-    return BlockWeights(a, tuple(LAYOUTS[a][len(vals)]), tuple(vals))
+                         f"(slots: {','.join(layout.slots(counts[0]))})")
+    return BlockWeights(arch, layout.slots(len(vals)), tuple(vals))
 
 
-_IN_RE = re.compile(r"^input_blocks_(\d+)_")
-_OUT_RE = re.compile(r"^output_blocks_(\d+)_")
+def check_block_weights(text: str) -> None:
+    """ValueError unless ``text`` is a block-weight vector or preset for some family's layout (the syntax check of
+    a node that does not know the model yet); the message is the first layout's."""
+    errors = []
+    for name in dict.fromkeys(f.blocks.name for f in FAMILIES.values()):
+        try:
+            parse_block_weights(text, name)
+            return
+        except ValueError as e:
+            errors.append(e)
+    raise errors[0]
 
 
 NO_SLOT = ""
-"""``block_of`` of a UNet weight no block-weight slot scales (weight 1)."""
+"""``block_of`` of a weight no block-weight slot scales (weight 1)."""
 
 
 def block_of(host_key: str, arch: str = "sd15") -> str:
-    """Block-weight slot (INnn/MID/OUTnn, or ``NO_SLOT``) of an LDM host key such as
-    ``diffusion_model.input_blocks.4.1.proj_in.weight``; sd-scripts' rule outside the block stack."""
-    a = normalize_arch(arch)
-    slot = stack_block_of(host_key, a)
+    """Block-weight slot (e.g. INnn/MID/OUTnn, or ``NO_SLOT``) of a host weight key such as
+    ``diffusion_model.input_blocks.4.1.proj_in.weight``; the layout's ``outside`` rule outside the block stack."""
+    layout = block_layout(arch)
+    slot = _stack_slot(host_key, layout)
     if slot is not None:
-        return slot
+        return slot[0]
     c = canonical(host_key) + "_"
-    if a == "sdxl" and c.startswith(("time_embed_", "label_emb_")):
-        return "IN00"
-    if a == "sdxl" and c.startswith("out_"):
-        return "OUT09"
-    return NO_SLOT
+    return next((s for prefix, s in layout.outside if c.startswith(prefix)), NO_SLOT)
 
 
-def stack_block_of(host_key: str, arch: str = "sd15") -> Optional[str]:
-    """INnn/MID/OUTnn of a weight inside the UNet's block stack, else None."""
-    a = normalize_arch(arch)
+def _stack_slot(host_key: str, layout: BlockLayout) -> Optional[tuple[str, int]]:
+    """(slot, LiNeS depth l) of a weight inside the block stack, else None."""
     c = canonical(host_key) + "_"
-    m = _IN_RE.match(c)
-    if m:
-        n = int(m.group(1))
-        if n >= N_BLOCKS[a]:
-            raise ValueError(f"'{host_key}' is input block {n}, but {a} has {N_BLOCKS[a]} (wrong architecture?)")
-        return f"IN{n:02d}"
-    if c.startswith("middle_block_"):
-        return "MID"
-    m = _OUT_RE.match(c)
-    if m:
-        n = int(m.group(1))
-        if n >= N_BLOCKS[a]:
-            raise ValueError(f"'{host_key}' is output block {n}, but {a} has {N_BLOCKS[a]} (wrong architecture?)")
-        return f"OUT{n:02d}"
+    depth = 0
+    for r in layout.regions:
+        m = re.match(r.pattern, c)
+        if m:
+            if not m.groups():
+                return r.name, depth + 1
+            n = int(m.group(1))
+            if n >= r.count:
+                raise ValueError(f"'{host_key}' is {r.label} {n}, but {layout.name} has {r.count} (wrong "
+                                 f"architecture?)")
+            return f"{r.name}{n:02d}", depth + n + 1
+        depth += r.count
     return None
 
 
 def depth_of(host_key: str, arch: str = "sd15") -> Optional[int]:
-    """LiNeS depth l (1-based) in the order IN00..→MID→..OUTmax, or None outside the block stack."""
-    a = normalize_arch(arch)
-    slot = stack_block_of(host_key, a)
-    if slot is None:
-        return None
-    region, i = _slot_index(slot)
-    n = N_BLOCKS[a]
-    if region == "IN":
-        return i + 1
-    if region == "MID":
-        return n + 1
-    if region == "OUT":
-        return n + 2 + i
-    return None
+    """LiNeS depth l (1-based) along the layout's regions, or None outside the block stack."""
+    slot = _stack_slot(host_key, block_layout(arch))
+    return None if slot is None else slot[1]
 
 
 def depth_count(arch: str) -> int:
     """L: number of depth slots (SD1.5 25, SDXL 19)."""
-    return 2 * N_BLOCKS[normalize_arch(arch)] + 1
+    return block_layout(arch).depth_count
 
 
 def lines_scale(host_key: str, arch: str, alpha: float, beta: float) -> float:
@@ -252,8 +207,8 @@ def lines_scale(host_key: str, arch: str, alpha: float, beta: float) -> float:
 
 def lines_key_scale(arch: str, alpha: float, beta: float) -> KeyScaleFn:
     """``lora.fuse`` key_scale callback applying LiNeS (use for style adapters only)."""
-    a = normalize_arch(arch)
-    return lambda entry, key: lines_scale(key, a, alpha, beta)
+    block_layout(arch)  # an unknown family fails here, not at the first key
+    return lambda entry, key: lines_scale(key, arch, alpha, beta)
 
 
 def combine_key_scales(*fns: Optional[KeyScaleFn]) -> Optional[KeyScaleFn]:
@@ -261,20 +216,16 @@ def combine_key_scales(*fns: Optional[KeyScaleFn]) -> Optional[KeyScaleFn]:
     live = [f for f in fns if f is not None]
     if not live:
         return None
-    return lambda entry, key: _prod(f(entry, key) for f in live)
+
+    def scale(entry, key) -> float:
+        out = 1.0
+        for f in live:
+            out *= f(entry, key)
+        return out
+    return scale
 
 
-def _prod(xs) -> float:
-    out = 1.0
-    for x in xs:
-        out *= x
-    return out
-
-
-def _seed_for(seed: int, key: str, index: int) -> int:
-    h = hashlib.sha256(f"{int(seed)}\x00{key}\x00{int(index)}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
+# ---------------------------------------------------------------- TIES / DARE
 
 def trim_top_k(t: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the int(density·n) largest-|x| entries of ``t`` (at least one; PEFT/mergekit's count, ties broken by
@@ -298,7 +249,7 @@ def dare_drop(t: torch.Tensor, p: float, seed: int, key: str, index: int) -> tor
     if p == 0.0:
         return t.clone()
     g = torch.Generator(device="cpu")
-    g.manual_seed(_seed_for(seed, key, index))
+    g.manual_seed(seed_for(seed, key, index))
     keep = torch.rand(t.shape, generator=g, dtype=torch.float32) >= p
     return t * keep.to(t.device, t.dtype) / (1.0 - p)
 
@@ -313,21 +264,20 @@ def ties_combine(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
     return num / cnt
 
 
-def merge_deltas(deltas: Sequence[torch.Tensor], mode: str = "linear", *, density: float = 0.2, p: float = 0.5,
-                 seed: int = 0, key: str = "") -> torch.Tensor:
-    """Merge per-adapter full deltas for one key (see module doc for the modes)."""
-    if mode not in MERGE_MODES:
-        raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
+def merge_deltas(deltas: Sequence[torch.Tensor], mode: str, *, density: float = 0.2, p: float = 0.5,
+                 seed: int = 0, key: str = "", indices: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """TIES / DARE / DARE-TIES merge of per-style full deltas for one key (see module doc).
+
+    ``indices``: each delta's style position (DARE's seed index); default 0, 1, 2, … (linear mode is not a merge
+    here: it is the one GEMM of ``key_delta``)."""
+    if mode not in MERGE_MODES or mode == "linear":
+        raise ValueError(f"merge_deltas mode must be one of {MERGE_MODES[1:]}, got {mode!r}")
     if not deltas:
         raise ValueError("merge_deltas needs at least one delta")
-    if mode == "linear":
-        out = deltas[0].to(torch.float32).clone()
-        for d in deltas[1:]:
-            out += d
-        return out
     if mode == "ties":
         return ties_combine([trim_top_k(d.to(torch.float32), density) for d in deltas])
-    dropped = [dare_drop(d.to(torch.float32), p, seed, key, i) for i, d in enumerate(deltas)]
+    idx = range(len(deltas)) if indices is None else indices
+    dropped = [dare_drop(d.to(torch.float32), p, seed, key, i) for i, d in zip(idx, deltas)]
     if mode == "dare":
         out = dropped[0]
         for d in dropped[1:]:
@@ -336,31 +286,9 @@ def merge_deltas(deltas: Sequence[torch.Tensor], mode: str = "linear", *, densit
     return ties_combine(dropped)
 
 
+# ---------------------------------------------------------------- planning and per-key deltas
+
 StyleScale = Union[None, KeyScaleFn, Sequence[Optional[KeyScaleFn]]]
-
-
-def iter_merged_deltas(accel: Sequence[tuple[Entry, float]], styles: Sequence[Sequence[tuple[Entry, float]]],
-                       weight_shapes: dict[str, Sequence[int]], module_to_host: dict[str, str], *,
-                       mode: str = "linear", density: float = 0.2, p: float = 0.5, seed: int = 0,
-                       accel_key_scale: Optional[KeyScaleFn] = None, style_key_scale: StyleScale = None,
-                       base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
-                       dora_mode: str = "comfyui") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (host_key, fp32 delta) = accel delta (linear) + merge(style deltas), one key at a time.
-
-    Args:
-        accel: the acceleration adapter's ``(entry, strength)`` pairs (never merged, never depth-scaled
-            unless ``accel_key_scale`` says so).
-        styles: one list of ``(entry, strength)`` per style adapter.
-        style_key_scale: one callback for all styles or one per style (block weights, LiNeS).
-        mode, density, p, seed: merge parameters (``merge_deltas``).
-    """
-    for key, (shape, accel_items, present) in plan_merge(accel, styles, weight_shapes, module_to_host, mode=mode,
-                                                         accel_key_scale=accel_key_scale,
-                                                         style_key_scale=style_key_scale).items():
-        yield key, merged_key_delta(key, shape, accel_items, present, mode=mode, density=density, p=p, seed=seed,
-                                    base_weight_fn=base_weight_fn, device=device, dora_mode=dora_mode)
-
-
 KeyPlan = tuple  # (shape, accel items, [(style index, items), ...])
 
 
@@ -368,7 +296,14 @@ def plan_merge(accel: Sequence[tuple[Entry, float]], styles: Sequence[Sequence[t
                weight_shapes: dict[str, Sequence[int]], module_to_host: dict[str, str], *, mode: str = "linear",
                accel_key_scale: Optional[KeyScaleFn] = None, style_key_scale: StyleScale = None) -> dict[str, KeyPlan]:
     """Which entries (with their block-weight / LiNeS-scaled strengths) land on which host key, without computing
-    any delta: ``{key: (shape, accel_items, [(style_index, items), ...])}`` in a stable key order."""
+    any delta: ``{key: (shape, accel_items, [(style_index, items), ...])}`` in a stable key order.
+
+    Args:
+        accel: the acceleration adapter's ``(entry, strength)`` pairs (never merged, never depth-scaled
+            unless ``accel_key_scale`` says so).
+        styles: one list of ``(entry, strength)`` per style adapter.
+        style_key_scale: one callback for all styles or one per style (block weights, LiNeS).
+    """
     if mode not in MERGE_MODES:
         raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
     if style_key_scale is None or callable(style_key_scale):
@@ -397,7 +332,7 @@ def plan_merge(accel: Sequence[tuple[Entry, float]], styles: Sequence[Sequence[t
 def merged_key_delta(key: str, shape: Sequence[int], accel_items, present, *, mode: str = "linear",
                      density: float = 0.2, p: float = 0.5, seed: int = 0,
                      base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
-                     dora_mode: str = "comfyui", out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                     out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """fp32 delta of one key from its ``plan_merge`` entry: accel (linear) + merge(style deltas).
 
     In linear mode every adapter's plain-LoRA factors go into one GEMM (accel and styles together).
@@ -406,27 +341,16 @@ def merged_key_delta(key: str, shape: Sequence[int], accel_items, present, *, mo
         items = list(accel_items) + [it for _, its in present for it in its]
         if not items:
             return out
-        return key_delta(items, key, shape, base_weight_fn, device, dora_mode, out=out)
-    if out is not None:
-        delta = merged_key_delta(key, shape, accel_items, present, mode=mode, density=density, p=p, seed=seed,
-                                 base_weight_fn=base_weight_fn, device=device, dora_mode=dora_mode)
-        return out if delta is None else out.add_(delta)
+        return key_delta(items, key, shape, base_weight_fn, device, out=out)
     total: Optional[torch.Tensor] = None
     if accel_items:
-        total = key_delta(accel_items, key, shape, base_weight_fn, device, dora_mode)
+        total = key_delta(accel_items, key, shape, base_weight_fn, device)
     if present:
-        if mode == "linear":
-            sd = key_delta([it for _, items in present for it in items], key, shape, base_weight_fn, device,
-                           dora_mode)
-        else:
-            per = [key_delta(items, key, shape, base_weight_fn, device, dora_mode) for _, items in present]
-            # DARE seeds use the style's position in ``styles`` so adding/removing other styles for
-            # other keys does not change this key's mask.
-            if mode in ("dare", "dare_ties"):
-                dropped = [dare_drop(d, p, seed, key, i) for (i, _), d in zip(present, per)]
-                sd = dropped[0] if mode == "dare" and len(dropped) == 1 else (
-                    torch.stack(dropped).sum(0) if mode == "dare" else ties_combine(dropped))
-            else:
-                sd = merge_deltas(per, "ties", density=density)
+        per = [key_delta(items, key, shape, base_weight_fn, device) for _, items in present]
+        # DARE seeds use the style's position in ``styles``, so adding/removing other styles for
+        # other keys does not change this key's mask.
+        sd = merge_deltas(per, mode, density=density, p=p, seed=seed, key=key, indices=[i for i, _ in present])
         total = sd if total is None else total + sd
-    return total
+    if out is None:
+        return total
+    return out if total is None else out.add_(total)

@@ -10,8 +10,9 @@ class FewStepExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from . import registry
         from .lora import NODES as LORA_NODES
+        from .lora_save import NODES as LORA_SAVE_NODES
         from .presets import NODES as PRESET_NODES
         from .sampling import NODES as SAMPLING_NODES
 
         registry.register()
-        return [*SAMPLING_NODES, *PRESET_NODES, *LORA_NODES]
+        return [*SAMPLING_NODES, *PRESET_NODES, *LORA_NODES, *LORA_SAVE_NODES]

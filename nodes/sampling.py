@@ -7,30 +7,11 @@ from comfy_api.v0_0_2 import io
 from ..samplers import consistency, schedules
 from ..samplers.noise import initial_noise
 from . import engine
+from .common import checked, model_base  # noqa: F401  (model_base: nodes.presets still imports it from here)
 
 CAT_SAMPLERS = "sampling/custom_sampling/samplers"
 CAT_SCHEDULERS = "sampling/custom_sampling/schedulers"
 CAT_NOISE = "sampling/custom_sampling/noise"
-
-
-def checked(node: str, fn, *args, **kwargs):
-    """Run `fn`; a ValueError becomes one naming the node, so the user knows what to fix."""
-    try:
-        return fn(*args, **kwargs)
-    except ValueError as e:
-        raise ValueError(f"{node}: {e}") from None
-
-
-SSD1B_DEPTH = [0, 0, 2, 2, 4, 4]  # the host's SSD1B unet_config transformer_depth (SDXL: [0, 0, 2, 2, 10, 10])
-
-
-def model_base(model) -> str:
-    """'sd15', 'sd2', 'sdxl' or 'ssd1b' from the model's UNet config (context width, depth), else 'unknown'."""
-    cfg = getattr(model.model.model_config, "unet_config", {}) or {}
-    ctx = cfg.get("context_dim")
-    if cfg.get("adm_in_channels") and ctx == 2048:
-        return "ssd1b" if list(cfg.get("transformer_depth") or []) == SSD1B_DEPTH else "sdxl"
-    return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(ctx, "unknown")
 
 
 def discrete_model_sampling(node: str, model):

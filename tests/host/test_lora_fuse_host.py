@@ -35,6 +35,13 @@ def L(host, standin_dir):
 
 
 @pytest.fixture(scope="module")
+def S(L):
+    """The save/export side of the LoRA nodes."""
+    from fewstep.nodes import lora_save
+    return lora_save
+
+
+@pytest.fixture(scope="module")
 def model(L, standin_dir):
     import comfy.sd
     return comfy.sd.load_checkpoint_guess_config(str(standin_dir / "checkpoints" / CKPT))[0]
@@ -190,10 +197,10 @@ def test_merge_modes_deterministic(L, model, mode, small_styles):
         assert not torch.equal(delta_of(a, k), delta_of(c, k))
 
 
-def test_svd_export_refuses_within_reported_error(L, model, loras_tmp, tmp_path, small_styles):
+def test_svd_export_refuses_within_reported_error(L, S, model, loras_tmp, tmp_path, small_styles):
     import re
     m, _, _ = L.fuse(model, L.NONE, 1.0, small_styles)
-    path, report = L.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"))
+    path, report = S.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"))
     overall = float(re.search(r"overall relative Frobenius error: ([\d.]+)%", report).group(1)) / 100
     assert 0 < overall < 1 and report.count("  r=8 ") == 8, report
     shutil.copy(path, loras_tmp / "exported.safetensors")
@@ -207,19 +214,20 @@ def test_svd_export_refuses_within_reported_error(L, model, loras_tmp, tmp_path,
     got = (num / den) ** 0.5
     assert abs(got - overall) <= 1e-3 * max(overall, 1e-3) + 1e-5, (got, overall)
     # energy mode reaches its threshold
-    _, rep3 = L.export_fused(m, mode="energy", energy=0.999, rank=64, output_dir=str(tmp_path / "out"))
+    _, rep3 = S.export_fused(m, mode="energy", energy=0.999, rank=64, output_dir=str(tmp_path / "out"))
     assert float(re.search(r"error: ([\d.]+)%", rep3).group(1)) <= (1 - 0.999 ** 2) ** 0.5 * 100 + 0.1
 
 
-def test_export_needs_fused_model(L, model, tmp_path):
+def test_export_needs_fused_model(L, S, model, tmp_path):
     with pytest.raises(ValueError, match="FewStep Export LoRA: the model carries no weight patches; connect the "
                                          "MODEL output of FewStep LoRA Fuse"):
-        L.export_fused(model, output_dir=str(tmp_path))
+        S.export_fused(model, output_dir=str(tmp_path))
 
 
-def test_fuse_composes_with_core_loaders_and_itself(L, model):
+def test_fuse_composes_with_core_loaders_and_itself(L, S, model):
     """A core LoraLoaderModelOnly before or after the fuse, and two fuses in a row, give the core chain's weights;
     the input models stay unpatched and unpatching is bit-exact."""
+    from fewstep.nodes.lora_host import fuse_records
     ref = base(model, PROBE)
     want = weights(core_chain(model, [(LCM, 1.0), (KOHYA, 0.8)]), PROBE)
     core_lcm = core_chain(model, [(LCM, 1.0)])
@@ -234,16 +242,16 @@ def test_fuse_composes_with_core_loaders_and_itself(L, model):
         assert all(torch.equal(v, ref[k]) for k, v in base(model, PROBE).items()), f"{what}: base not restored"
     assert len(fused_lcm.patches) == n_lcm and all(len(ps) == 1 for ps in fused_lcm.patches.values())
     assert not model.patches
-    assert len(L.fuse_records(chains["fuse then fuse"])) == 2
-    assert L.fuse_records(chains["core then fuse"])[0]["adapters"][0]["name"] == KOHYA
+    assert len(fuse_records(chains["fuse then fuse"])) == 2
+    assert fuse_records(chains["core then fuse"])[0].adapters[0].name == KOHYA
     # What an export would see: only the keys with a core patch are "foreign".
     kohya_keys = set(chains["fuse then fuse"].patches) - {k for k, ps in chains["fuse then fuse"].patches.items()
                                                           if len(ps) == 1}
-    assert kohya_keys and set(L.foreign_patched_keys(chains["fuse then core"])) == kohya_keys
-    assert L.foreign_patched_keys(chains["fuse then fuse"]) == []
+    assert kohya_keys and set(S.foreign_patched_keys(chains["fuse then core"])) == kohya_keys
+    assert S.foreign_patched_keys(chains["fuse then fuse"]) == []
 
 
-def test_export_holds_core_loader_patches_too(L, model, loras_tmp, tmp_path, small_styles, standin_dir):
+def test_export_holds_core_loader_patches_too(L, S, model, loras_tmp, tmp_path, small_styles, standin_dir):
     """Fuse, then a core LoRA loader on the same model: the export is the model's whole change (before, a core
     LoRA after the fuse was silently left out), exact where only the fuse patched, the host's result elsewhere."""
     import re
@@ -252,12 +260,12 @@ def test_export_holds_core_loader_patches_too(L, model, loras_tmp, tmp_path, sma
     _write(loras_tmp / "small-core.safetensors", sd)
     fused, _, _ = L.fuse(model, L.NONE, 1.0, small_styles)
     m = core_chain(fused, [("small-core.safetensors", 0.5)])
-    foreign = L.foreign_patched_keys(m)
+    foreign = S.foreign_patched_keys(m)
     assert len(fused.patches) == 8 and len(m.patches) == 16 and len(foreign) == 12, (len(m.patches), foreign)
     keys = sorted(m.patches)
     ref = base(model, keys)
     applied = weights(m, keys)
-    deltas = dict(L.fused_deltas(L.EXPORT, m))
+    deltas = dict(S.fused_deltas(S.EXPORT, m))
     assert sorted(deltas) == keys
     for k in keys:
         want = applied[k].double() - ref[k].double()
@@ -266,7 +274,7 @@ def test_export_holds_core_loader_patches_too(L, model, loras_tmp, tmp_path, sma
         assert err <= 4e-6 * (ref[k].abs().max().item() + want.abs().max().item()), (k, err)
         if k not in foreign:  # the fuse-only keys stay the fuse's exact fp32 delta
             assert torch.equal(deltas[k], delta_of(fused, k)), k
-    path, report = L.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"))
+    path, report = S.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"))
     assert "12 weights also carry patches from other nodes" in report, report
     assert re.search(r"16 weights exported", report), report
     shutil.copy(path, loras_tmp / "exported-all.safetensors")
@@ -684,15 +692,15 @@ def test_fp8_weights_fuse_like_core_with_stochastic_rounding(L, standin_dir):
     assert all(torch.equal(v, ref[k]) for k, v in base(m8, keys).items()), "fp8 base not restored bit for bit"
 
 
-def test_export_includes_text_encoder_from_the_fused_clip(L, model_clip, te_style, loras_tmp, tmp_path):
+def test_export_includes_text_encoder_from_the_fused_clip(L, S, model_clip, te_style, loras_tmp, tmp_path):
     """With the fuse's clip connected, the export carries lora_te* modules that core loads back onto CLIP; without
     it the report says the text-encoder part was left out."""
     import nodes
     model, clip = model_clip
     m, c, _, _ = L.fuse_model_and_clip(model, clip, L.NONE, 1.0, [(te_style, 0.8)])
-    _, rep_no = L.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"))
+    _, rep_no = S.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"))
     assert "text encoder: NOT exported -- the fused LoRAs have 20 text-encoder modules" in rep_no, rep_no
-    path, rep = L.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"), clip=c)
+    path, rep = S.export_fused(m, rank=8, dtype="fp32", output_dir=str(tmp_path / "out"), clip=c)
     assert "text encoder: 20 weights exported from the connected clip" in rep, rep
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
@@ -713,9 +721,10 @@ def test_export_includes_text_encoder_from_the_fused_clip(L, model_clip, te_styl
         assert moved > 10 * tol, (k, moved)  # the LoRA changed the weight far more than the tolerance
 
 
-def test_stack_entry_block_weights_apply_to_that_lora_only(L, model, tmp_path):
+def test_stack_entry_block_weights_apply_to_that_lora_only(L, S, model, tmp_path):
     """A Stack entry's own block weights replace the fuse node's for that LoRA alone; the setting survives the
     fuse record (the export recomputes the same deltas); bad vectors are named with their LoRA."""
+    from fewstep.nodes.lora_host import fuse_records
     vec = ["1"] * 17
     vec[1] = "0"  # IN01 off for the stacked KOHYA only
     own = ",".join(vec)
@@ -736,10 +745,10 @@ def test_stack_entry_block_weights_apply_to_that_lora_only(L, model, tmp_path):
     for k in other:  # elsewhere KOHYA is at its own 1, not the node's 0.5
         want = delta_of(only_loha, k) + delta_of(kohya_all, k)
         assert torch.allclose(delta_of(m, k), want, atol=1e-6 * want.abs().max().item()), k
-    path, _ = L.export_fused(m, rank=4, dtype="fp32", output_dir=str(tmp_path))
-    (rec,) = L.fuse_records(m)
-    assert [a["block_weights"] for a in rec["adapters"]] == ["", own]
-    deltas = dict(L.fused_deltas(L.EXPORT, m))
+    path, _ = S.export_fused(m, rank=4, dtype="fp32", output_dir=str(tmp_path))
+    (rec,) = fuse_records(m)
+    assert [a.block_weights for a in rec.adapters] == ["", own]
+    deltas = dict(S.fused_deltas(S.EXPORT, m))
     for k in ATTN_PROBE:
         assert torch.equal(deltas[k], delta_of(m, k)), k
     with pytest.raises(ValueError, match=r"FewStep LoRA Stack: block_weights of 'style-sd15-kohya.safetensors'"):

@@ -21,6 +21,7 @@ def test_save_fused_round_trip(host, standin_dir, tmp_path):
     from safetensors import safe_open
     folder_paths.add_model_folder_path("loras", str(standin_dir / "loras"))
     from fewstep.nodes import lora as L
+    from fewstep.nodes import lora_save as S
 
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(
         str(standin_dir / "checkpoints" / "fewstep-standin-sd15.safetensors"))[:3]
@@ -33,7 +34,7 @@ def test_save_fused_round_trip(host, standin_dir, tmp_path):
         expected[k] = comfy.utils.get_attr(fused.model, k).detach().to(torch.float16)
     fused.unpatch_model()
     try:
-        path = L.save_fused(fused, "fewstep_test/fused", "fp16", clip=clip, vae=vae, output_dir=str(tmp_path))
+        path = S.save_fused(fused, "fewstep_test/fused", "fp16", clip=clip, vae=vae, output_dir=str(tmp_path))
     finally:
         mm.unload_all_models()
     for k in KEYS:  # the shared base model is back to its own weights
@@ -61,6 +62,7 @@ def test_save_fused_keeps_text_encoder_parts(host, standin_dir, tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
     from fewstep.nodes import lora as L
+    from fewstep.nodes import lora_save as S
 
     loras = tmp_path / "loras"
     loras.mkdir()
@@ -81,7 +83,7 @@ def test_save_fused_keeps_text_encoder_parts(host, standin_dir, tmp_path):
         fclip.patcher.unpatch_model()
         assert not torch.equal(patched, base.to(torch.float16))
         try:
-            path = L.save_fused(fmodel, "fewstep_test/te", "fp16", clip=fclip, output_dir=str(tmp_path))
+            path = S.save_fused(fmodel, "fewstep_test/te", "fp16", clip=fclip, output_dir=str(tmp_path))
         finally:
             mm.unload_all_models()
         suffix = "text_model.encoder.layers.0.self_attn.q_proj.weight"

@@ -113,12 +113,12 @@ def test_export_names_text_encoder_weights_as_kohya_writes_them(host, arch):
     import comfy.lora
     import comfy.sd1_clip
     import comfy.sdxl_clip
-    from fewstep.nodes import lora as L
+    from fewstep.nodes import lora_save as S
     cls = comfy.sdxl_clip.SDXLClipModel if arch == "sdxl" else comfy.sd1_clip.SD1ClipModel
     with torch.device("meta"):
         clip_model = cls(device="meta", dtype=torch.float16)
     kmap = comfy.lora.model_lora_keys_clip(clip_model, {})
-    names = L.kohya_te_names(kmap)
+    names = S.kohya_te_names(kmap)
     targets = {hk for lk, hk in kmap.items() if lk.startswith("lora_te")}
     assert set(names) == targets and len(targets) >= 73  # SD1.5: 12 layers x 6 + text_projection
     assert len(set(names.values())) == len(names)
@@ -137,7 +137,7 @@ def test_ssd1b_lora_refused_on_sdxl_and_ssd1b_model_named(L, sdxl, tmp_path, hos
     import comfy.supported_models as sm
     import folder_paths
     from safetensors.torch import save_file
-    from fewstep.nodes.sampling import model_base
+    from fewstep.nodes.common import model_base
     g = torch.Generator().manual_seed(0)
     sd = {}
     for i in range(4):  # 4 transformer blocks at the deepest level, no mid-block attention: SSD-1B

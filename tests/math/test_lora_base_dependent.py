@@ -2,14 +2,15 @@
 
 The references here are written from the trainers' definitions (LyCORIS ``glora``/``diag_oft``/``boft``/``ia3``,
 sd-scripts ``networks/oft.py``) with explicit matrices (``torch.block_diag``, permutation matrices built
-element by element), not with the reshapes ``lora.fuse`` uses.
+element by element), not with the reshapes ``lora.adapters`` uses.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lora.formats import GloraModule, Ia3Module, OftModule, parse_state_dict
+from lora.adapters import GloraModule, Ia3Module, OftModule
+from lora.formats import parse_state_dict
 from lora.fuse import check_key_shapes, key_delta
 from lora.keys import canonical
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _unet_keys import STYLES, ldm_to_diffusers, save, tiny_sd15, write_lora  # noqa: E402
+from _unet_keys import STYLES, ldm_to_diffusers, node_deltas, save, tiny_sd15, write_lora  # noqa: E402
 
-from lora.formats import LoraModule, read_adapter  # noqa: E402
-from lora.fuse import compute_deltas  # noqa: E402
+from lora.adapters import LoraModule  # noqa: E402
+from lora.formats import read_adapter  # noqa: E402
 from lora.keys import KeyMapper, canonical, require_all_matched  # noqa: E402
 
 U = tiny_sd15()
@@ -39,7 +39,7 @@ def deltas_for(path):
     km = KeyMapper(U.key_map, U.diffusers_to_ldm)
     matched, unmatched = km.match(ad.modules())
     assert unmatched == []
-    return compute_deltas([(e, 0.7) for e in ad.entries], U.shapes, matched)
+    return node_deltas([(e, 0.7) for e in ad.entries], U.shapes, matched)
 
 
 def test_all_key_styles_identical(tmp_path):
@@ -148,7 +148,7 @@ def test_unmatched_keys_raise(tmp_path):
     with pytest.raises(ValueError, match=r"xl.safetensors.*output_blocks_2_1_transformer_blocks_6"):
         require_all_matched(ad.path, unmatched)
     with pytest.raises(ValueError, match=r"xl.safetensors.*matches no model weight"):
-        compute_deltas([(e, 1.0) for e in ad.entries], U.shapes, matched)
+        node_deltas([(e, 1.0) for e in ad.entries], U.shapes, matched)
 
 
 def test_shape_mismatch_names_file_key_shapes(tmp_path):
@@ -160,7 +160,7 @@ def test_shape_mismatch_names_file_key_shapes(tmp_path):
     matched, _ = KeyMapper(U.key_map).match(ad.modules())
     with pytest.raises(ValueError, match=r"wrong.safetensors.*attn1_to_q.*\(8, 5\).*" + hk.replace(".", r"\.") +
                        r".*\(8, 8\)"):
-        compute_deltas([(e, 1.0) for e in ad.entries], U.shapes, matched)
+        node_deltas([(e, 1.0) for e in ad.entries], U.shapes, matched)
 
 
 def test_entry_types_parsed(tmp_path):
@@ -236,7 +236,7 @@ def peft_dora_deltas(path, strength=0.7):
     matched, unmatched = KeyMapper(U.key_map, U.diffusers_to_ldm).match(ad.modules())
     assert unmatched == []
     W = base_weights()
-    return ad, matched, compute_deltas([(e, strength) for e in ad.entries], U.shapes, matched,
+    return ad, matched, node_deltas([(e, strength) for e in ad.entries], U.shapes, matched,
                                        base_weight_fn=W.__getitem__)
 
 
@@ -393,7 +393,7 @@ def test_rslora_scale_from_peft_metadata(tmp_path):
 def test_lycoris_norm_training_and_ai_toolkit_dora(tmp_path):
     """LyCORIS train_norm writes <m>.w_norm / <m>.b_norm: diffs of the norm weight and bias (as core applies
     them). ai-toolkit's DoRA magnitude <m>.magnitude is read as a PEFT-convention magnitude."""
-    from lora.formats import BiasDiffModule, DiffModule, DORA_NORM_PEFT
+    from lora.adapters import DORA_NORM_PEFT, BiasDiffModule, DiffModule
     m = "lora_unet_down_blocks_0_attentions_0_norm"
     q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     sd = {f"{m}.w_norm": torch.full((320,), 0.01), f"{m}.b_norm": torch.full((320,), 0.02),

@@ -1,9 +1,15 @@
 """lora.fuse: one-GEMM fusion, conv/LoCon, LoHa/LoKr/DoRA against independent formulas, one rounding."""
+import os
+import sys
+
 import torch
 import torch.nn.functional as F
 
-from lora.formats import BiasDiffModule, DiffModule, LohaModule, LokrModule, LoraModule
-from lora.fuse import apply_delta, compute_deltas, iter_deltas, key_delta
+sys.path.insert(0, os.path.dirname(__file__))
+from _unet_keys import node_deltas  # noqa: E402
+
+from lora.adapters import BiasDiffModule, DiffModule, LohaModule, LokrModule, LoraModule  # noqa: E402
+from lora.fuse import key_delta  # noqa: E402
 
 G = torch.Generator().manual_seed(1234)
 
@@ -101,9 +107,6 @@ def test_dora_both_axes():
         got = key_delta([(e, strength)], "d.weight", (10, 6), base_weight_fn=lambda k: W)
         ref = _dora_ref(W, u @ d, 0.5, ds, strength, base_norm_out=True)
         assert rel(got, ref) < 1e-5
-        got_l = key_delta([(e, strength)], "d.weight", (10, 6), base_weight_fn=lambda k: W, dora_mode="lycoris")
-        ref_l = _dora_ref(W, u @ d, 0.5, ds, strength, base_norm_out=False)
-        assert rel(got_l, ref_l) < 1e-5
 
 
 def test_dora_needs_base_weight():
@@ -116,27 +119,32 @@ def test_dora_needs_base_weight():
         raise AssertionError("expected ValueError")
 
 
-def test_diff_and_bias_and_iter():
+def test_diff_and_bias_and_plan():
     shapes = {"m.a.weight": (4, 3), "m.a.bias": (4,)}
     diff = DiffModule(name="a", file="f.safetensors", diff=rn(4, 3))
     b = BiasDiffModule(name="a", file="f.safetensors", diff=rn(4))
     lo = lora("a", rn(2, 3), rn(4, 2))
-    out = compute_deltas([(diff, 0.5), (b, 2.0), (lo, 1.0)], shapes, {"a": "m.a.weight"})
+    out = node_deltas([(diff, 0.5), (b, 2.0), (lo, 1.0)], shapes, {"a": "m.a.weight"})
     assert set(out) == {"m.a.weight", "m.a.bias"}
     assert rel(out["m.a.weight"], 0.5 * diff.diff.double() + lo.up.double() @ lo.down.double()) < 1e-6
     assert torch.allclose(out["m.a.bias"], 2.0 * b.diff)
-    it = iter_deltas([(lo, 1.0)], shapes, {"a": "m.a.weight"})
-    k, v = next(it)
+    k, v = next(iter(node_deltas([(lo, 1.0)], shapes, {"a": "m.a.weight"}).items()))
     assert k == "m.a.weight"
 
 
 def test_key_scale_and_one_rounding():
+    from lora.merge import merged_key_delta, plan_merge
     shape = (32, 24)
     base = rn(*shape).to(torch.float16)
     items = [(lora(f"x{i}", rn(4, 24) * 0.01, rn(32, 4) * 0.01), 1.0) for i in range(3)]
     mod2host = {e.name: "w.weight" for e, _ in items}
-    deltas = compute_deltas(items, {"w.weight": shape}, mod2host, key_scale=lambda e, k: 0.5)
-    fused = apply_delta(base, deltas["w.weight"])
+    deltas = node_deltas(items, {"w.weight": shape}, mod2host, key_scale=lambda e, k: 0.5)
+    # what the fuse's patch does: accumulate into the host's fp32 working copy, which the host rounds once
+    (key, (_, acc, present)), = plan_merge([], [items], {"w.weight": shape}, mod2host,
+                                           style_key_scale=lambda e, k: 0.5).items()
+    work = base.float().contiguous()
+    merged_key_delta(key, shape, acc, present, out=work)
+    fused = work.to(base.dtype)
     assert fused.dtype == torch.float16
     exact = sum(0.5 * (e.up.double() @ e.down.double()) for e, _ in items)
     assert torch.equal(fused, (base.float() + deltas["w.weight"]).to(torch.float16))
@@ -238,17 +246,14 @@ def test_peft_dora_matches_peft_formula_and_differs_from_kohya():
             assert got.dtype == torch.float32 and got.shape == W.shape
             assert rel(got, ref) < 1e-6, (key, t, rel(got, ref))
             # ComfyUI's weight_decompose normalises by the BASE weight on the output axis: a different result
-            comfy = key_delta([(kohya, t)], key, W.shape, base_weight_fn=lambda k: W, dora_mode="comfyui")
+            comfy = key_delta([(kohya, t)], key, W.shape, base_weight_fn=lambda k: W)
             assert rel(comfy, got) > 1e-4, (key, t, rel(comfy, got))
 
 
-def test_peft_dora_ignores_dora_mode():
+def test_peft_dora_at_alpha_equal_rank():
     for key, W, d, u, m in _peft_cases():
         e = peft_dora("p", d, u, 4.0, m)
         default = key_delta([(e, 0.8)], key, W.shape, base_weight_fn=lambda k: W)
-        for mode in ("comfyui", "lycoris"):
-            got = key_delta([(e, 0.8)], key, W.shape, base_weight_fn=lambda k: W, dora_mode=mode)
-            assert torch.equal(got, default), (key, mode)
         assert rel(default, _peft_dora_ref(W, d, u, 1.0, m, 0.8)) < 1e-6
 
 

@@ -11,10 +11,14 @@ from _unet_keys import save  # noqa: E402
 
 from lora.detect import detect, match_name  # noqa: E402
 from lora.export import export_lora, full_svd_export, save_lora  # noqa: E402
-from lora.formats import LoraModule, read_adapter  # noqa: E402
+from lora.adapters import LoraModule  # noqa: E402
+from lora.formats import read_adapter  # noqa: E402
 from lora.fuse import key_delta  # noqa: E402
-from lora.merge import (LAYOUTS, block_of, depth_count, iter_merged_deltas, lines_scale, merge_deltas,  # noqa: E402
+from lora.layouts import FAMILIES  # noqa: E402
+from lora.merge import (block_of, depth_count, lines_scale, merge_deltas, merged_key_delta, plan_merge,  # noqa: E402
                         parse_block_weights, ties_combine, trim_top_k)
+
+LAYOUTS = {f.blocks.name: f.blocks for f in FAMILIES.values()}  # the block layouts (SD2 shares SD1.5's, SSD-1B SDXL's)
 
 LBW17 = {
     "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0", "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
@@ -26,7 +30,7 @@ LBW17 = {
 
 
 def test_slot_counts_and_presets():
-    assert {k: sorted(v) for k, v in LAYOUTS.items()} == {"sd15": [17, 26], "sdxl": [12, 20]}
+    assert {k: v.counts for k, v in LAYOUTS.items()} == {"sd15": [17, 26], "sdxl": [12, 20]}
     for arch, n in [("sd15", 17), ("sd15", 26), ("sdxl", 12), ("sdxl", 20)]:
         bw = parse_block_weights(",".join(["0.5"] * n), arch)
         assert len(bw.values) == n
@@ -39,7 +43,7 @@ def test_slot_counts_and_presets():
     # presets reproduce the LBW 17-value table on the 17 slots
     for name, vec in LBW17.items():
         bw = parse_block_weights(name.lower(), "sd15")
-        got = [bw.weight(s) for s in LAYOUTS["sd15"][17]]
+        got = [bw.weight(s) for s in LAYOUTS["sd15"].slots(17)]
         assert got == [float(x) for x in vec.split(",")], name
     xl = parse_block_weights("OUTALL", "sdxl")
     assert xl.weight("IN04") == 0 and xl.weight("OUT08") == 1 and xl.weight("BASE") == 1
@@ -120,15 +124,20 @@ def test_merged_deltas_accel_linear_and_order_independent():
     s1 = [(_lm("a1", seed=3), 0.8)]
     s2 = [(_lm("a1", seed=4), 0.5), (_lm("a2", seed=5), 0.5)]
     m2h = {"a1": "w1", "a2": "w2"}
+    def merged(accel, styles, mode):  # what FewStep LoRA Fuse computes: plan the keys, then each key's delta
+        plan = plan_merge(accel, styles, shapes, m2h, mode=mode)
+        return {k: merged_key_delta(k, shape, a, present, mode=mode, seed=3, density=0.5)
+                for k, (shape, a, present) in plan.items()}
+
     for mode in ("linear", "ties", "dare", "dare_ties"):
-        out = dict(iter_merged_deltas(acc, [s1, s2], shapes, m2h, mode=mode, seed=3, density=0.5))
+        out = merged(acc, [s1, s2], mode)
         acc_only = key_delta([acc[0]], "w1", (6, 5))
         styles = [key_delta(s1, "w1", (6, 5)), key_delta([s2[0]], "w1", (6, 5))]
-        exp = acc_only + merge_deltas(styles, mode, density=0.5, seed=3, key="w1", p=0.5)
+        exp = acc_only + (styles[0] + styles[1] if mode == "linear" else
+                          merge_deltas(styles, mode, density=0.5, seed=3, key="w1", p=0.5))
         assert torch.allclose(out["w1"], exp, atol=1e-6), mode
         # key processing order does not change DARE masks
-        rev = dict(iter_merged_deltas(list(reversed(acc)), [list(reversed(s1)), list(reversed(s2))], shapes, m2h,
-                                      mode=mode, seed=3, density=0.5))
+        rev = merged(list(reversed(acc)), [list(reversed(s1)), list(reversed(s2))], mode)
         assert torch.allclose(rev["w2"], out["w2"], atol=1e-6)
 
 
@@ -261,8 +270,8 @@ def test_ties_details_follow_peft():
 def test_lokr_tucker_conv_entry():
     """LyCORIS writes LoKr 3x3 convs with a Tucker core (lokr_t2) by default: the rebuilt w2 is a permuted view, which
     torch.kron refused; the delta equals LyCORIS' make_kron (kron of w1 with the contiguous Tucker rebuild)."""
-    from lora.formats import LokrModule
-    from lora.fuse import check_key_shapes, raw_delta
+    from lora.adapters import LokrModule
+    from lora.fuse import check_key_shapes
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     w1 = r(4, 4)
@@ -270,7 +279,7 @@ def test_lokr_tucker_conv_entry():
     e = LokrModule(name="m", file="f.safetensors", alpha=2.0, w1=w1, w2_a=w2_a, w2_b=w2_b, t2=t2)
     shape = (320, 640, 3, 3)
     check_key_shapes([(e, 1.0)], "k.weight", shape)
-    got = raw_delta(e, "k.weight", shape)
+    got = key_delta([(e, 1.0)], "k.weight", shape)
     w2 = torch.einsum("ijkl,jr,ip->prkl", t2, w2_b, w2_a).contiguous()
     want = torch.kron(w1[:, :, None, None], w2) * (2.0 / 2)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,31 @@
+"""Helpers every node module shares: turning a math error into one naming the node, and the model's family."""
+from __future__ import annotations
+
+SSD1B_DEPTH = [0, 0, 2, 2, 4, 4]  # the host's SSD1B unet_config transformer_depth (SDXL: [0, 0, 2, 2, 10, 10])
+
+# Host model classes (``comfy.model_base``) -> family, by exact class: a subclass with another architecture (Flux2,
+# Chroma, HunyuanVideo15, WAN22_S2V, ...) is not taken for its parent. Wan 2.1 (1.3B/14B, T2V and I2V) and the
+# Wan 2.2 A14B experts load as WAN21; Wan 2.2 TI2V-5B as WAN22.
+HOST_FAMILIES = {"SD3": "sd3", "Flux": "flux", "WAN21": "wan", "WAN22": "wan22_5b", "QwenImage": "qwen_image",
+                 "HunyuanVideo": "hunyuan_video"}
+
+
+def checked(node: str, fn, *args, **kwargs):
+    """Run `fn`; a ValueError becomes one naming the node, so the user knows what to fix."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{node}: {e}") from None
+
+
+def model_base(model) -> str:
+    """The model's family: 'sd15', 'sd2', 'sdxl', 'ssd1b' (a UNet, from its config: context width, depth), 'sd3',
+    'flux', 'wan', 'wan22_5b', 'qwen_image', 'hunyuan_video' (from the host's model class), else 'unknown'."""
+    family = HOST_FAMILIES.get(type(model.model).__name__)
+    if family is not None:
+        return family
+    cfg = getattr(model.model.model_config, "unet_config", {}) or {}
+    ctx = cfg.get("context_dim")
+    if cfg.get("adm_in_channels") and ctx == 2048:
+        return "ssd1b" if list(cfg.get("transformer_depth") or []) == SSD1B_DEPTH else "sdxl"
+    return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(ctx, "unknown")

@@ -1,0 +1,152 @@
+"""What the LoRA nodes take from the host and hand back to it.
+
+* the loras folder (``lora_options``, ``resolve_lora``);
+* ``HostFacts``: the model's family record (``lora.layouts``), its key map, weight shapes and base weights, passed
+  to ``lora/`` as values;
+* ``FusedDelta``: the lazy per-weight patch FewStep LoRA Fuse adds (computes its weight's whole delta when the host
+  patches the weight);
+* ``FuseRecord``: the settings of one fuse, stored on the patched model for Save Fused / Export LoRA.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from comfy.weight_adapter.base import WeightAdapterBase
+
+from ..lora import keys, layouts
+from .common import checked, model_base
+
+NONE = "none"
+FUSE_KEY = "fewstep_fuse"  # model_options key: tuple of FuseRecord (one per FewStep LoRA Fuse in the chain)
+
+
+# ---------------------------------------------------------------- loras folder
+
+def lora_options() -> list[str]:
+    import folder_paths
+    return [NONE] + list(folder_paths.get_filename_list("loras"))
+
+
+def resolve_lora(node: str, name: str) -> str:
+    import folder_paths
+    try:
+        return folder_paths.get_full_path_or_raise("loras", name)
+    except FileNotFoundError:
+        raise ValueError(f"{node}: LoRA file {name!r} is not in the loras folder(s)") from None
+
+
+# ---------------------------------------------------------------- host facts
+
+def _diffusers_map(layout: layouts.KeyLayout, base_model) -> dict[str, str]:
+    """The host's diffusers -> model weight-name table the family's key layout asks for (``KeyLayout.diffusers_map``)."""
+    import comfy.utils
+    if layout.diffusers_map == "unet":
+        return comfy.utils.unet_to_diffusers(base_model.model_config.unet_config)
+    return {}
+
+
+class HostFacts:
+    """What lora/ needs from the host model: family, key mapper, weight shapes, base weights.
+
+    Raises ValueError naming the node and the family for a model whose family LoRA fusing does not cover."""
+
+    def __init__(self, node: str, model):
+        import comfy.lora
+        base = model.model
+        self.model = model
+        self.base = model_base(model)
+        self.family = checked(node, layouts.family, self.base)
+        key_map = comfy.lora.model_lora_keys_unet(base, {})
+        self.mapper = keys.KeyMapper(key_map, _diffusers_map(self.family.keys, base), self.family.keys)
+        self.sd = base.state_dict()
+        prefix = self.family.keys.host_prefix
+        self.shapes = {k: tuple(v.shape) for k, v in self.sd.items() if k.startswith(prefix)}
+
+    def base_weight(self, key: str) -> torch.Tensor:
+        """Unpatched weight: the shared backup when some clone currently has the model patched."""
+        bk = self.model.backup.get(key)
+        w = bk.weight if bk is not None else self.sd[key]
+        return w.float()
+
+
+# ---------------------------------------------------------------- the lazy patch
+
+class FusedDelta(WeightAdapterBase):
+    """A host weight patch that computes its weight's merged fp32 delta only when the host patches the weight."""
+
+    name = "fewstep_fused"
+
+    def __init__(self, node: str, compute):
+        self.node, self.compute = node, compute
+        self.loaded_keys: set[str] = set()
+        self.weights: list[torch.Tensor] = []
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        probe = weight.new_zeros(())
+        try:
+            if (strength == 1.0 and function(probe) is probe and weight.dtype == torch.float32
+                    and weight.is_contiguous()):
+                # The usual case: the host hands us its fp32 working copy; accumulate straight into it.
+                self.compute(device=weight.device, out=weight)
+                return weight
+            delta = self.compute(device=weight.device)
+        except ValueError as e:
+            raise ValueError(f"{self.node}: {e}") from None
+        except RuntimeError as e:
+            if isinstance(e, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+                raise  # the host's memory handling deals with it
+            raise ValueError(f"{self.node}: computing the fused delta of '{key}' failed: {e}") from None
+        if delta is not None and strength != 0.0:
+            weight += function((strength * delta).to(weight.dtype))
+        return weight
+
+
+def plain_fuse_patch(p) -> bool:
+    """A FewStep LoRA Fuse patch as the fuse adds it (strengths 1, no offset or function): its delta is exact."""
+    strength, adapter, strength_model, offset, function = p[:5]
+    return (isinstance(adapter, FusedDelta) and strength == 1.0 and strength_model == 1.0 and offset is None
+            and function is None)
+
+
+# ---------------------------------------------------------------- the fuse record
+
+@dataclass(frozen=True)
+class FusedAdapter:
+    """One adapter of a fuse: its role ("accel" or "style"), file name (never a local path), strength, number of
+    text-encoder modules in the file, and its own block weights ("" = the fuse node's)."""
+
+    role: str
+    name: str
+    strength: float
+    te_modules: int
+    block_weights: str
+
+
+@dataclass(frozen=True)
+class FuseRecord:
+    """The settings of one FewStep LoRA Fuse, as stored on the patched model and in saved files' metadata."""
+
+    adapters: tuple[FusedAdapter, ...]
+    merge_mode: str
+    density: float
+    drop_p: float
+    seed: int
+    block_weights: str
+    lines_alpha: float
+    lines_beta: float
+    on_unmatched: str
+    base: str
+
+    def to_json(self) -> dict:
+        """The record as plain JSON values (the ``fewstep.fuse`` metadata of saved files)."""
+        d = dataclasses.asdict(self)
+        d["adapters"] = [dict(a) for a in d["adapters"]]
+        return d
+
+
+def fuse_records(model) -> list[FuseRecord]:
+    """The fuse records of every FewStep LoRA Fuse that patched ``model``, in chain order."""
+    return list(model.model_options.get(FUSE_KEY, ()))
