@@ -1,5 +1,6 @@
-"""Tier b: FewStep Save Fused writes a checkpoint the host loads back as SD1.5, with the fused weights and the fuse
-settings in its metadata, and leaves the shared base model unpatched."""
+"""Tier b: FewStep Save Fused writes a checkpoint the host loads back as SD1.5, with the fused weights, the fuse
+settings, and the prompt and workflow (as core Save Checkpoint writes them) in its metadata, and leaves the shared
+base model unpatched."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,28 @@ pytestmark = pytest.mark.host
 
 KEYS = ["diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
         "diffusion_model.input_blocks.1.0.in_layers.2.weight"]
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def run_save_node(prompt: dict, node_id: str, extra_pnginfo: dict, output_dir, **links):
+    """Run FewStep Save Fused as the host's executor does: its hidden inputs (prompt, extra_pnginfo) come from the
+    host's own ``execution.get_input_data`` for the node's schema, its widget values from the prompt, its linked
+    inputs (``links``) from the caller; the output folder is ``output_dir``. Returns the saved path."""
+    import execution
+    import folder_paths
+    from comfy_api.internal import make_locked_method_func
+    from comfy_execution.graph import DynamicPrompt
+    from fewstep.nodes.lora_save import FewStepSaveFused as cls
+    widgets, _, hidden = execution.get_input_data(prompt[node_id]["inputs"], cls, node_id, None,
+                                                  DynamicPrompt(prompt), {"extra_pnginfo": extra_pnginfo})
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(output_dir))
+    try:
+        run = make_locked_method_func(cls, cls.FUNCTION, cls.PREPARE_CLASS_CLONE(hidden))
+        out = run(**{k: v[0] for k, v in widgets.items() if k not in links}, **links)
+    finally:
+        folder_paths.set_output_directory(old)
+    return out.args[0]
 
 
 def test_save_fused_round_trip(host, standin_dir, tmp_path):
@@ -33,8 +56,13 @@ def test_save_fused_round_trip(host, standin_dir, tmp_path):
         fused.patch_weight_to_device(k)
         expected[k] = comfy.utils.get_attr(fused.model, k).detach().to(torch.float16)
     fused.unpatch_model()
+    prompt = json.loads((REPO / "workflows" / "api" / "fewstep_lora_fuse.json").read_text())
+    assert "99" not in prompt
+    prompt["99"] = {"class_type": "FewStepSaveFused", "inputs": {"model": ["2", 0], "clip": ["2", 3], "vae": ["1", 2],
+                                                                "filename_prefix": "fewstep_test/fused", "dtype": "fp16"}}
+    extra = {"workflow": json.loads((REPO / "workflows" / "fewstep_lora_fuse.json").read_text())}
     try:
-        path = S.save_fused(fused, "fewstep_test/fused", "fp16", clip=clip, vae=vae, output_dir=str(tmp_path))
+        path = run_save_node(prompt, "99", extra, tmp_path, model=fused, clip=clip, vae=vae)
     finally:
         mm.unload_all_models()
     for k in KEYS:  # the shared base model is back to its own weights
@@ -43,6 +71,9 @@ def test_save_fused_round_trip(host, standin_dir, tmp_path):
         meta = f.metadata()
         for k in KEYS:
             assert torch.equal(f.get_tensor("model." + k), expected[k]), k
+    # as core Save Checkpoint writes them (comfy_extras/nodes_model_merging.py save_checkpoint)
+    assert json.loads(meta["prompt"]) == prompt and meta["prompt"] == json.dumps(prompt)
+    assert json.loads(meta["workflow"]) == extra["workflow"] and meta["workflow"] == json.dumps(extra["workflow"])
     record = json.loads(meta["fewstep.fuse"])[0]
     assert [a["name"] for a in record["adapters"]] == ["lcm-lora-sd15-standin.safetensors",
                                                        "style-sd15-kohya.safetensors"]

@@ -372,3 +372,40 @@ def test_base_sd2_ssd1b_and_hash_fallback(tmp_path, monkeypatch):
     monkeypatch.setitem(D.KNOWN_HASHES, D.addnet_hash(p)[:12], ("hypersd", "hypersd_8step", "sd15"))
     d = detect(p)
     assert (d.kind, d.preset_name, d.confidence) == ("hypersd", "hypersd_8step", "high")
+
+
+def test_dare_mask_follows_the_style_position_not_the_keys_style_count():
+    """A key only the second style touches draws that style's DARE mask (index 1), so adding or removing the first
+    style elsewhere never changes it; merge_deltas with the styles' indices is the one DARE combine the node runs."""
+    from lora.merge import dare_drop
+    shapes = {"w1": (6, 5), "w2": (6, 5)}
+    s1 = [(_lm("a1", seed=3), 0.8)]
+    s2 = [(_lm("a2", seed=5), 0.5)]
+    plan = plan_merge([], [s1, s2], shapes, {"a1": "w1", "a2": "w2"}, mode="dare")
+    shape, acc, present = plan["w2"]
+    assert [i for i, _ in present] == [1]
+    got = merged_key_delta("w2", shape, acc, present, mode="dare", p=0.5, seed=7)
+    alone = key_delta(s2, "w2", (6, 5))
+    assert torch.equal(got, dare_drop(alone, 0.5, 7, "w2", 1))
+    assert torch.equal(got, merge_deltas([alone], "dare", p=0.5, seed=7, key="w2", indices=[1]))
+    assert not torch.equal(got, merge_deltas([alone], "dare", p=0.5, seed=7, key="w2"))  # index 0: another mask
+
+
+def test_family_records_and_the_families_not_covered_yet():
+    """Each family is one record (key layout + block layout); SD2 and SSD-1B share SD1.5's and SDXL's block layouts;
+    a family the host loads but no record covers is named in the error; a Stack-style syntax check accepts any
+    family's vector."""
+    from lora.layouts import family
+    from lora.merge import check_block_weights
+    assert family("sd2").blocks is family("sd15").blocks and family("ssd1b").blocks is family("sdxl").blocks
+    assert {f.keys.name for f in FAMILIES.values()} == {"unet"}
+    for name in ("flux", "sd3", "wan", "wan22_5b", "qwen_image", "hunyuan_video"):
+        with pytest.raises(ValueError, match=rf"the model is a {name} model; LoRA fusing does not support the {name} "
+                                             rf"family yet \(supported: sd15, sd2, sdxl, ssd1b\)"):
+            family(name)
+    with pytest.raises(ValueError, match=r"family \('unknown'\) is not one LoRA fusing knows"):
+        family("unknown")
+    check_block_weights(",".join(["1"] * 12))  # SDXL only
+    check_block_weights(",".join(["1"] * 17))  # SD1.5 only
+    with pytest.raises(ValueError, match="sd15 block weights need 17 or 26 values, got 3"):
+        check_block_weights("1,1,1")
