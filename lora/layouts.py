@@ -101,7 +101,8 @@ class Family:
 
 
 def _grid(n: int) -> tuple[Region, ...]:
-    return (Region("IN", r"^input_blocks_(\d+)_", n, "input block"), Region("MID", r"^middle_block_", 1, "middle block"),
+    return (Region("IN", r"^input_blocks_(\d+)_", n, "input block"),
+            Region("MID", r"^middle_block_", 1, "middle block"),
             Region("OUT", r"^output_blocks_(\d+)_", n, "output block"))
 
 

@@ -40,7 +40,7 @@ def resolve_lora(node: str, name: str) -> str:
 # ---------------------------------------------------------------- host facts
 
 def _diffusers_map(layout: layouts.KeyLayout, base_model) -> dict[str, str]:
-    """The host's diffusers -> model weight-name table the family's key layout asks for (``KeyLayout.diffusers_map``)."""
+    """The host's diffusers -> model weight-name table the family's key layout names (``KeyLayout.diffusers_map``)."""
     import comfy.utils
     if layout.diffusers_map == "unet":
         return comfy.utils.unet_to_diffusers(base_model.model_config.unet_config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from . import diff, glora, ia3, lokr, lora, loha, norm, oft
+from . import diff, glora, ia3, loha, lokr, lora, norm, oft
 from .base import DORA_NORM_PEFT, AdapterKind, ModuleEntry, ModuleTensors, Suffix, src
 from .diff import BiasDiffModule, DiffModule
 from .glora import GloraModule

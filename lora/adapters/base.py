@@ -91,7 +91,7 @@ class ModuleEntry:
 
     def make_delta(self, key: str, shape: tuple[int, ...], device: Optional[torch.device],
                    base: Optional[torch.Tensor]) -> torch.Tensor:
-        """fp32 delta before ``delta_scale``, ``shape[0]`` rows (``base``: the fp32 base weight, base-dependent only)."""
+        """fp32 delta before ``delta_scale``, ``shape[0]`` rows (``base``: fp32 base weight, base-dependent only)."""
         raise NotImplementedError(type(self).__name__)
 
     def factors(self, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,8 +58,9 @@ def test_save_fused_round_trip(host, standin_dir, tmp_path):
     fused.unpatch_model()
     prompt = json.loads((REPO / "workflows" / "api" / "fewstep_lora_fuse.json").read_text())
     assert "99" not in prompt
-    prompt["99"] = {"class_type": "FewStepSaveFused", "inputs": {"model": ["2", 0], "clip": ["2", 3], "vae": ["1", 2],
-                                                                "filename_prefix": "fewstep_test/fused", "dtype": "fp16"}}
+    prompt["99"] = {"class_type": "FewStepSaveFused",
+                    "inputs": {"model": ["2", 0], "clip": ["2", 3], "vae": ["1", 2],
+                               "filename_prefix": "fewstep_test/fused", "dtype": "fp16"}}
     extra = {"workflow": json.loads((REPO / "workflows" / "fewstep_lora_fuse.json").read_text())}
     try:
         path = run_save_node(prompt, "99", extra, tmp_path, model=fused, clip=clip, vae=vae)

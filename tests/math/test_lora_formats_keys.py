@@ -411,3 +411,27 @@ def test_lycoris_norm_training_and_ai_toolkit_dora(tmp_path):
         read_adapter(save(str(tmp_path / "two.safetensors"), {f"{m}.w_norm": torch.ones(320),
                                                               f"{m}.b_norm": torch.ones(320),
                                                               f"{m}.diff_b": torch.ones(320)}))
+
+
+def test_lora_package_never_imports_comfy():
+    """lora/ (adapter kinds included) gets every host fact as a value from the node layer."""
+    import pathlib
+    import lora
+    files = sorted(pathlib.Path(lora.__file__).parent.rglob("*.py"))
+    assert any(p.parent.name == "adapters" for p in files), files
+    for path in files:
+        src = path.read_text()
+        assert "import comfy" not in src and "from comfy" not in src, path
+
+
+def test_every_adapter_kind_is_registered_and_named_in_the_tensor_table():
+    """Each module of lora/adapters with a KIND is in ADAPTERS, and formats reads every suffix a kind declares."""
+    import importlib
+    import pathlib
+    from lora import adapters, formats
+    mods = [p.stem for p in pathlib.Path(adapters.__file__).parent.glob("*.py") if p.stem not in ("__init__", "base")]
+    kinds = [importlib.import_module(f"lora.adapters.{m}").KIND for m in mods]
+    assert sorted(k.name for k in kinds) == sorted(k.name for k in adapters.ADAPTERS)
+    for kind in adapters.ADAPTERS:
+        for s in kind.suffixes:
+            assert formats.split_key("lora_unet_x" + s.suffix) == ("lora_unet_x", s.role, s.style), s
