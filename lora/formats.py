@@ -5,8 +5,8 @@ entries. Nothing is unpickled: ``.ckpt/.pt/.pth/.bin`` paths are rejected with
 a message saying to convert the file to safetensors.
 
 Tensor names: ``<m>.<suffix>`` with ``<m>`` the module prefix. Each adapter kind in ``lora.adapters`` lists its
-suffixes and parses its part of a module (LoRA/LoCon, LoHa, LoKr, GLoRA, OFT/BOFT, IA3, full diffs, norm); this
-module adds the ones every kind shares:
+suffixes and parses its part of a module (LoRA/LoCon, LoHa, LoKr, GLoRA, OFT/BOFT, IA3, full diffs, norm); every
+kind shares these (``lora.adapters.base.COMMON_SUFFIXES``):
 
 * ``<m>.alpha`` (scalar) and ``<m>.dora_scale`` (kohya/LyCORIS DoRA magnitude, LoRA/LoHa/LoKr).
 * PEFT/diffusers DoRA magnitude ``<m>.lora_magnitude_vector`` (also ``.lora_magnitude_vector.weight`` and
@@ -44,22 +44,14 @@ from typing import Optional, Union
 
 import torch
 
-from .adapters import ADAPTERS, Entry, ModuleTensors, Suffix, parse_module
+from .adapters import ADAPTERS, COMMON_SUFFIXES, Entry, ModuleTensors, Suffix, parse_module
 
 LOG = logging.getLogger("fewstep")
 
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 
-# Suffixes every kind shares (alpha, DoRA magnitudes); each adapter kind adds its own (lora.adapters).
-_COMMON_SUFFIXES = (
-    Suffix(".alpha", "alpha", ""),
-    Suffix(".dora_scale", "dora_scale", ""),
-    Suffix(".lora_magnitude_vector", "magnitude", "peft"),
-    Suffix(".lora_magnitude_vector.weight", "magnitude", "peft"),
-    Suffix(".lora_magnitude_vector.default.weight", "magnitude", "peft"),
-    Suffix(".magnitude", "magnitude", "peft"),  # ai-toolkit DoRA (PEFT convention)
-)
-_SUFFIXES: list[Suffix] = sorted([*_COMMON_SUFFIXES, *(s for kind in ADAPTERS for s in kind.suffixes)],
+# The suffixes every kind shares (alpha, DoRA magnitudes) and each registered kind's own (lora.adapters).
+_SUFFIXES: list[Suffix] = sorted([*COMMON_SUFFIXES, *(s for kind in ADAPTERS for s in kind.suffixes)],
                                  key=lambda s: len(s.suffix), reverse=True)  # matched longest-suffix-first
 SUPPORTED = ", ".join([k.name for k in ADAPTERS] + ["DoRA"])
 _NEEDS = {s.role: s.needs for s in _SUFFIXES if s.needs}  # role -> sibling suffix it needs (IA3's bare .weight)

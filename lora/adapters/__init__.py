@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 
 from . import diff, glora, ia3, loha, lokr, lora, norm, oft
-from .base import DORA_NORM_PEFT, AdapterKind, ModuleEntry, ModuleTensors, Suffix, src
+from .base import COMMON_ROLES, COMMON_SUFFIXES, DORA_NORM_PEFT, AdapterKind, ModuleEntry, ModuleTensors, Suffix, src
 from .diff import BiasDiffModule, DiffModule
 from .glora import GloraModule
 from .ia3 import Ia3Module
@@ -21,9 +21,9 @@ from .lokr import LokrModule
 from .lora import LoraModule
 from .oft import OftModule
 
-__all__ = ["ADAPTERS", "COMMON_ROLES", "DORA_NORM_PEFT", "AdapterKind", "BiasDiffModule", "DiffModule", "Entry",
-           "GloraModule", "Ia3Module", "LohaModule", "LokrModule", "LoraModule", "ModuleEntry", "ModuleTensors",
-           "OftModule", "Suffix", "parse_module"]
+__all__ = ["ADAPTERS", "COMMON_ROLES", "COMMON_SUFFIXES", "DORA_NORM_PEFT", "AdapterKind", "BiasDiffModule",
+           "DiffModule", "Entry", "GloraModule", "Ia3Module", "LohaModule", "LokrModule", "LoraModule", "ModuleEntry",
+           "ModuleTensors", "OftModule", "Suffix", "parse_module"]
 
 LOG = logging.getLogger("fewstep")
 
@@ -31,9 +31,6 @@ ADAPTERS: list[AdapterKind] = [lora.KIND, loha.KIND, lokr.KIND, glora.KIND, oft.
 
 Entry = ModuleEntry
 """Any adapter entry (the type every kind's entry derives from)."""
-
-COMMON_ROLES = frozenset({"alpha", "dora_scale", "magnitude"})
-"""Roles read for every kind (``lora.formats`` names their suffixes): alpha and the DoRA magnitudes."""
 
 
 def parse_module(t: ModuleTensors) -> list[Entry]:

@@ -144,6 +144,18 @@ def tucker(t: torch.Tensor, wb: torch.Tensor, wa: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ijkl,jr,ip->prkl", t, wb, wa)
 
 
+COMMON_SUFFIXES = (
+    Suffix(".alpha", "alpha", ""),
+    Suffix(".dora_scale", "dora_scale", ""),
+    Suffix(".lora_magnitude_vector", "magnitude", "peft"),
+    Suffix(".lora_magnitude_vector.weight", "magnitude", "peft"),
+    Suffix(".lora_magnitude_vector.default.weight", "magnitude", "peft"),
+    Suffix(".magnitude", "magnitude", "peft"),  # ai-toolkit DoRA (PEFT convention)
+)
+"""Suffixes read for every kind (``ModuleTensors``): the ``.alpha`` tensor and the DoRA magnitudes."""
+COMMON_ROLES = frozenset(s.role for s in COMMON_SUFFIXES)
+
+
 class ModuleTensors:
     """One module's tensors in a file, as a kind's ``parse`` reads them.
 
