@@ -4,7 +4,7 @@
     python -m bench.bench_e2e_speed --sdxl           # CUDA: also SDXL (7 GB stand-in checkpoint)
     python -m bench.bench_e2e_speed --cpu-small      # no GPU: SD1.5 at 64x64 px, 2 steps, counts only (< 2 min)
 
-Models are the stand-in checkpoints (``tools/standins.py``: the real SD1.5 / SDXL architectures with seeded
+Models are the stand-in checkpoints (``tools/standins/``: the real SD1.5 / SDXL architectures with seeded
 random weights) loaded with ``comfy.sd.load_checkpoint_guess_config``; sampling goes through the real
 ``comfy.sample.sample``; images through the real ``VAE.decode``. Batch 1, cfg 1, empty latent, same seed.
 

@@ -4,7 +4,9 @@
 * ``import_host()``: makes the host's ``comfy`` package importable in this process (tier-b tests,
   stand-in generation, benchmarks) with CPU-safe arguments.
 * ``Server``: starts ``main.py`` on a free (or given) 127.0.0.1 port with the stand-in model folder,
-  submits API-format prompts to ``/prompt``, polls ``/history`` and stops the process.
+  submits API-format prompts to ``/prompt``, polls ``/history`` and stops the process.  With
+  ``test_nodes=True`` it also loads the tests-only custom nodes of ``tests/custom_nodes`` (the text-encoder
+  stand-in ``FewStepTestConditioning``), for that server only: the host's own custom_nodes folder is untouched.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+TEST_NODES = REPO / "tests" / "custom_nodes"
+# Stand-in cache subfolders (tools/standins writes them); each feeds the host model folder of the same name.
+STANDIN_FOLDERS = ("checkpoints", "loras", "diffusion_models", "vae")
 
 
 class HostError(RuntimeError):
@@ -83,15 +88,18 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def write_model_paths(standin_dir: Path | None, extra_checkpoint: Path | None = None) -> Path:
-    """An extra_model_paths.yaml that adds the stand-in folder (and a user checkpoint's folder)."""
+def write_model_paths(standin_dir: Path | None, extra_checkpoint: Path | None = None, custom_nodes=(),
+                      path: Path | None = None) -> Path:
+    """An extra_model_paths.yaml that adds the stand-in folders (and a user checkpoint's folder, and extra
+    custom-node folders)."""
     lines = []
     if standin_dir is not None:
-        lines += ["fewstep_standins:", f"    base_path: {standin_dir}", "    checkpoints: checkpoints",
-                  "    loras: loras", ""]
+        lines += ["fewstep_standins:", f"    base_path: {standin_dir}", *(f"    {f}: {f}" for f in STANDIN_FOLDERS), ""]
     if extra_checkpoint is not None:
         lines += ["fewstep_user:", f"    base_path: {extra_checkpoint.parent}", "    checkpoints: .", ""]
-    path = REPO / ".cache" / "extra_model_paths.yaml"
+    for i, folder in enumerate(custom_nodes):
+        lines += [f"fewstep_custom_nodes_{i}:", f"    custom_nodes: {Path(folder).resolve()}", ""]
+    path = path or REPO / ".cache" / "extra_model_paths.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -101,7 +109,7 @@ class Server:
     """A real ComfyUI server process on 127.0.0.1 with the pack installed."""
 
     def __init__(self, port: int | None = None, output_dir: Path | None = None, standin_dir: Path | None = None,
-                 extra_checkpoint: Path | None = None, cpu: bool | None = None, extra_args=()):
+                 extra_checkpoint: Path | None = None, cpu: bool | None = None, extra_args=(), test_nodes: bool = False):
         if port is not None and port_in_use(port):
             raise HostError(f"port {port} is already in use on 127.0.0.1; choose another with PORT=<n>")
         self.port = port or free_port()
@@ -115,7 +123,9 @@ class Server:
                     "--output-directory", str(self.output_dir), "--preview-method", "none"]
         if cpu:
             self.cmd.append("--cpu")
-        paths = write_model_paths(standin_dir, extra_checkpoint)
+        # test_nodes: a yaml of this server's own, so a server started next to it never loads the test nodes
+        paths = write_model_paths(standin_dir, extra_checkpoint, custom_nodes=(TEST_NODES,) if test_nodes else (),
+                                  path=self.log_path.with_suffix(".yaml") if test_nodes else None)
         self.cmd += ["--extra-model-paths-config", str(paths), *extra_args]
         self.proc: subprocess.Popen | None = None
 

@@ -1,6 +1,4 @@
-"""Stand-in models: real-architecture SD1.5 / SDXL checkpoints and LoRA files with seeded random weights.
-
-No real weights can be downloaded here or in CI, so tests, the demo and the benchmarks use these:
+"""SD1.5 / SDXL stand-ins: real-architecture checkpoints and LoRA files with seeded random weights.
 
 * ``fewstep-standin-sd15.safetensors`` / ``fewstep-standin-sdxl.safetensors``: fp16 checkpoints in the
   original LDM layout (UNet, CLIP text encoder(s), VAE) that the host's ``CheckpointLoaderSimple``
@@ -11,28 +9,22 @@ No real weights can be downloaded here or in CI, so tests, the demo and the benc
 * LoRA files in the key formats users meet (see ``LORA_FILES``), laid out like the published
   LCM-LoRA (whole UNet, rank 64) and like a typical style LoRA (attention only, small rank).
 
-Files are cached by content hash (of this file and the host version) under
-``$FEWSTEP_CACHE/standins/<hash>/{checkpoints,loras}`` -- outside the repository, never committed.
-
-Usage: ``python -m tools.standins [sd15] [sdxl]`` prints the cache folder.  Needs the host's
-``comfy`` package importable (``tools.hostenv.import_host()`` arranges that).
+Written to ``<cache>/{checkpoints,loras}`` by ``tools.standins.ensure``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
 import torch
 
 from tools import hostenv
 
+from .common import SEED, gen, save
+
 log = logging.getLogger("fewstep.standins")
 
-SEED = 20261125
 KINDS = ("sd15", "sdxl")
 
 UNET_CONFIGS = {
@@ -78,19 +70,8 @@ LORA_FILES = {
 BASE_TAG = {"sd15": "sd15", "sdxl": "sdxl"}
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep")) / "standins"
-
-
-def content_hash() -> str:
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    h.update(hostenv.host_version().encode())
-    return h.hexdigest()[:12]
-
-
 def _gen(name: str) -> torch.Generator:
-    g = torch.Generator().manual_seed(SEED ^ int(hashlib.sha256(name.encode()).hexdigest()[:12], 16))
-    return g
+    return gen(name)
 
 
 def fill(name: str, like: torch.Tensor, dtype=torch.float16) -> torch.Tensor:
@@ -140,13 +121,9 @@ def _meta_state_dict(kind: str) -> dict[str, torch.Tensor]:
 
 
 def build_checkpoint(kind: str, path: Path) -> None:
-    from safetensors.torch import save_file
     meta = _meta_state_dict(kind)
     log.info("writing stand-in %s checkpoint (%d tensors) to %s", kind, len(meta), path)
-    sd = {k: fill(k, v).contiguous() for k, v in meta.items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(sd, str(tmp), metadata={"fewstep_standin": kind, "seed": str(SEED)})
-    os.replace(tmp, path)
+    save({k: fill(k, v) for k, v in meta.items()}, path, {"fewstep_standin": kind, "seed": str(SEED)})
 
 
 # ---------------------------------------------------------------- LoRA files
@@ -234,29 +211,18 @@ def build_lora(kind: str, fmt: str, layout: str, rank: int, alpha: float, path: 
     save_file({k: v.to(torch.float16).contiguous() for k, v in sd.items()}, str(path), metadata=meta)
 
 
-def ensure(kinds=("sd15",)) -> Path:
-    """Make sure the stand-ins for `kinds` exist in the cache; returns the cache folder."""
-    root = cache_root() / content_hash()
+def ensure_kind(kind: str, root: Path) -> None:
+    """Build the checkpoint and LoRA files of one SD kind under `root` (those that are missing)."""
     (root / "checkpoints").mkdir(parents=True, exist_ok=True)
     (root / "loras").mkdir(parents=True, exist_ok=True)
-    for kind in kinds:
-        if kind not in KINDS:
-            raise ValueError(f"unknown stand-in kind {kind!r}; choose from {KINDS}")
-        ckpt = root / "checkpoints" / f"fewstep-standin-{kind}.safetensors"
-        if not ckpt.exists():
-            build_checkpoint(kind, ckpt)
-        for pattern, (fmt, layout, rank, alpha) in LORA_FILES.items():
-            p = root / "loras" / pattern.format(base=BASE_TAG[kind])
-            if not p.exists():
-                build_lora(kind, fmt, layout, rank, alpha, p)
-    return root
+    ckpt = root / "checkpoints" / checkpoint_name(kind)
+    if not ckpt.exists():
+        build_checkpoint(kind, ckpt)
+    for pattern, (fmt, layout, rank, alpha) in LORA_FILES.items():
+        p = root / "loras" / pattern.format(base=BASE_TAG[kind])
+        if not p.exists():
+            build_lora(kind, fmt, layout, rank, alpha, p)
 
 
 def checkpoint_name(kind: str) -> str:
     return f"fewstep-standin-{kind}.safetensors"
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    kinds = tuple(sys.argv[1:]) or ("sd15",)
-    print(ensure(kinds))
