@@ -34,7 +34,9 @@ def prepare(prompt: dict, ckpt_name: str, base: str, size: int) -> dict:
 
 def steps_of(prompt: dict):
     """Sampling steps of a workflow: a 'steps'/'phases' widget, else the chosen preset's own step count."""
-    from samplers import presets
+    from tools import packroot
+    packroot.import_pack()
+    from fewstep.samplers import presets
     for node in prompt.values():
         ins = node["inputs"]
         for key in ("steps", "phases"):

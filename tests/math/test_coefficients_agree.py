@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kernels import linear_coefficients
-from samplers import consistency, schedules
-from samplers.discrete import DiscreteSchedule
+from fewstep.kernels import linear_coefficients
+from fewstep.samplers import consistency, schedules
+from fewstep.samplers.discrete import DiscreteSchedule
 
 
 @pytest.mark.parametrize("gamma,boundary,clean", [(1.0, True, True), (0.3, False, False), (0.0, False, False),

@@ -14,13 +14,13 @@ import math
 import pytest
 import torch
 
-from samplers import consistency
-from samplers.discrete import DiscreteSchedule
-from samplers.lcm import sample_lcm_exact
-from samplers.noise import initial_noise
-from samplers.pcm import sample_pcm
-from samplers.schedules import lcm_timesteps, timesteps_to_sigmas
-from samplers.tcd import sample_tcd
+from fewstep.samplers import consistency
+from fewstep.samplers.discrete import DiscreteSchedule
+from fewstep.samplers.lcm import sample_lcm_exact
+from fewstep.samplers.noise import initial_noise
+from fewstep.samplers.pcm import sample_pcm
+from fewstep.samplers.schedules import lcm_timesteps, timesteps_to_sigmas
+from fewstep.samplers.tcd import sample_tcd
 
 SCHED = DiscreteSchedule(dtype=torch.float64)
 MU, S = 0.5, 0.8

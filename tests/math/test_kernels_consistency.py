@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-import kernels.consistency_step as cs
-from kernels.consistency_step import consistency_step
-from kernels import (
+import fewstep.kernels.consistency_step as cs
+from fewstep.kernels.consistency_step import consistency_step
+from fewstep.kernels import (
     COEFF_FIELDS,
     consistency_step_fallback,
     consistency_step_reference,

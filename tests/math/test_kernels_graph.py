@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from kernels import GraphCache, GraphKey, allocator_backend, capture_allowed
+from fewstep.kernels import GraphCache, GraphKey, allocator_backend, capture_allowed
 
 needs_cuda = lambda f: pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: real CUDA graph capture/replay")(f))  # noqa: E731
 

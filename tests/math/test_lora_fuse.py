@@ -2,8 +2,8 @@
 import torch
 import torch.nn.functional as F
 
-from lora.formats import BiasDiffModule, DiffModule, LohaModule, LokrModule, LoraModule
-from lora.fuse import apply_delta, compute_deltas, iter_deltas, key_delta
+from fewstep.lora.formats import BiasDiffModule, DiffModule, LohaModule, LokrModule, LoraModule
+from fewstep.lora.fuse import apply_delta, compute_deltas, iter_deltas, key_delta
 
 G = torch.Generator().manual_seed(1234)
 
@@ -162,7 +162,7 @@ def _outcome(fn):
 def test_fast_shape_check_agrees_with_computing():
     """check_key_shapes (tensor shapes only) accepts exactly what key_delta can compute and rejects the rest with
     a ValueError naming the file and the source key (key_delta itself may fail later with a bare RuntimeError)."""
-    from lora.fuse import check_key_shapes
+    from fewstep.lora.fuse import check_key_shapes
     cases = [
         ([lora("a", rn(4, 48), rn(64, 4))], (64, 48)),                                   # fits
         ([lora("a", rn(4, 48), rn(64, 4))], (64, 47)),                                   # wrong in
@@ -253,7 +253,7 @@ def test_peft_dora_ignores_dora_mode():
 
 
 def test_peft_dora_magnitude_shapes_and_wrong_length():
-    from lora.fuse import check_key_shapes
+    from fewstep.lora.fuse import check_key_shapes
     key, W, d, u, m = _peft_cases()[1]  # conv, 16 output channels
     ref = key_delta([(peft_dora("p", d, u, 4.0, m), 1.0)], key, W.shape, base_weight_fn=lambda k: W)
     for form in (m.reshape(16), m.reshape(16, 1, 1, 1)):  # all accepted stored forms give the same delta

@@ -9,11 +9,11 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _unet_keys import save  # noqa: E402
 
-from lora.detect import detect, match_name  # noqa: E402
-from lora.export import export_lora, full_svd_export, save_lora  # noqa: E402
-from lora.formats import LoraModule, read_adapter  # noqa: E402
-from lora.fuse import key_delta  # noqa: E402
-from lora.merge import (LAYOUTS, block_of, depth_count, iter_merged_deltas, lines_scale, merge_deltas,  # noqa: E402
+from fewstep.lora.detect import detect, match_name  # noqa: E402
+from fewstep.lora.export import export_lora, full_svd_export, save_lora  # noqa: E402
+from fewstep.lora.formats import LoraModule, read_adapter  # noqa: E402
+from fewstep.lora.fuse import key_delta  # noqa: E402
+from fewstep.lora.merge import (LAYOUTS, block_of, depth_count, iter_merged_deltas, lines_scale, merge_deltas,  # noqa: E402
                         parse_block_weights, ties_combine, trim_top_k)
 
 LBW17 = {
@@ -246,7 +246,7 @@ def test_detect_folder_metadata_structure(tmp_path):
 def test_ties_details_follow_peft():
     """TIES keeps int(density*n) entries per key and a zero sum elects +1 (PEFT / mergekit); dare_ties is DARE then
     TIES election without a magnitude trim, so density does not change it."""
-    from lora.merge import trim_top_k, ties_combine
+    from fewstep.lora.merge import trim_top_k, ties_combine
     t = torch.tensor([5.0, -4.0, 3.0, 2.0, 1.0])
     assert torch.equal(trim_top_k(t, 0.5), torch.tensor([5.0, -4.0, 0.0, 0.0, 0.0]))  # int(2.5) = 2
     assert torch.equal(trim_top_k(t, 0.01), torch.tensor([5.0, 0, 0, 0, 0]))  # at least one
@@ -261,8 +261,8 @@ def test_ties_details_follow_peft():
 def test_lokr_tucker_conv_entry():
     """LyCORIS writes LoKr 3x3 convs with a Tucker core (lokr_t2) by default: the rebuilt w2 is a permuted view, which
     torch.kron refused; the delta equals LyCORIS' make_kron (kron of w1 with the contiguous Tucker rebuild)."""
-    from lora.formats import LokrModule
-    from lora.fuse import check_key_shapes, raw_delta
+    from fewstep.lora.formats import LokrModule
+    from fewstep.lora.fuse import check_key_shapes, raw_delta
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     w1 = r(4, 4)
@@ -332,7 +332,7 @@ def test_names_seen_in_the_wild_need_the_structure(tmp_path, name, preset, ctx):
 def test_base_sd2_ssd1b_and_hash_fallback(tmp_path, monkeypatch):
     """SD1.x vs SD2.x without cross-attention k/v: proj_in's layer type; SSD-1B (no mid-block attention, 4 deep
     transformer blocks) is not SDXL; an unnamed acceleration-shaped file is looked up by its payload hash."""
-    import lora.detect as D
+    import fewstep.lora.detect as D
     g = torch.Generator().manual_seed(2)
 
     def lora(sd, name, down_shape, out=8):

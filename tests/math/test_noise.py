@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from samplers.noise import BatchStepNoise, batch_seed, default_noise_sampler, initial_noise
+from fewstep.samplers.noise import BatchStepNoise, batch_seed, default_noise_sampler, initial_noise
 
 
 def test_batch_seed_stable_and_in_range():
