@@ -1,4 +1,4 @@
-"""Tier b: FewStep Save Fused writes a checkpoint the host loads back as SD1.5, with the fused weights and the fuse
+"""In-process host: FewStep Save Fused writes a checkpoint the host loads back as SD1.5, with the fused weights and the fuse
 settings in its metadata, and leaves the shared base model unpatched."""
 from __future__ import annotations
 
