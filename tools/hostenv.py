@@ -119,7 +119,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     # -- lifecycle
-    def start(self, timeout: float = 180.0) -> "Server":
+    def start(self, timeout: float = 180.0) -> Server:
         self._logf = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=host_dir(), stdout=self._logf, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout

@@ -1,5 +1,6 @@
 """The kernel's coefficient builder (kernels/coefficients.py, used by the kernel tests and bench) and the sampler's
 (samplers/consistency.py, used in production) give the same [n, 5] table, so the two cannot drift apart."""
+from __future__ import annotations
 import pytest
 import torch
 

@@ -7,6 +7,7 @@ The recursion below is derived from the step definition alone (not from ``step_c
 correct re-noise coefficient c = sqrt(sigma_next^2 - sigma_s^2); the sampled statistics of ~200k elements must
 match it within 5 standard errors, and deliberately wrong noise coefficients must fail that check.
 """
+from __future__ import annotations
 
 import dataclasses
 import math

@@ -1,4 +1,5 @@
 """Fused consistency step: Triton kernel (interpreter on CPU, compiled on GPU) vs the PyTorch reference."""
+from __future__ import annotations
 
 import os
 import subprocess

@@ -1,4 +1,5 @@
 """CUDA-graph helper: keys, LRU, fallbacks and one-line logging on the CPU (fake capturer); real capture on GPU."""
+from __future__ import annotations
 
 import logging
 

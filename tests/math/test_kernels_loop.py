@@ -1,4 +1,5 @@
 """Sync-free fused loop == the straightforward unfused loop; no host reads per step."""
+from __future__ import annotations
 
 import pytest
 import torch

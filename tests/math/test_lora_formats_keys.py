@@ -1,4 +1,5 @@
 """lora.formats + lora.keys: every key style gives the same deltas; bad inputs name file and key."""
+from __future__ import annotations
 import json
 import os
 import sys

@@ -1,4 +1,5 @@
 """lora.fuse: one-GEMM fusion, conv/LoCon, LoHa/LoKr/DoRA against independent formulas, one rounding."""
+from __future__ import annotations
 import torch
 import torch.nn.functional as F
 

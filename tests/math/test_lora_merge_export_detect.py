@@ -1,4 +1,5 @@
 """lora.merge (block weights, LiNeS, TIES, DARE), lora.export (randomized SVD), lora.detect."""
+from __future__ import annotations
 import json
 import os
 import sys

@@ -1,4 +1,5 @@
 """Per-(seed, batch index) noise: batch-size independence, pre_draw equality, CPU determinism."""
+from __future__ import annotations
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """The LoRA detector and the sampler preset table speak the same preset names."""
+from __future__ import annotations
 from fewstep.lora import detect
 from fewstep.samplers import presets
 

@@ -1,4 +1,5 @@
 """sample_consistency mechanics: callback x0, precomputed coefficients == loop, model_sampling lookup, errors."""
+from __future__ import annotations
 
 import dataclasses
 import math

@@ -4,6 +4,7 @@ Both sides use the same float64 abar table (diffusers' ``alphas_cumprod`` is ove
 our ``DiscreteSchedule``) and the same analytic model written in diffusers' convention (eps, v or sample as a
 function of the VP sample and the timestep). Our side wraps it into a k-diffusion VE denoiser.
 """
+from __future__ import annotations
 
 import math
 

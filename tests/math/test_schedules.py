@@ -1,4 +1,5 @@
 """Timestep grids: reference-doc numbers, diffusers parity, and loud errors on impossible requests."""
+from __future__ import annotations
 
 import pytest
 import torch
