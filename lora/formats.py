@@ -55,7 +55,6 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 import torch
 
@@ -154,9 +153,9 @@ class ModuleEntry:
 
     name: str
     file: str
-    alpha: Optional[float] = None
+    alpha: float | None = None
     alpha_source: str = "rank"
-    dora_scale: Optional[torch.Tensor] = None
+    dora_scale: torch.Tensor | None = None
     dora_norm: str = ""
     style: str = ""
     source_keys: list[str] = field(default_factory=list)
@@ -165,7 +164,7 @@ class ModuleEntry:
     kind = "base"
 
     @property
-    def rank(self) -> Optional[int]:
+    def rank(self) -> int | None:
         return None
 
     @property
@@ -187,7 +186,7 @@ class LoraModule(ModuleEntry):
 
     down: torch.Tensor = None  # type: ignore[assignment]
     up: torch.Tensor = None  # type: ignore[assignment]
-    mid: Optional[torch.Tensor] = None
+    mid: torch.Tensor | None = None
     kind = "lora"
 
     @property
@@ -203,8 +202,8 @@ class LohaModule(ModuleEntry):
     w1_b: torch.Tensor = None  # type: ignore[assignment]
     w2_a: torch.Tensor = None  # type: ignore[assignment]
     w2_b: torch.Tensor = None  # type: ignore[assignment]
-    t1: Optional[torch.Tensor] = None
-    t2: Optional[torch.Tensor] = None
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
     kind = "loha"
 
     @property
@@ -217,17 +216,17 @@ class LokrModule(ModuleEntry):
     """LoKr: ΔW = scale · kron(W1, W2). rank = w2_b.shape[0] if W2 is factored, else w1_b.shape[0],
     else undefined (scale 1), as in ComfyUI's LoKrAdapter."""
 
-    w1: Optional[torch.Tensor] = None
-    w1_a: Optional[torch.Tensor] = None
-    w1_b: Optional[torch.Tensor] = None
-    w2: Optional[torch.Tensor] = None
-    w2_a: Optional[torch.Tensor] = None
-    w2_b: Optional[torch.Tensor] = None
-    t2: Optional[torch.Tensor] = None
+    w1: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
     kind = "lokr"
 
     @property
-    def rank(self) -> Optional[int]:
+    def rank(self) -> int | None:
         if self.w2 is None and self.w2_b is not None:
             return int(self.w2_b.shape[0])
         if self.w1 is None and self.w1_b is not None:
@@ -289,7 +288,7 @@ class OftModule(ModuleEntry):
     """
 
     blocks: torch.Tensor = None  # type: ignore[assignment]
-    rescale: Optional[torch.Tensor] = None
+    rescale: torch.Tensor | None = None
 
     @property
     def kind(self) -> str:  # type: ignore[override]
@@ -316,7 +315,7 @@ class Ia3Module(ModuleEntry):
 BASE_DEPENDENT = (GloraModule, OftModule, Ia3Module)
 """Entry types whose delta depends on the base weight (besides DoRA entries of any type)."""
 
-Entry = Union[LoraModule, LohaModule, LokrModule, DiffModule, BiasDiffModule, GloraModule, OftModule, Ia3Module]
+Entry = LoraModule | LohaModule | LokrModule | DiffModule | BiasDiffModule | GloraModule | OftModule | Ia3Module
 
 
 @dataclass
@@ -433,7 +432,7 @@ def check_finite(path: str, key: str, t: torch.Tensor) -> None:
                          f"re-download or re-export it")
 
 
-def _parse_float(v: object) -> Optional[float]:
+def _parse_float(v: object) -> float | None:
     try:
         f = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -451,7 +450,7 @@ class _AlphaResolver:
         self.path = path
         self.part = part
         self.ss_alpha = _parse_float(metadata.get("ss_network_alpha"))
-        self.ss_conv_alpha: Optional[float] = None
+        self.ss_conv_alpha: float | None = None
         args = metadata.get("ss_network_args")
         if args:
             try:
@@ -460,7 +459,7 @@ class _AlphaResolver:
                     self.ss_conv_alpha = _parse_float(parsed.get("conv_alpha"))
             except (ValueError, TypeError):
                 LOG.warning("%s: header ss_network_args is not JSON; ignored", path)
-        self.peft_alpha: Optional[float] = None
+        self.peft_alpha: float | None = None
         self.peft_pattern: dict[str, float] = {}
         self.peft_rslora = False
         raw = metadata.get("lora_adapter_metadata")
@@ -482,7 +481,7 @@ class _AlphaResolver:
                             if f is not None:
                                 self.peft_pattern.setdefault(str(k), f)
 
-    def resolve(self, module: str, is_conv_kxk: bool) -> tuple[Optional[float], str]:
+    def resolve(self, module: str, is_conv_kxk: bool) -> tuple[float | None, str]:
         """(alpha or None, its source) for ``module``; the source "lora_adapter_metadata" implies
         ``self.peft_rslora`` applies."""
         if self.ss_alpha is not None or self.ss_conv_alpha is not None:
@@ -503,7 +502,7 @@ class _AlphaResolver:
         return None, "rank"
 
 
-def read_adapter(path: Union[str, os.PathLike], strict: bool = False) -> Adapter:
+def read_adapter(path: str | os.PathLike, strict: bool = False) -> Adapter:
     """Read a ``.safetensors`` LoRA/LoCon/LoHa/LoKr/GLoRA/OFT/BOFT/IA3/DoRA/full-diff file.
 
     Args:
@@ -604,12 +603,12 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                    unknown_keys=unknown, embedding_keys=embeddings)
 
 
-def _get(slot: dict, role: str) -> Optional[torch.Tensor]:
+def _get(slot: dict, role: str) -> torch.Tensor | None:
     v = slot.get(role)
     return None if v is None else v[1]
 
 
-def _dora(path: str, module: str, slot: dict, keys: dict[str, str]) -> tuple[Optional[torch.Tensor], str]:
+def _dora(path: str, module: str, slot: dict, keys: dict[str, str]) -> tuple[torch.Tensor | None, str]:
     """(DoRA magnitude or None, ``dora_norm``) of one module: kohya ``dora_scale`` or PEFT ``lora_magnitude_vector``."""
     if "magnitude" not in slot:
         return _get(slot, "dora_scale"), ""
@@ -626,7 +625,7 @@ def _build_entries(path: str, module: str, slot: dict, resolver: _AlphaResolver)
     used = {role for role in slot}
     keys = {role: v[0] for role, v in slot.items()}
     alpha_t = _get(slot, "alpha")
-    alpha: Optional[float] = None
+    alpha: float | None = None
     alpha_source = "rank"
     if alpha_t is not None:
         if alpha_t.numel() != 1:

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -94,7 +94,7 @@ def _shape_error(entry: Entry, key: str, got: Sequence[int], want: Sequence[int]
                       f"shape {tuple(want)}; the adapter does not fit this model (wrong base model?)")
 
 
-def lora_factors(entry: LoraModule, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_factors(entry: LoraModule, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 (B [out, r], A [r, in·k·k]) with ΔW_flat = B @ A (scale not applied)."""
     up = entry.up.to(device=device, dtype=torch.float32)
     down = entry.down.to(device=device, dtype=torch.float32)
@@ -182,7 +182,7 @@ def check_key_shapes(items: Sequence[tuple[Entry, float]], key: str, shape: Sequ
             peft_magnitude_shape(entry, key, shape)
 
 
-def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: Optional[torch.device] = None) -> torch.Tensor:
+def raw_delta(entry: Entry, key: str, shape: Sequence[int], device: torch.device | None = None) -> torch.Tensor:
     """Unscaled-by-strength fp32 delta of one non-DoRA entry, including its alpha/rank scale, shaped like the weight."""
     n = math.prod(shape)
     if isinstance(entry, LoraModule):
@@ -325,7 +325,7 @@ def _ia3_delta(entry: Ia3Module, key: str, shape: tuple, w: torch.Tensor, device
 
 
 def base_delta(entry: Entry, key: str, shape: Sequence[int], strength: float, base_weight: torch.Tensor,
-               device: Optional[torch.device] = None) -> torch.Tensor:
+               device: torch.device | None = None) -> torch.Tensor:
     """``strength ·`` fp32 delta of a GLoRA, OFT/BOFT or IA3 entry against the base weight (module doc)."""
     shape = tuple(int(s) for s in shape)
     w = base_weight.to(device=device, dtype=torch.float32)
@@ -358,7 +358,7 @@ def _in_norm(w: torch.Tensor) -> torch.Tensor:
 
 
 def dora_delta(entry: Entry, key: str, shape: Sequence[int], strength: float, base_weight: torch.Tensor,
-               device: Optional[torch.device] = None, dora_mode: str = "comfyui") -> torch.Tensor:
+               device: torch.device | None = None, dora_mode: str = "comfyui") -> torch.Tensor:
     """DoRA delta ``strength·(W'' − W)`` of one entry against the base weight (formulas in the module doc).
 
     ``dora_mode`` selects the kohya/LyCORIS output-axis norm; PEFT magnitude entries ignore it.
@@ -389,8 +389,8 @@ def dora_delta(entry: Entry, key: str, shape: Sequence[int], strength: float, ba
 
 
 def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[int],
-              base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
-              dora_mode: str = "comfyui", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              base_weight_fn: BaseWeightFn | None = None, device: torch.device | None = None,
+              dora_mode: str = "comfyui", out: torch.Tensor | None = None) -> torch.Tensor:
     """Summed fp32 delta for one host key from ``(entry, effective_strength)`` pairs.
 
     Plain LoRAs: one GEMM over the rank-concatenated factors. Others: added one by one.
@@ -421,7 +421,7 @@ def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[in
         total = (torch.cat(bs, dim=1) @ torch.cat(as_, dim=0)).reshape(shape)
     else:
         total = torch.zeros(shape, dtype=torch.float32, device=device)
-    base: Optional[torch.Tensor] = None
+    base: torch.Tensor | None = None
 
     def base_for(entry: Entry, what: str) -> torch.Tensor:
         nonlocal base
@@ -445,7 +445,7 @@ def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[in
 
 
 def group_by_key(entries: Sequence[tuple[Entry, float]], module_to_host: dict[str, str],
-                 key_scale: Optional[KeyScaleFn] = None) -> dict[str, list[tuple[Entry, float]]]:
+                 key_scale: KeyScaleFn | None = None) -> dict[str, list[tuple[Entry, float]]]:
     """Group ``(entry, strength)`` by target host key (insertion order), folding in ``key_scale``.
 
     Raises ValueError naming the file and module for entries with no host key.
@@ -463,8 +463,8 @@ def group_by_key(entries: Sequence[tuple[Entry, float]], module_to_host: dict[st
 
 
 def iter_deltas(entries: Sequence[tuple[Entry, float]], weight_shapes: dict[str, Sequence[int]],
-                module_to_host: dict[str, str], *, base_weight_fn: Optional[BaseWeightFn] = None,
-                key_scale: Optional[KeyScaleFn] = None, device: Optional[torch.device] = None,
+                module_to_host: dict[str, str], *, base_weight_fn: BaseWeightFn | None = None,
+                key_scale: KeyScaleFn | None = None, device: torch.device | None = None,
                 dora_mode: str = "comfyui") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(host_key, fp32 delta)`` one key at a time (see ``compute_deltas``)."""
     groups = group_by_key(entries, module_to_host, key_scale)
@@ -477,8 +477,8 @@ def iter_deltas(entries: Sequence[tuple[Entry, float]], weight_shapes: dict[str,
 
 
 def compute_deltas(entries: Sequence[tuple[Entry, float]], weight_shapes: dict[str, Sequence[int]],
-                   module_to_host: dict[str, str], *, base_weight_fn: Optional[BaseWeightFn] = None,
-                   key_scale: Optional[KeyScaleFn] = None, device: Optional[torch.device] = None,
+                   module_to_host: dict[str, str], *, base_weight_fn: BaseWeightFn | None = None,
+                   key_scale: KeyScaleFn | None = None, device: torch.device | None = None,
                    dora_mode: str = "comfyui") -> dict[str, torch.Tensor]:
     """Exact fp32 ΔW per host key for ``(entry, strength)`` pairs.
 
@@ -499,7 +499,7 @@ def compute_deltas(entries: Sequence[tuple[Entry, float]], weight_shapes: dict[s
                             key_scale=key_scale, device=device, dora_mode=dora_mode))
 
 
-def apply_delta(base_weight: torch.Tensor, delta: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def apply_delta(base_weight: torch.Tensor, delta: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``round_dtype(fp32(base) + fp32(delta))``: one rounding into ``dtype`` (default: base dtype)."""
     if tuple(base_weight.shape) != tuple(delta.shape):
         raise ValueError(f"apply_delta: delta shape {tuple(delta.shape)} != weight shape {tuple(base_weight.shape)}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 LOG = logging.getLogger("fewstep")
 
@@ -71,7 +71,7 @@ class KeyMapper:
         host_prefix: prefix of host keys in front of the LDM path (``diffusion_model.``).
     """
 
-    def __init__(self, host_key_map: dict[str, str], diffusers_to_ldm: Optional[dict[str, str]] = None,
+    def __init__(self, host_key_map: dict[str, str], diffusers_to_ldm: dict[str, str] | None = None,
                  host_prefix: str = "diffusion_model."):
         self.host_prefix = host_prefix
         self.table: dict[str, str] = {}
@@ -101,7 +101,7 @@ class KeyMapper:
         elif old != host_key:
             self.ambiguous.setdefault(canon, {old}).add(host_key)
 
-    def lookup(self, module: str) -> Optional[str]:
+    def lookup(self, module: str) -> str | None:
         """Host weight key for ``module`` or None (also None when the name is ambiguous)."""
         c = canonical(module)
         if c in self.ambiguous:
@@ -122,7 +122,7 @@ class KeyMapper:
 
 
 def match_modules(modules: Iterable[str], host_key_map: dict[str, str],
-                  diffusers_to_ldm: Optional[dict[str, str]] = None,
+                  diffusers_to_ldm: dict[str, str] | None = None,
                   host_prefix: str = "diffusion_model.") -> tuple[dict[str, str], list[str]]:
     """One-shot ``KeyMapper(host_key_map, diffusers_to_ldm).match(modules)``."""
     return KeyMapper(host_key_map, diffusers_to_ldm, host_prefix).match(modules)

@@ -45,7 +45,7 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -199,7 +199,7 @@ def block_of(host_key: str, arch: str = "sd15") -> str:
     return NO_SLOT
 
 
-def stack_block_of(host_key: str, arch: str = "sd15") -> Optional[str]:
+def stack_block_of(host_key: str, arch: str = "sd15") -> str | None:
     """INnn/MID/OUTnn of a weight inside the UNet's block stack, else None."""
     a = normalize_arch(arch)
     c = canonical(host_key) + "_"
@@ -220,7 +220,7 @@ def stack_block_of(host_key: str, arch: str = "sd15") -> Optional[str]:
     return None
 
 
-def depth_of(host_key: str, arch: str = "sd15") -> Optional[int]:
+def depth_of(host_key: str, arch: str = "sd15") -> int | None:
     """LiNeS depth l (1-based) in the order IN00..→MID→..OUTmax, or None outside the block stack."""
     a = normalize_arch(arch)
     slot = stack_block_of(host_key, a)
@@ -256,7 +256,7 @@ def lines_key_scale(arch: str, alpha: float, beta: float) -> KeyScaleFn:
     return lambda entry, key: lines_scale(key, a, alpha, beta)
 
 
-def combine_key_scales(*fns: Optional[KeyScaleFn]) -> Optional[KeyScaleFn]:
+def combine_key_scales(*fns: KeyScaleFn | None) -> KeyScaleFn | None:
     """Product of several key_scale callbacks (None entries ignored)."""
     live = [f for f in fns if f is not None]
     if not live:
@@ -336,14 +336,14 @@ def merge_deltas(deltas: Sequence[torch.Tensor], mode: str = "linear", *, densit
     return ties_combine(dropped)
 
 
-StyleScale = Union[None, KeyScaleFn, Sequence[Optional[KeyScaleFn]]]
+StyleScale = KeyScaleFn | Sequence[KeyScaleFn | None] | None
 
 
 def iter_merged_deltas(accel: Sequence[tuple[Entry, float]], styles: Sequence[Sequence[tuple[Entry, float]]],
                        weight_shapes: dict[str, Sequence[int]], module_to_host: dict[str, str], *,
                        mode: str = "linear", density: float = 0.2, p: float = 0.5, seed: int = 0,
-                       accel_key_scale: Optional[KeyScaleFn] = None, style_key_scale: StyleScale = None,
-                       base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
+                       accel_key_scale: KeyScaleFn | None = None, style_key_scale: StyleScale = None,
+                       base_weight_fn: BaseWeightFn | None = None, device: torch.device | None = None,
                        dora_mode: str = "comfyui") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (host_key, fp32 delta) = accel delta (linear) + merge(style deltas), one key at a time.
 
@@ -366,7 +366,7 @@ KeyPlan = tuple  # (shape, accel items, [(style index, items), ...])
 
 def plan_merge(accel: Sequence[tuple[Entry, float]], styles: Sequence[Sequence[tuple[Entry, float]]],
                weight_shapes: dict[str, Sequence[int]], module_to_host: dict[str, str], *, mode: str = "linear",
-               accel_key_scale: Optional[KeyScaleFn] = None, style_key_scale: StyleScale = None) -> dict[str, KeyPlan]:
+               accel_key_scale: KeyScaleFn | None = None, style_key_scale: StyleScale = None) -> dict[str, KeyPlan]:
     """Which entries (with their block-weight / LiNeS-scaled strengths) land on which host key, without computing
     any delta: ``{key: (shape, accel_items, [(style_index, items), ...])}`` in a stable key order."""
     if mode not in MERGE_MODES:
@@ -396,8 +396,8 @@ def plan_merge(accel: Sequence[tuple[Entry, float]], styles: Sequence[Sequence[t
 
 def merged_key_delta(key: str, shape: Sequence[int], accel_items, present, *, mode: str = "linear",
                      density: float = 0.2, p: float = 0.5, seed: int = 0,
-                     base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
-                     dora_mode: str = "comfyui", out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                     base_weight_fn: BaseWeightFn | None = None, device: torch.device | None = None,
+                     dora_mode: str = "comfyui", out: torch.Tensor | None = None) -> torch.Tensor | None:
     """fp32 delta of one key from its ``plan_merge`` entry: accel (linear) + merge(style deltas).
 
     In linear mode every adapter's plain-LoRA factors go into one GEMM (accel and styles together).
@@ -411,7 +411,7 @@ def merged_key_delta(key: str, shape: Sequence[int], accel_items, present, *, mo
         delta = merged_key_delta(key, shape, accel_items, present, mode=mode, density=density, p=p, seed=seed,
                                  base_weight_fn=base_weight_fn, device=device, dora_mode=dora_mode)
         return out if delta is None else out.add_(delta)
-    total: Optional[torch.Tensor] = None
+    total: torch.Tensor | None = None
     if accel_items:
         total = key_delta(accel_items, key, shape, base_weight_fn, device, dora_mode)
     if present:

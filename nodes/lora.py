@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
@@ -535,7 +535,7 @@ class FewStepSaveFused(io.ComfyNode):
 
 
 def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, prompt=None,
-               output_dir: Optional[str] = None) -> str:
+               output_dir: str | None = None) -> str:
     import comfy.model_management
     import comfy.utils
     import folder_paths
@@ -697,7 +697,7 @@ def clip_deltas(clip) -> tuple[list[str], list[str], dict[str, str], Iterator[tu
 
 
 def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed=0,
-                 filename_prefix="loras/fewstep_export", output_dir: Optional[str] = None, method="randomized",
+                 filename_prefix="loras/fewstep_export", output_dir: str | None = None, method="randomized",
                  clip=None):
     """The node body: returns (path, report). With ``clip`` its text-encoder patches are exported too."""
     import itertools
