@@ -30,7 +30,7 @@ import torch
 
 from tools import hostenv
 
-log = logging.getLogger("fewstep.standins")
+log = logging.getLogger("fewstep")
 
 SEED = 20261125
 KINDS = ("sd15", "sdxl")
