@@ -44,15 +44,24 @@ def import_pack() -> ModuleType:
     return mod
 
 
+_IN_CHECKOUT: dict[str, Path | None] = {}  # module file as loaded -> the checkout file it is, or None (cached)
+
+
+def _checkout_file(path: str) -> Path | None:
+    if path not in _IN_CHECKOUT:
+        real = Path(os.path.realpath(path))
+        inside = REPO in real.parents and ".cache" not in real.relative_to(REPO).parts
+        _IN_CHECKOUT[path] = real if inside else None
+    return _IN_CHECKOUT[path]
+
+
 def checkout_files_loaded() -> dict[Path, dict[str, ModuleType]]:
     """Every file of this checkout that is loaded as a module now: {file: {module name: module}}."""
     out: dict[Path, dict[str, ModuleType]] = {}
     for name, mod in list(sys.modules.items()):
         path = getattr(mod, "__file__", None)
-        if not path:
-            continue
-        real = Path(os.path.realpath(path))
-        if REPO in real.parents and ".cache" not in real.relative_to(REPO).parts:
+        real = _checkout_file(path) if isinstance(path, str) else None
+        if real is not None:
             out.setdefault(real, {})[name] = mod
     return out
 
