@@ -23,8 +23,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-import kernels.consistency_step as cs  # noqa: E402
-from kernels import linear_coefficients, sample_fused, triton_available  # noqa: E402
+from tools import packroot  # noqa: E402
+
+packroot.import_pack()
+import fewstep.kernels.consistency_step as cs  # noqa: E402
+from fewstep.kernels import linear_coefficients, sample_fused, triton_available  # noqa: E402
 
 VIEW_OPS = {"aten.view", "aten.select", "aten.slice", "aten.unbind", "aten.expand", "aten.as_strided", "aten.detach", "aten._unsafe_view"}
 

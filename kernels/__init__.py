@@ -3,6 +3,7 @@
 Launcher: ``from kernels.consistency_step import consistency_step``.
 Pure math: never imports ``comfy``; importing this package never imports ``triton``.
 """
+from __future__ import annotations
 
 from .coefficients import COEFF_FIELDS, N_COEFFS, linear_coefficients
 from .consistency_step import (  # the launcher `consistency_step` is not re-exported: it would shadow the submodule

@@ -38,7 +38,6 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from .adapters import LoraModule
 from .formats import Adapter, read_adapter
@@ -56,7 +55,7 @@ PRESET_NAMES = frozenset(
 )
 
 # SD.Next extensions-builtin/Lora/network_overrides.py short hashes -> (kind, preset, base)
-KNOWN_HASHES: dict[str, tuple[str, Optional[str], Optional[str]]] = {
+KNOWN_HASHES: dict[str, tuple[str, str | None, str | None]] = {
     "aaebf6360f7d": ("lcm", "lcm", "sd15"),
     "3d18b05e4f56": ("lcm", "lcm", "sdxl"),
     "b71dcb732467": ("tcd", "tcd", "sdxl"),
@@ -91,15 +90,15 @@ class Detection:
     """
 
     kind: str
-    preset_name: Optional[str]
-    base_model: Optional[str]
-    steps: Optional[int]
+    preset_name: str | None
+    base_model: str | None
+    steps: int | None
     confidence: str
     evidence: list[str] = field(default_factory=list)
     accel_like_structure: bool = False
 
 
-def _base_from_text(s: str) -> Optional[str]:
+def _base_from_text(s: str) -> str | None:
     t = s.lower()
     if re.search(r"ssd-?1b", t):
         return "ssd1b"
@@ -112,7 +111,7 @@ def _base_from_text(s: str) -> Optional[str]:
     return None
 
 
-def match_name(name: str, loose: bool = False) -> Optional[tuple[str, Optional[str], Optional[int], Optional[str], str]]:
+def match_name(name: str, loose: bool = False) -> tuple[str, str | None, int | None, str | None, str] | None:
     """Match a release file name. Returns (kind, preset, steps, base, why) or None.
 
     ``loose`` also accepts spellings seen in the wild that are too generic to trust without an acceleration-like
@@ -125,7 +124,7 @@ def match_name(name: str, loose: bool = False) -> Optional[tuple[str, Optional[s
     return hit
 
 
-def _hypersd(steps: int, cfg: bool, b: Optional[str], why: str):
+def _hypersd(steps: int, cfg: bool, b: str | None, why: str):
     if cfg:
         preset = f"hypersd_cfg_{steps}step"
         return "hypersd", preset if preset in PRESET_NAMES else None, steps, b, why
@@ -135,7 +134,7 @@ def _hypersd(steps: int, cfg: bool, b: Optional[str], why: str):
     return "hypersd", preset if preset in PRESET_NAMES else None, steps, b, why
 
 
-def _match_loose(n: str, base: Optional[str]):
+def _match_loose(n: str, base: str | None):
     m = re.search(r"hyper[-_ ]?sd[-_ ]?(15|xl)?[-_ ]?(\d+)[-_ ]?steps?([-_ ]?cfg)?", n)
     if m:
         b = {"15": "sd15", "xl": "sdxl"}.get(m.group(1) or "", base)
@@ -155,7 +154,7 @@ def _match_loose(n: str, base: Optional[str]):
     return None
 
 
-def _match_release(n: str, base: Optional[str]):
+def _match_release(n: str, base: str | None):
     m = re.search(r"animatelcm", n)
     if m:
         return "animatelcm", "animatelcm", None, base or "sd15", "file name matches AnimateLCM*"
@@ -214,11 +213,11 @@ class Structure:
     resnet_blocks: int
     resnet_conv_blocks: int
     has_down_up_samplers: bool
-    context_dim: Optional[int]
+    context_dim: int | None
     has_label_emb: bool
-    max_input_block: Optional[int]
-    max_down_block: Optional[int]
-    base_model: Optional[str]
+    max_input_block: int | None
+    max_down_block: int | None
+    base_model: str | None
     base_why: str
 
 
@@ -242,7 +241,7 @@ def analyse_structure(adapter: Adapter) -> Structure:
                 resnets_conv.add(blk)
     samplers = any("samplers_0_conv" in n or re.search(r"input_blocks_\d+_0_op$|output_blocks_\d+_[12]_conv$", n)
                    for n in names)
-    ctx: Optional[int] = None
+    ctx: int | None = None
     for e in adapter.entries:
         n = canonical(e.name)
         if isinstance(e, LoraModule) and re.search(r"attn2_to_[kv]$", n):
@@ -325,7 +324,7 @@ def _accel_like(s: Structure) -> tuple[bool, list[str]]:
     return ok, why
 
 
-def _metadata_base(meta: dict, ev: list[str]) -> Optional[str]:
+def _metadata_base(meta: dict, ev: list[str]) -> str | None:
     """The base model the header names (``modelspec.architecture``, ``ss_base_model_version``, ``ss_v2``), noted in
     ``ev``."""
     meta_base = None
@@ -340,7 +339,7 @@ def _metadata_base(meta: dict, ev: list[str]) -> Optional[str]:
     return meta_base
 
 
-def _short_hash(adapter: Adapter, meta: dict, compute_hash: bool, ev: list[str]) -> Optional[str]:
+def _short_hash(adapter: Adapter, meta: dict, compute_hash: bool, ev: list[str]) -> str | None:
     """The addnet short hash from the header (``sshs_model_hash``), or of the payload with ``compute_hash``."""
     short = None
     hs = meta.get("sshs_model_hash")
@@ -353,7 +352,7 @@ def _short_hash(adapter: Adapter, meta: dict, compute_hash: bool, ev: list[str])
     return short
 
 
-def detect(source: Union[Adapter, str, os.PathLike], *, compute_hash: bool = False) -> Detection:
+def detect(source: Adapter | str | os.PathLike, *, compute_hash: bool = False) -> Detection:
     """Detect the acceleration-LoRA kind of an adapter (or a ``.safetensors`` path).
 
     Args:

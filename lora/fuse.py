@@ -34,7 +34,7 @@ fp32 delta plus its factors.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -93,7 +93,7 @@ def _in_norm(w: torch.Tensor) -> torch.Tensor:
 
 
 def dora_delta(entry: Entry, key: str, shape: Sequence[int], strength: float, base_weight: torch.Tensor,
-               device: Optional[torch.device] = None) -> torch.Tensor:
+               device: torch.device | None = None) -> torch.Tensor:
     """DoRA delta ``strength·(W'' − W)`` of one entry against the base weight (formulas in the module doc)."""
     shape = tuple(int(s) for s in shape)
     w = base_weight.to(device=device, dtype=torch.float32)
@@ -141,8 +141,8 @@ def check_key_shapes(items: Sequence[tuple[Entry, float]], key: str, shape: Sequ
 
 
 def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[int],
-              base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              base_weight_fn: BaseWeightFn | None = None, device: torch.device | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Summed fp32 delta for one host key from ``(entry, effective_strength)`` pairs.
 
     Plain LoRAs: one GEMM over the rank-concatenated factors. Others: added one by one.
@@ -173,7 +173,7 @@ def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[in
         total = (torch.cat(bs, dim=1) @ torch.cat(as_, dim=0)).reshape(shape)
     else:
         total = torch.zeros(shape, dtype=torch.float32, device=device)
-    base: Optional[torch.Tensor] = None
+    base: torch.Tensor | None = None
 
     def base_for(entry: Entry, what: str) -> torch.Tensor:
         nonlocal base
@@ -196,7 +196,7 @@ def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[in
 
 
 def group_by_key(entries: Sequence[tuple[Entry, float]], module_to_host: dict[str, str],
-                 key_scale: Optional[KeyScaleFn] = None) -> dict[str, list[tuple[Entry, float]]]:
+                 key_scale: KeyScaleFn | None = None) -> dict[str, list[tuple[Entry, float]]]:
     """Group ``(entry, strength)`` by target host key (insertion order), folding in ``key_scale``.
 
     Raises ValueError naming the file and module for entries with no host key.

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from .layouts import UNET_KEYS, KeyLayout
 
@@ -64,7 +64,7 @@ class KeyMapper:
         layout: the family's key layout (prefixes stripped from module names, host key prefix).
     """
 
-    def __init__(self, host_key_map: dict[str, str], diffusers_to_ldm: Optional[dict[str, str]] = None,
+    def __init__(self, host_key_map: dict[str, str], diffusers_to_ldm: dict[str, str] | None = None,
                  layout: KeyLayout = UNET_KEYS):
         self.layout = layout
         host_prefix = layout.host_prefix
@@ -98,7 +98,7 @@ class KeyMapper:
         elif old != host_key:
             self.ambiguous.setdefault(canon, {old}).add(host_key)
 
-    def lookup(self, module: str) -> Optional[str]:
+    def lookup(self, module: str) -> str | None:
         """Host weight key for ``module`` or None (also None when the name is ambiguous)."""
         c = self.canonical(module)
         if c in self.ambiguous:

@@ -22,7 +22,6 @@ entry; ``NOT_YET`` names the families the host loads that no record covers yet.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class BlockLayout:
     outside: tuple[tuple[str, str], ...] = ()
     lbw_split: tuple[int, int] = (0, 0)
 
-    def slots(self, count: int) -> Optional[tuple[str, ...]]:
+    def slots(self, count: int) -> tuple[str, ...] | None:
         return dict(self.vectors).get(count)
 
     @property

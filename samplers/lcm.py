@@ -7,7 +7,7 @@ Each step predicts x0 with the LCM boundary condition, then re-noises that x0 to
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

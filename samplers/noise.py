@@ -9,7 +9,7 @@ frames-as-batch latents alike.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

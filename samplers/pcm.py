@@ -7,7 +7,7 @@ segment, so sampling is a deterministic DDIM step (gamma = 0) from one phase edg
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

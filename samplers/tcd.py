@@ -7,7 +7,7 @@ deterministic DDIM, gamma = 1 is LCM-like. Note diffusers' SD pipelines pass eta
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -1,4 +1,4 @@
-"""Tier b: the pack's samplers inside the real host's sampling path (comfy.sample / KSAMPLER / registry)."""
+"""In-process host: the pack's samplers inside the real host's sampling path (comfy.sample / KSAMPLER / registry)."""
 from __future__ import annotations
 
 import pytest
@@ -161,7 +161,7 @@ def test_flow_model_rejected_with_clear_error(sd15, registered):
 
 def assert_fused_matches(fused, unfused, model):
     """Fused vs unfused latents. On the CPU (Triton interpreter) both loops run the same fp32 ops in the same order:
-    bit-identical. On a GPU the compiled kernel contracts to FMAs, so the issue's bound applies: 1e-5 for an fp32
+    bit-identical. On a GPU the compiled kernel contracts to FMAs, so the fused path's bound applies: 1e-5 for an fp32
     UNet, 1e-2 for fp16/bf16, scaled by the latent's magnitude where that exceeds 1 (the stand-in's reaches ~1e2)."""
     err = (fused.float() - unfused.float()).abs().max().item()
     if not torch.cuda.is_available():

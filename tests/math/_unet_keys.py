@@ -186,7 +186,7 @@ def node_deltas(entries, shapes, module_to_host, *, base_weight_fn=None, key_sca
     """{host key: fp32 delta} of ``(entry, strength)`` pairs computed the way FewStep LoRA Fuse computes them:
     ``lora.merge.plan_merge`` groups them by model weight (one style adapter, ``key_scale`` as its block weights),
     ``lora.merge.merged_key_delta`` gives each weight's delta (linear mode: one GEMM)."""
-    from lora.merge import merged_key_delta, plan_merge
+    from fewstep.lora.merge import merged_key_delta, plan_merge
     plan = plan_merge([], [entries], shapes, module_to_host, style_key_scale=key_scale)
     return {k: merged_key_delta(k, shape, acc, present, base_weight_fn=base_weight_fn)
             for k, (shape, acc, present) in plan.items()}

@@ -1,11 +1,12 @@
 """The kernel's coefficient builder (kernels/coefficients.py, used by the kernel tests and bench) and the sampler's
 (samplers/consistency.py, used in production) give the same [n, 5] table, so the two cannot drift apart."""
+from __future__ import annotations
 import pytest
 import torch
 
-from kernels import linear_coefficients
-from samplers import consistency, schedules
-from samplers.discrete import DiscreteSchedule
+from fewstep.kernels import linear_coefficients
+from fewstep.samplers import consistency, schedules
+from fewstep.samplers.discrete import DiscreteSchedule
 
 
 @pytest.mark.parametrize("gamma,boundary,clean", [(1.0, True, True), (0.3, False, False), (0.0, False, False),

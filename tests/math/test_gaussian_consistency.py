@@ -7,6 +7,7 @@ The recursion below is derived from the step definition alone (not from ``step_c
 correct re-noise coefficient c = sqrt(sigma_next^2 - sigma_s^2); the sampled statistics of ~200k elements must
 match it within 5 standard errors, and deliberately wrong noise coefficients must fail that check.
 """
+from __future__ import annotations
 
 import dataclasses
 import math
@@ -14,13 +15,13 @@ import math
 import pytest
 import torch
 
-from samplers import consistency
-from samplers.discrete import DiscreteSchedule
-from samplers.lcm import sample_lcm_exact
-from samplers.noise import initial_noise
-from samplers.pcm import sample_pcm
-from samplers.schedules import lcm_timesteps, timesteps_to_sigmas
-from samplers.tcd import sample_tcd
+from fewstep.samplers import consistency
+from fewstep.samplers.discrete import DiscreteSchedule
+from fewstep.samplers.lcm import sample_lcm_exact
+from fewstep.samplers.noise import initial_noise
+from fewstep.samplers.pcm import sample_pcm
+from fewstep.samplers.schedules import lcm_timesteps, timesteps_to_sigmas
+from fewstep.samplers.tcd import sample_tcd
 
 SCHED = DiscreteSchedule(dtype=torch.float64)
 MU, S = 0.5, 0.8

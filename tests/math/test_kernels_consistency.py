@@ -1,4 +1,5 @@
 """Fused consistency step: Triton kernel (interpreter on CPU, compiled on GPU) vs the PyTorch reference."""
+from __future__ import annotations
 
 import os
 import subprocess
@@ -7,9 +8,9 @@ import sys
 import pytest
 import torch
 
-import kernels.consistency_step as cs
-from kernels.consistency_step import consistency_step
-from kernels import (
+import fewstep.kernels.consistency_step as cs
+from fewstep.kernels.consistency_step import consistency_step
+from fewstep.kernels import (
     COEFF_FIELDS,
     consistency_step_fallback,
     consistency_step_reference,

@@ -1,10 +1,11 @@
 """Sync-free fused loop == the straightforward unfused loop; no host reads per step."""
+from __future__ import annotations
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import consistency_step_reference, linear_coefficients, sample_fused, triton_available
+from fewstep.kernels import consistency_step_reference, linear_coefficients, sample_fused, triton_available
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
 needs_cuda = lambda f: pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled kernel, sync debug mode")(f))  # noqa: E731

@@ -1,6 +1,7 @@
 """The LoRA detector and the sampler preset table speak the same preset names."""
-from lora import detect
-from samplers import presets
+from __future__ import annotations
+from fewstep.lora import detect
+from fewstep.samplers import presets
 
 
 def test_every_detected_preset_exists_in_the_sampler_table():

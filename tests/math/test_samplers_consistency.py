@@ -1,4 +1,5 @@
 """sample_consistency mechanics: callback x0, precomputed coefficients == loop, model_sampling lookup, errors."""
+from __future__ import annotations
 
 import dataclasses
 import math
@@ -7,21 +8,21 @@ import types
 import pytest
 import torch
 
-from samplers import consistency
-from samplers.consistency import (
+from fewstep.samplers import consistency
+from fewstep.samplers.consistency import (
     COEFF_FIELDS,
     linear_step_coefficients,
     resolve_model_sampling,
     sample_consistency,
     step_coefficients,
 )
-from samplers.discrete import DiscreteSchedule
-from samplers.lcm import sample_lcm_exact
-from samplers.noise import BatchStepNoise
-from samplers.pcm import sample_pcm
-from samplers.presets import PRESET_NAMES, PRESETS, get_preset
-from samplers.schedules import lcm_timesteps, pcm_phase_timesteps, tcd_timesteps, timesteps_to_sigmas
-from samplers.tcd import sample_tcd
+from fewstep.samplers.discrete import DiscreteSchedule
+from fewstep.samplers.lcm import sample_lcm_exact
+from fewstep.samplers.noise import BatchStepNoise
+from fewstep.samplers.pcm import sample_pcm
+from fewstep.samplers.presets import PRESET_NAMES, PRESETS, get_preset
+from fewstep.samplers.schedules import lcm_timesteps, pcm_phase_timesteps, tcd_timesteps, timesteps_to_sigmas
+from fewstep.samplers.tcd import sample_tcd
 
 SCHED = DiscreteSchedule(dtype=torch.float64)
 
