@@ -52,8 +52,9 @@ def resolve_options(name: str, options: dict, extra_args: dict | None = None, fi
     opts.update({k: v for k, v in settings(extra_args).items() if k in DEFAULTS})
     opts.update({k: v for k, v in options.items() if k in DEFAULTS and v is not None})
     opts.update(fixed or {})
-    if isinstance(opts["gamma"], bool) or not isinstance(opts["gamma"], (int, float)) or not 0.0 <= opts["gamma"] <= 1.0:
-        raise ValueError(f"fewstep {name} sampler: gamma must be in [0, 1], got {opts['gamma']!r}")
+    gamma = opts["gamma"]
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"fewstep {name} sampler: gamma must be in [0, 1], got {gamma!r}")
     for key, allowed in (("final_step", FINAL_STEPS), ("noise_device", NOISE_DEVICES), ("fused", FUSED_MODES)):
         if opts[key] not in allowed:
             raise ValueError(f"fewstep {name} sampler: {key} must be one of {allowed}, got {opts[key]!r}")
@@ -65,9 +66,9 @@ def resolve_options(name: str, options: dict, extra_args: dict | None = None, fi
 def _kernel_loop():
     """``kernels.loop``, imported when a run may take the fused path. The pack imports its packages as
     ``fewstep.samplers`` / ``fewstep.kernels``; tests/math and the benches import them top-level."""
-    try:
+    if __package__ and "." in __package__:  # fewstep.samplers
         from ..kernels import loop
-    except ImportError:  # samplers imported as a top-level package
+    else:  # samplers imported as a top-level package
         from kernels import loop
     return loop
 

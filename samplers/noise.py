@@ -135,7 +135,8 @@ def default_noise_sampler(x: torch.Tensor, seed: int | None, batch_offset: int =
     return BatchStepNoise(x, int(seed), batch_offset=batch_offset, cpu=cpu)
 
 
-def step_noise(noise_sampler: Callable, x: torch.Tensor, sigmas: torch.Tensor, a_z: Sequence[float]) -> torch.Tensor | None:
+def step_noise(noise_sampler: Callable, x: torch.Tensor, sigmas: torch.Tensor,
+               a_z: Sequence[float]) -> torch.Tensor | None:
     """Every step's noise of a run, drawn before the loop: ``[rows, *x.shape]``, row ``i`` for step ``i``.
 
     Only steps with ``a_z[i] > 0`` draw, in step order (so any noise sampler sees the calls the step-by-step loop

@@ -75,8 +75,8 @@ def _build() -> tuple[Preset, ...]:
     for n in (8, 12):
         p.append(Preset(name=f"Hyper-SD CFG {n}-step", family="hyper-sd", sampler="pcm", gamma=0.0, schedule="trailing",
                         steps=n, cfg=5.0, cfg_range="5-8", note="CFG-preserved LoRA: use negative prompts."))
-    p.append(Preset(name="Hyper-SD 1-step unified", family="hyper-sd", sampler="tcd", gamma=1.0, schedule="tcd", steps=1,
-                    cfg=1.0, cfg_range="1",
+    p.append(Preset(name="Hyper-SD 1-step unified", family="hyper-sd", sampler="tcd", gamma=1.0, schedule="tcd",
+                    steps=1, cfg=1.0, cfg_range="1",
                     note="Unified LoRA works at 1-8 steps; lower gamma gives more detail at more steps."))
     p.append(Preset(name="Hyper-SDXL 1-step UNet", family="hyper-sd", sampler="lcm", gamma=1.0, schedule="fixed",
                     steps=1, cfg=1.0, cfg_range="1", fixed_timesteps=(800,), lora_strength=None,

@@ -81,7 +81,8 @@ def _check_sigmas(sigmas) -> torch.Tensor:
     if not bool(torch.isfinite(sig).all()):
         raise ValueError(f"sigmas must be finite, got {sig.tolist()}")
     if not bool((sig[1:] < sig[:-1]).all()) or not bool((sig[:-1] > 0).all()) or bool(sig[-1] < 0):
-        raise ValueError(f"sigmas must be strictly decreasing and positive (only the last may be 0), got {sig.tolist()}")
+        raise ValueError("sigmas must be strictly decreasing and positive (only the last may be 0), "
+                         f"got {sig.tolist()}")
     return sig
 
 

@@ -68,7 +68,7 @@ def test_callback_denoised_is_x0_every_step(sampler, kwargs, boundary):
     (0.3, False, False, "x0"), (0.3, False, False, "diffusers"), (1.0, True, True, "x0"),
     (0.0, False, False, "diffusers"), (0.7, True, False, "diffusers"),
 ])
-def test_linear_coefficients_equal_loop_and_textbook_formula(gamma, boundary, clean, final_step):
+def test_coefficients_equal_loop_and_textbook_formula(gamma, boundary, clean, final_step):
     sigmas = timesteps_to_sigmas(tcd_timesteps(5), SCHED)
     record = []
 
