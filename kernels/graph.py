@@ -252,9 +252,6 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def __contains__(self, key) -> bool:
-        return key in self._graphs
-
     def keys(self) -> list:
         """Captured keys, least recently used first."""
         return list(self._graphs)
