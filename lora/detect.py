@@ -25,10 +25,10 @@ One algorithm, layered cheapest-first, every finding recorded in ``evidence``:
    Structure alone never names a kind: it returns kind "unknown", confidence
    "low", and says why.
 
-Preset names match ``samplers/presets.py``: lcm, tcd,
-pcm_smallcfg_{2,4,8,16}step, pcm_normalcfg_{4,8,16}step, pcm_lcmlike,
-hypersd_{1,2,4,8}step, hypersd_cfg_{8,12}step, hypersd_1step_unified,
-lightning_{1,2,4,8}step, animatelcm.
+Preset names are ``Preset.name`` of ``samplers/presets.py`` (what the preset
+widgets store): LCM-LoRA, TCD, PCM {smallcfg,normalcfg} N-step, PCM LCM-like,
+Hyper-SD N-step, Hyper-SD CFG N-step, Hyper-SD 1-step unified,
+SDXL-Lightning N-step, AnimateLCM.
 """
 from __future__ import annotations
 
@@ -45,32 +45,33 @@ from .keys import canonical
 
 LOG = logging.getLogger("fewstep")
 
+LCM, TCD, ANIMATELCM, HYPERSD_UNIFIED = "LCM-LoRA", "TCD", "AnimateLCM", "Hyper-SD 1-step unified"
 PRESET_NAMES = frozenset(
-    ["lcm", "tcd", "pcm_lcmlike", "animatelcm", "hypersd_1step_unified"]
-    + [f"pcm_smallcfg_{n}step" for n in (2, 4, 8, 16)]
-    + [f"pcm_normalcfg_{n}step" for n in (4, 8, 16)]
-    + [f"hypersd_{n}step" for n in (1, 2, 4, 8)]
-    + [f"hypersd_cfg_{n}step" for n in (8, 12)]
-    + [f"lightning_{n}step" for n in (1, 2, 4, 8)]
+    [LCM, TCD, "PCM LCM-like", ANIMATELCM, HYPERSD_UNIFIED]
+    + [f"PCM smallcfg {n}-step" for n in (2, 4, 8, 16)]
+    + [f"PCM normalcfg {n}-step" for n in (4, 8, 16)]
+    + [f"Hyper-SD {n}-step" for n in (1, 2, 4, 8)]
+    + [f"Hyper-SD CFG {n}-step" for n in (8, 12)]
+    + [f"SDXL-Lightning {n}-step" for n in (1, 2, 4, 8)]
 )
 
 # SD.Next extensions-builtin/Lora/network_overrides.py short hashes -> (kind, preset, base)
 KNOWN_HASHES: dict[str, tuple[str, str | None, str | None]] = {
-    "aaebf6360f7d": ("lcm", "lcm", "sd15"),
-    "3d18b05e4f56": ("lcm", "lcm", "sdxl"),
-    "b71dcb732467": ("tcd", "tcd", "sdxl"),
+    "aaebf6360f7d": ("lcm", LCM, "sd15"),
+    "3d18b05e4f56": ("lcm", LCM, "sdxl"),
+    "b71dcb732467": ("tcd", TCD, "sdxl"),
     "813ea5fb1c67": ("turbo", None, "sdxl"),
-    "5a48ac366664": ("hypersd", "hypersd_1step_unified", "sd15"),
-    "ee0ff23dcc42": ("hypersd", "hypersd_2step", "sd15"),
-    "e476eb1da5df": ("hypersd", "hypersd_4step", "sd15"),
-    "ecb844c3f3b0": ("hypersd", "hypersd_8step", "sd15"),
-    "1ab289133ebb": ("hypersd", "hypersd_cfg_8step", "sd15"),
-    "4f494295edb1": ("hypersd", "hypersd_8step", "sdxl"),
-    "ca14a8c621f8": ("hypersd", "hypersd_cfg_8step", "sdxl"),
-    "1c88f7295856": ("hypersd", "hypersd_4step", "sdxl"),
-    "fdd5dcd1d88a": ("hypersd", "hypersd_2step", "sdxl"),
-    "8cca3706050b": ("hypersd", "hypersd_1step_unified", "sdxl"),
-    "1c32bdb07a7c": ("lightning", "lightning_4step", "sdxl"),  # SimpleSDXL models_info.py
+    "5a48ac366664": ("hypersd", HYPERSD_UNIFIED, "sd15"),
+    "ee0ff23dcc42": ("hypersd", "Hyper-SD 2-step", "sd15"),
+    "e476eb1da5df": ("hypersd", "Hyper-SD 4-step", "sd15"),
+    "ecb844c3f3b0": ("hypersd", "Hyper-SD 8-step", "sd15"),
+    "1ab289133ebb": ("hypersd", "Hyper-SD CFG 8-step", "sd15"),
+    "4f494295edb1": ("hypersd", "Hyper-SD 8-step", "sdxl"),
+    "ca14a8c621f8": ("hypersd", "Hyper-SD CFG 8-step", "sdxl"),
+    "1c88f7295856": ("hypersd", "Hyper-SD 4-step", "sdxl"),
+    "fdd5dcd1d88a": ("hypersd", "Hyper-SD 2-step", "sdxl"),
+    "8cca3706050b": ("hypersd", HYPERSD_UNIFIED, "sdxl"),
+    "1c32bdb07a7c": ("lightning", "SDXL-Lightning 4-step", "sdxl"),  # SimpleSDXL models_info.py
     "816d0eed49fd": ("flash", None, "sdxl"),
     "c2ec22757b46": ("flash", None, "sd15"),
 }
@@ -126,11 +127,11 @@ def match_name(name: str, loose: bool = False) -> tuple[str, str | None, int | N
 
 def _hypersd(steps: int, cfg: bool, b: str | None, why: str):
     if cfg:
-        preset = f"hypersd_cfg_{steps}step"
+        preset = f"Hyper-SD CFG {steps}-step"
         return "hypersd", preset if preset in PRESET_NAMES else None, steps, b, why
     if steps == 1:
-        return "hypersd", "hypersd_1step_unified", 1, b, why + " (1-step: the unified LoRA)"
-    preset = f"hypersd_{steps}step"
+        return "hypersd", HYPERSD_UNIFIED, 1, b, why + " (1-step: the unified LoRA)"
+    preset = f"Hyper-SD {steps}-step"
     return "hypersd", preset if preset in PRESET_NAMES else None, steps, b, why
 
 
@@ -142,31 +143,31 @@ def _match_loose(n: str, base: str | None):
     m = re.search(r"lightning[-_ ]?(\d+)[-_ ]?steps?", n)
     if m:
         steps = int(m.group(1))
-        preset = f"lightning_{steps}step"
+        preset = f"SDXL-Lightning {steps}-step"
         return ("lightning", preset if preset in PRESET_NAMES else None, steps, base or "sdxl",
                 "file name looks like SDXL-Lightning {N}-step")
     if re.search(r"sd15[-_](t2v[-_])?(lora[-_])?beta([-_]lora)?|sd15[-_]t2v[-_]beta[-_]lora", n):
-        return "animatelcm", "animatelcm", None, "sd15", "file name is AnimateLCM's original sd15_lora_beta"
+        return "animatelcm", ANIMATELCM, None, "sd15", "file name is AnimateLCM's original sd15_lora_beta"
     folder = re.sub(r"\.safetensors$", "", n)
     if folder in ("lcm", "tcd", "lcm-lora", "lcm_lora", "tcd-lora", "tcd_lora"):
         kind = "tcd" if folder.startswith("tcd") else "lcm"
-        return kind, kind, None, base, f"folder/file named '{folder}'"
+        return kind, TCD if kind == "tcd" else LCM, None, base, f"folder/file named '{folder}'"
     return None
 
 
 def _match_release(n: str, base: str | None):
     m = re.search(r"animatelcm", n)
     if m:
-        return "animatelcm", "animatelcm", None, base or "sd15", "file name matches AnimateLCM*"
+        return "animatelcm", ANIMATELCM, None, base or "sd15", "file name matches AnimateLCM*"
     m = re.search(r"pcm[-_](sd15|sdxl)[-_](smallcfg|normalcfg)[-_]?(\d+)[-_]?steps?", n)
     if m:
         b, cfg, steps = m.group(1), m.group(2), int(m.group(3))
-        preset = f"pcm_{cfg}_{steps}step"
+        preset = f"PCM {cfg} {steps}-step"
         return ("pcm", preset if preset in PRESET_NAMES else None, steps, b,
                 f"file name matches pcm_{{sd15,sdxl}}_{cfg}_{steps}step")
     m = re.search(r"pcm[-_](sd15|sdxl)[-_]lcmlike", n)
     if m:
-        return "pcm", "pcm_lcmlike", None, m.group(1), "file name matches pcm_*_lcmlike"
+        return "pcm", "PCM LCM-like", None, m.group(1), "file name matches pcm_*_lcmlike"
     m = re.search(r"hyper-?sd(15|xl)-(\d+)-?steps?-cfg-lora", n)
     if m:
         return _hypersd(int(m.group(2)), True, "sd15" if m.group(1) == "15" else "sdxl",
@@ -178,13 +179,13 @@ def _match_release(n: str, base: str | None):
     m = re.search(r"sdxl[-_]lightning[-_](\d+)[-_]?steps?[-_]lora", n)
     if m:
         steps = int(m.group(1))
-        preset = f"lightning_{steps}step"
+        preset = f"SDXL-Lightning {steps}-step"
         return ("lightning", preset if preset in PRESET_NAMES else None, steps, "sdxl",
                 "file name matches sdxl_lightning_{N}step_lora")
     if re.search(r"(^|[^a-z])tcd([^a-z]|$)", n):
-        return "tcd", "tcd", None, base, "file name matches TCD-*"
+        return "tcd", TCD, None, base, "file name matches TCD-*"
     if re.search(r"lcm[-_ ]?lora|lora[-_ ]?lcm", n):
-        return "lcm", "lcm", None, base, "file name matches lcm-lora-*"
+        return "lcm", LCM, None, base, "file name matches lcm-lora-*"
     return None
 
 
@@ -379,7 +380,7 @@ def detect(source: Adapter | str | os.PathLike, *, compute_hash: bool = False) -
     def known(short: str) -> Detection:
         kind, preset, base = KNOWN_HASHES[short]
         ev.append(f"hash {short} is a known release ({kind}, SD.Next table)")
-        m = re.search(r"(\d+)step", preset or "")
+        m = re.search(r"(\d+)-step", preset or "")
         return finish(kind, preset, int(m.group(1)) if m else None, base, "high")
 
     if short in KNOWN_HASHES:

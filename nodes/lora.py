@@ -55,7 +55,7 @@ def preset_display(det) -> str:
     if det is None or not det.preset_name:
         return NONE
     try:
-        return presets.get_preset_by_key(det.preset_name).name
+        return presets.get_preset(det.preset_name).name
     except ValueError:
         return NONE
 

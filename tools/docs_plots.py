@@ -14,7 +14,7 @@
 
 The pack functions used are exactly: ``fewstep.samplers.schedules`` (``lcm_timesteps``, ``tcd_timesteps``,
 ``pcm_phase_timesteps``, ``trailing_timesteps``, ``timesteps_to_sigmas``), ``fewstep.samplers.discrete.DiscreteSchedule``
-and the samplers ``fewstep.samplers.lcm.sample_lcm_exact``, ``fewstep.samplers.tcd.sample_tcd`` and
+and the samplers ``fewstep.samplers.lcm.sample_lcm``, ``fewstep.samplers.tcd.sample_tcd`` and
 ``fewstep.samplers.pcm.sample_pcm``. matplotlib is a development dependency only (requirements-dev.txt).
 """
 from __future__ import annotations
@@ -99,14 +99,14 @@ def exact_denoiser(x, sigma, **_):
 
 def samplers() -> dict[str, tuple]:
     """{label: (run(x, sigmas, seed), gamma, boundary, clean)} -- the pack's samplers and their step switches."""
-    from fewstep.samplers.lcm import sample_lcm_exact
+    from fewstep.samplers.lcm import sample_lcm
     from fewstep.samplers.pcm import sample_pcm
     from fewstep.samplers.tcd import sample_tcd
 
     def call(fn, **kw):
         return lambda x, sig, seed: fn(exact_denoiser, x, sig, {"seed": seed}, disable=True, model_sampling=SCHED, **kw)
 
-    out = {"LCM": (call(sample_lcm_exact), 1.0, True, True)}
+    out = {"LCM": (call(sample_lcm), 1.0, True, True)}
     for g in TCD_GAMMAS:
         out[f"TCD γ={g:g}"] = (call(sample_tcd, gamma=g), g, False, False)
     out["DDIM = Euler (γ=0)"] = (call(sample_pcm), 0.0, False, False)

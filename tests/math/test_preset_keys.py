@@ -1,13 +1,10 @@
-"""The LoRA detector and the sampler preset table speak the same preset names."""
+"""The LoRA detector and the sampler preset table speak one preset vocabulary: ``Preset.name``."""
 from __future__ import annotations
 from fewstep.lora import detect
 from fewstep.samplers import presets
 
 
 def test_every_detected_preset_exists_in_the_sampler_table():
-    assert set(detect.PRESET_NAMES) <= set(presets.PRESET_KEYS)
-
-
-def test_preset_keys_round_trip():
-    for p in presets.PRESETS:
-        assert presets.get_preset_by_key(presets.preset_key(p.name)) is p
+    assert set(detect.PRESET_NAMES) <= set(presets.PRESET_NAMES)
+    for _kind, preset, _base in detect.KNOWN_HASHES.values():
+        assert preset is None or preset in presets.PRESET_NAMES
