@@ -105,12 +105,13 @@ def host_vae_state_dict(detect: dict) -> dict[str, torch.Tensor]:
     """Keys -> meta tensors of the VAE the host builds from a file holding the `detect` keys."""
     hostenv.import_host()
     import comfy.sd
-    logging.getLogger().disabled, was = True, logging.getLogger().disabled   # "Missing VAE keys" is expected here
+    root = logging.getLogger()
+    was, root.disabled = root.disabled, True   # "Missing VAE keys" is expected here: only the detect keys are given
     try:
         with torch.device("meta"):
             vae = comfy.sd.VAE(sd={k: torch.empty(s) for k, s in detect.items()})
     finally:
-        logging.getLogger().disabled = was
+        root.disabled = was
     return dict(vae.first_stage_model.state_dict())
 
 
