@@ -310,3 +310,16 @@ def test_sd_card_presets_on_their_hosts_model_sampling(registered, name, config)
     p = table.get_preset(name)
     sig = table.preset_sigmas(p, ms, 0, 1.0, p.bases[0])
     assert ms.timestep(sig[:-1]).tolist() == table.preset_timesteps(p, 0)
+
+
+def test_dropdown_schedulers_on_flow_models(flow_dir, registered):
+    """KSampler's fewstep schedulers on a flow model: trailing and the PCM flow grid on the model's own shift; the
+    LCM grids (discrete SD timesteps) refused with the schedulers to pick instead."""
+    import comfy.samplers
+    ms = with_sampling(load(flow_dir, "sd3"), "sd3:3.0").get_model_object("model_sampling")
+    assert comfy.samplers.calculate_sigmas(ms, "fewstep_pcm50", 4).tolist() == pytest.approx(
+        [1.0, 0.9048, 0.75, 0.5132, 0.0], abs=1e-4)
+    torch.testing.assert_close(comfy.samplers.calculate_sigmas(ms, "fewstep_trailing", 4),
+                               comfy.samplers.calculate_sigmas(ms, "simple", 4), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="fewstep scheduler: the lcm grid places discrete .* pick fewstep_trailing"):
+        comfy.samplers.calculate_sigmas(ms, "fewstep_lcm50", 4)
