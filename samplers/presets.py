@@ -219,7 +219,7 @@ def _flow_presets() -> list[Preset]:
                     steps=6, cfg=1.0, cfg_range="1 (guidance 1; embedded guidance 6)", bases=("hunyuan_video",),
                     shift=17.0, guidance=6.0,
                     source="hao-ai-lab/FastVideo scripts/inference (FastHunyuan: 6 steps, flow-shift 17, "
-                    "guidance-scale 1, embedded-cfg-scale 6); kijai/ComfyUI-HunyuanVideoWrapper issue 159 "
+                    "guidance-scale 1, embedded-cfg-scale 6); github.com/kijai/ComfyUI-HunyuanVideoWrapper/issues/159 "
                     "(FastVideo LoRA: 4-8 steps, shift 15-17)",
                     note="Embedded guidance 6 goes to the conditioning's guidance (FluxGuidance / "
                     "HunyuanVideo's text encode node)."))
