@@ -147,6 +147,7 @@ def _note(text: str, node_id: int, order: int) -> dict:
 
 def api_to_ui(prompt: dict, object_info: dict, name: str | None = None) -> dict:
     """The UI-format (LiteGraph 0.4) workflow of an API-format prompt (with its note when ``name`` has one)."""
+    text = note_text(name)
     ids = _node_ids(prompt)
     depth = _depths(prompt)
     # Order = a topological order (by depth, then id), as the frontend's computed execution order.
@@ -218,7 +219,6 @@ def api_to_ui(prompt: dict, object_info: dict, name: str | None = None) -> dict:
     columns: dict[int, list[str]] = defaultdict(list)
     for k in keys:
         columns[depth[k]].append(k)
-    text = note_text(name)
     note = [_note(text, max(ids.values(), default=0) + 1, len(nodes))] if text else []
     x = 50.0 + (NOTE_WIDTH + 60 if note else 0)
     for d in sorted(columns):
