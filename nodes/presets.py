@@ -1,9 +1,13 @@
 """Preset nodes: one click from "I loaded a Hyper-SD / Lightning / PCM / TCD / LCM LoRA" to the right sampling.
 
-* FewStep Preset -> SAMPLER + SIGMAS + cfg for SamplerCustom.
+* FewStep Preset -> SAMPLER + SIGMAS + cfg (+ the card's distilled guidance) for SamplerCustom.
 * FewStep Settings -> a MODEL patch so the plain KSampler uses a preset and gamma (sampler/scheduler
   ``fewstep_auto``, or ``fewstep_tcd`` reading gamma) -- carried in ``model_options`` only and read at sample time,
   so a node that replaces the model sampling (before or after this one) keeps it.
+
+A flow preset's shift: the sigmas are placed with the card's shift on the model's own timestep scale (what core
+ModelSamplingSD3 / ModelSamplingAuraFlow with that shift would give), unless the model carries a ModelSampling* node
+(an object patch of ``model_sampling``): then that node's shift is used, and the log says so when it differs.
 """
 from __future__ import annotations
 
@@ -11,11 +15,11 @@ import logging
 
 from comfy_api.v0_0_2 import io
 
-from ..samplers import consistency, schedules
+from ..samplers import consistency
 from ..samplers import presets as preset_table
 from . import engine
 from .common import checked, model_base
-from .sampling import discrete_model_sampling
+from .sampling import model_sampling
 
 LOG = logging.getLogger("fewstep")
 
@@ -38,11 +42,27 @@ def check_prediction(node: str, preset, ms) -> None:
                     type(ms).__name__)
 
 
+def user_model_sampling(model) -> bool:
+    """Whether a node replaced the model's model sampling (core ModelSamplingSD3 / AuraFlow / Flux / Discrete)."""
+    return "model_sampling" in getattr(model, "object_patches", {})
+
+
+def log_kept_shift(node: str, preset, ms) -> None:
+    """Say when a ModelSampling* node's shift is used instead of a flow preset's card shift."""
+    shift = getattr(ms, "shift", None)
+    if preset.flow and preset.shift is not None and shift is not None and float(shift) != preset.shift:
+        LOG.info("%s: preset %r: the model's ModelSampling node sets shift %g; it is used (the card uses %g)", node,
+                 preset.name, float(shift), preset.shift)
+
+
 def preset_sigmas(node: str, model, preset, steps: int, strength: float):
-    ms = discrete_model_sampling(node, model)
+    ms = model_sampling(node, model)
     check_prediction(node, preset, ms)
-    return checked(node, lambda: schedules.timesteps_to_sigmas(
-        preset_table.preset_timesteps(preset, steps, strength, model_base(model)), ms).cpu())
+    keep = user_model_sampling(model)
+    if keep:
+        log_kept_shift(node, preset, ms)
+    return checked(node, lambda: preset_table.preset_sigmas(preset, ms, steps, strength, model_base(model),
+                                                            keep_model_shift=keep).cpu())
 
 
 class FewStepPreset(io.ComfyNode):
@@ -50,8 +70,11 @@ class FewStepPreset(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FewStepPreset", display_name="FewStep Preset", category=CAT,
-            description="Sampler, sigmas and recommended cfg for LCM-LoRA, TCD, PCM, Hyper-SD, SDXL-Lightning and "
-                        "AnimateLCM, taken from their model cards. Wire into SamplerCustom.",
+            description="Sampler, sigmas and recommended cfg from the model cards: LCM-LoRA, TCD, PCM, Hyper-SD, "
+                        "SDXL-Lightning, AnimateLCM, DMD2, SD(XL)-Turbo, Flash Diffusion on SD models; Hyper-SD3, "
+                        "PCM-SD3, Hyper-FLUX, FLUX.1 Turbo-Alpha, Wan lightx2v / CausVid / Lightning, "
+                        "Qwen-Image-Lightning and FastVideo on flow-matching models (with the card's shift unless a "
+                        "ModelSampling node sets one). Wire into SamplerCustom.",
             inputs=[io.Model.Input("model", tooltip="The model to sample (its sigma table places the timesteps)."),
                     preset_input(),
                     io.Int.Input("steps", default=0, min=0, max=100,
@@ -63,7 +86,10 @@ class FewStepPreset(io.ComfyNode):
                     io.Float.Input("gamma", default=-1.0, min=-1.0, max=1.0, step=0.01,
                                    tooltip="TCD gamma override; -1 keeps the preset's value.")],
             outputs=[io.Sampler.Output(), io.Sigmas.Output(),
-                     io.Float.Output(display_name="cfg", tooltip="The model card's recommended cfg.")])
+                     io.Float.Output(display_name="cfg", tooltip="The model card's recommended cfg."),
+                     io.Float.Output(display_name="guidance",
+                                     tooltip="The card's distilled guidance for FluxGuidance (Flux 3.5, HunyuanVideo "
+                                             "6); 0 when the card has none.")])
 
     @classmethod
     def execute(cls, model, preset, steps, strength, gamma) -> io.NodeOutput:
@@ -74,7 +100,8 @@ class FewStepPreset(io.ComfyNode):
                              "Set gamma to -1.")
         options = {"gamma": p.gamma if gamma < 0 else gamma} if p.sampler == "tcd" else {}
         sampler = engine.make_sampler(p.sampler, **options)
-        return io.NodeOutput(sampler, preset_sigmas(node, model, p, steps, strength), float(p.cfg))
+        return io.NodeOutput(sampler, preset_sigmas(node, model, p, steps, strength), float(p.cfg),
+                             float(p.guidance or 0.0))
 
 
 class FewStepSettings(io.ComfyNode):
@@ -83,7 +110,8 @@ class FewStepSettings(io.ComfyNode):
         return io.Schema(
             node_id="FewStepSettings", display_name="FewStep Settings (KSampler)", category="advanced/model",
             description="Lets the plain KSampler use fewstep: pick sampler 'fewstep_auto' and scheduler "
-                        "'fewstep_auto' to follow the preset, or 'fewstep_tcd' with any scheduler to use this gamma. "
+                        "'fewstep_auto' to follow the preset (on flow-matching models with the card's shift, unless a "
+                        "ModelSampling node sets one), or 'fewstep_tcd' with any scheduler to use this gamma. "
                         "Returns a patched clone; the input model is untouched.",
             inputs=[io.Model.Input("model", tooltip="The model to patch (it is cloned, never modified)."),
                     preset_input(with_none=True),
@@ -108,7 +136,9 @@ class FewStepSettings(io.ComfyNode):
         m = model.clone()
         if preset != NONE:
             p = checked(node, preset_table.get_preset, preset)
-            check_prediction(node, p, discrete_model_sampling(node, m))
+            ms = model_sampling(node, m)
+            check_prediction(node, p, ms)
+            checked(node, preset_table.check_base, p, model_base(m), ms)
             # The preset and the model's base (PCM's solver size) travel in model_options only: the fewstep_auto
             # sampler reads them from extra_args, the fewstep_auto scheduler from the model patcher it schedules for.
             settings.update(preset=p.name, base=model_base(m))

@@ -7,16 +7,22 @@ from comfy_api.v0_0_2 import io
 from ..samplers import consistency, parametrisation, schedules
 from ..samplers.noise import initial_noise
 from . import engine
-from .common import checked
+from .common import checked, model_base
 
 CAT_SAMPLERS = "sampling/custom_sampling/samplers"
 CAT_SCHEDULERS = "sampling/custom_sampling/schedulers"
 CAT_NOISE = "sampling/custom_sampling/noise"
 
 
-def discrete_model_sampling(node: str, model):
+def model_sampling(node: str, model):
+    """The model's model sampling (a user's ModelSampling* node included), checked: discrete VP or flow matching."""
     ms = model.get_model_object("model_sampling")
     return checked(node, parametrisation.resolve_model_sampling, None, ms)
+
+
+def img2img_rule(model) -> str:
+    """The img2img step rule of the model family's pipeline on flow models (Wan's video2video keeps int(n*s))."""
+    return "int" if model_base(model) in ("wan", "wan22_5b") else "flow"
 
 
 # ---------------------------------------------------------------- shared inputs
@@ -121,12 +127,12 @@ def original_steps_input():
                                   "setting): 50 for LCM-LoRA/TCD, 100 for AnimateLCM's reference config, 25 coarse.")
 
 
-def _sigmas(node, model, fn, *args):
-    ms = discrete_model_sampling(node, model)
-    return io.NodeOutput(checked(node, lambda: schedules.timesteps_to_sigmas(fn(*args), ms).cpu()))
+def _sigmas(node, model, grid, **kw):
+    ms = model_sampling(node, model)
+    return io.NodeOutput(checked(node, lambda: schedules.grid_sigmas(grid, ms, **kw).cpu()))
 
 
-def _grid_schedule_node(node_id, display, description, grid_fn):
+def _grid_schedule_node(node_id, display, description, grid):
     class _Node(io.ComfyNode):
         @classmethod
         def define_schema(cls):
@@ -136,7 +142,7 @@ def _grid_schedule_node(node_id, display, description, grid_fn):
 
         @classmethod
         def execute(cls, model, steps, strength, original_steps) -> io.NodeOutput:
-            return _sigmas(display, model, grid_fn, steps, int(original_steps), strength)
+            return _sigmas(display, model, grid, steps=steps, strength=strength, original_steps=int(original_steps))
 
     _Node.__name__ = _Node.__qualname__ = node_id
     return _Node
@@ -145,11 +151,13 @@ def _grid_schedule_node(node_id, display, description, grid_fn):
 FewStepScheduleLCM = _grid_schedule_node(
     "FewStepScheduleLCM", "FewStep LCM Schedule",
     "diffusers-exact LCM skipping-step timesteps (999, 759, 499, 259 for 4 steps of 50) with exact img2img strength, "
-    "as sigmas of the given model.", schedules.lcm_timesteps)
+    "as sigmas of the given model. SD-family (discrete VP) models only: on flow-matching models use FewStep "
+    "Trailing or PCM Schedule.", "lcm")
 FewStepScheduleTCD = _grid_schedule_node(
     "FewStepScheduleTCD", "FewStep TCD Schedule",
     "diffusers TCDScheduler timesteps (the LCM grid by default) with exact img2img strength, as sigmas of the given "
-    "model.", schedules.tcd_timesteps)
+    "model. SD-family (discrete VP) models only: on flow-matching models TCD samples on the Trailing or PCM "
+    "Schedule.", "tcd")
 
 
 class FewStepSchedulePCM(io.ComfyNode):
@@ -157,7 +165,9 @@ class FewStepSchedulePCM(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(node_id="FewStepSchedulePCM", display_name="FewStep PCM Schedule", category=CAT_SCHEDULERS,
                          description="PCM phase edges from (phases, num_ddim_timesteps): 999-739-499-239-0 for 4 "
-                                     "phases of 50 (SD1.5 scripts); 40 matches the SDXL example script.",
+                                     "phases of 50 (SD1.5 scripts); 40 matches the SDXL example script. On flow-"
+                                     "matching models (SD3): PCM's flow grid, t = 1000/760/500/260 of the model's "
+                                     "shifted sigmas for 4 phases of 50.",
                          inputs=[model_input(),
                                  steps_input("phases", 4, "Number of phases = sampling steps (the LoRA's step count)."),
                                  io.Int.Input("num_ddim_timesteps", default=50, min=2, max=1000,
@@ -166,12 +176,7 @@ class FewStepSchedulePCM(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, phases, num_ddim_timesteps) -> io.NodeOutput:
-        return _sigmas("FewStep PCM Schedule", model, schedules.pcm_phase_timesteps, phases, num_ddim_timesteps)
-
-
-def trailing_with_denoise(steps: int, denoise: float) -> list[int]:
-    """diffusers img2img rule on the trailing grid: keep the last int(steps*denoise) of `steps` timesteps."""
-    return schedules.strength_tail(schedules.trailing_timesteps(steps), denoise)
+        return _sigmas("FewStep PCM Schedule", model, "pcm", steps=phases, num_ddim_timesteps=num_ddim_timesteps)
 
 
 class FewStepScheduleTrailing(io.ComfyNode):
@@ -180,7 +185,9 @@ class FewStepScheduleTrailing(io.ComfyNode):
         return io.Schema(node_id="FewStepScheduleTrailing", display_name="FewStep Trailing Schedule",
                          category=CAT_SCHEDULERS,
                          description="diffusers 'trailing' timesteps (999, 749, 499, 249 for 4) as Hyper-SD, "
-                                     "SDXL-Lightning and PCM model cards ask for.",
+                                     "SDXL-Lightning and PCM model cards ask for. On flow-matching models: 1, "
+                                     "1 - 1/N, ... 1/N shifted by the model's sampling (Flux, Qwen-Image, Wan "
+                                     "lightx2v/Lightning, FastVideo recipes).",
                          inputs=[model_input(), steps_input(),
                                  io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01,
                                                 tooltip="img2img: keep the last int(steps*denoise) timesteps "
@@ -189,7 +196,8 @@ class FewStepScheduleTrailing(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, steps, denoise) -> io.NodeOutput:
-        return _sigmas("FewStep Trailing Schedule", model, trailing_with_denoise, steps, denoise)
+        return _sigmas("FewStep Trailing Schedule", model, "trailing", steps=steps, strength=denoise,
+                       img2img=img2img_rule(model))
 
 
 class FewStepScheduleFixed(io.ComfyNode):
@@ -197,15 +205,18 @@ class FewStepScheduleFixed(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(node_id="FewStepScheduleFixed", display_name="FewStep Fixed Timesteps",
                          category=CAT_SCHEDULERS,
-                         description="Sigmas at explicit timesteps, e.g. '800' for the Hyper-SDXL 1-step UNet.",
+                         description="Sigmas at explicit timesteps, e.g. '800' for the Hyper-SDXL 1-step UNet. On "
+                                     "flow-matching models the timesteps are sigma*1000, as the model cards print "
+                                     "them (e.g. '1000, 937.5, 833.3, 625'), whatever the shift.",
                          inputs=[model_input(),
                                  io.String.Input("timesteps", default="800",
-                                                 tooltip="Comma-separated decreasing timesteps in [0, 999].")],
+                                                 tooltip="Comma-separated decreasing timesteps: integers in [0, 999] "
+                                                         "on SD models; sigma*1000 in (0, 1000] on flow models.")],
                          outputs=[io.Sigmas.Output()])
 
     @classmethod
     def execute(cls, model, timesteps) -> io.NodeOutput:
-        return _sigmas("FewStep Fixed Timesteps", model, schedules.fixed_timesteps, timesteps)
+        return _sigmas("FewStep Fixed Timesteps", model, "fixed", timesteps=timesteps)
 
 
 # ---------------------------------------------------------------- NOISE

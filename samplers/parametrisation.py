@@ -10,12 +10,12 @@ step needs three facts about the model and nothing else:
 * ``boundary``: the LCM boundary condition's ``c_skip`` / ``c_out``.
 
 ``DiscreteVP`` is the discrete VP family (SD1.5, SD2, SDXL; eps, v and x0 prediction) in ComfyUI's VE sigma space,
-``x = x0 + sigma * eps``. A flow-matching (CONST) family, ``x = (1 - sigma) * x0 + sigma * eps``, is one more
-class with the same three methods (its jump is the same ``r*x + (1-r)*D``; its re-noise has ``scale = (1 -
-sigma_next) / (1 - sigma_s)``) and one more case in ``parametrisation``.
+``x = x0 + sigma * eps``. ``Flow`` is the flow-matching (CONST) family (SD3, Flux, Wan, Qwen-Image, HunyuanVideo),
+``x = (1 - sigma) * x0 + sigma * eps``: the same jump ``r*x + (1-r)*D`` (it is ``(1-sigma_s)*D + sigma_s*eps_hat``),
+and the re-noise ``scale = (1 - sigma_next) / (1 - sigma_s)``, ``noise = sqrt(sigma_next^2 - (sigma_s * scale)^2)``.
 
 The model sampling object is duck-typed (``.timestep(sigma)``, ``.sigma(t)``, ``.sigmas``): the host's, or
-``samplers.discrete.DiscreteSchedule``. Nothing here imports ``comfy``.
+``samplers.discrete.DiscreteSchedule`` / the flow twins of ``samplers.flow``. Nothing here imports ``comfy``.
 """
 
 from __future__ import annotations
@@ -27,14 +27,18 @@ from collections.abc import Callable
 import torch
 
 from .discrete import BETA_SCHEDULES, DiscreteSchedule
+from .flow import timestep_scale
 
-__all__ = ["FINAL_STEPS", "Targets", "DiscreteVP", "resolve_model_sampling", "parametrisation"]
+__all__ = ["FINAL_STEPS", "Targets", "DiscreteVP", "Flow", "resolve_model_sampling", "parametrisation", "is_flow"]
 
 #: What a step to sigma 0 returns: the clean x0, or exactly what the diffusers scheduler returns.
 FINAL_STEPS = ("x0", "diffusers")
 SIGMA_DATA = 0.5
 TIMESTEP_SCALING = 10.0
 _UNSUPPORTED_MARKERS = ("Flow", "CONST", "EDM", "Continuous")
+SERVED = ("fewstep samplers serve discrete VP models (eps/v/x0: SD1.5, SD2, SDXL) and flow-matching models (CONST "
+          "with ModelSamplingDiscreteFlow/SD3/AuraFlow or ModelSamplingFlux: SD3, Flux, Wan, Qwen-Image, "
+          "HunyuanVideo)")
 
 
 @dataclass(frozen=True)
@@ -106,11 +110,60 @@ class DiscreteVP:
         return c_skip, c_skip / (1.0 + sigma * sigma).sqrt(), c_out
 
 
-def resolve_model_sampling(model, model_sampling=None):
-    """The discrete VP ``model_sampling``: the given one, else ``model.inner_model.inner_model.model_sampling``.
+@dataclass(frozen=True)
+class Flow:
+    """Flow matching (ComfyUI's CONST): ``x = (1 - sigma)*x0 + sigma*eps``, sigma in [0, 1], the model conditioned on
+    ``timestep(sigma) = k*sigma`` (``k``: the multiplier, 1000 for SD3/Wan/HunyuanVideo; 1 for Flux and AuraFlow-style
+    Qwen-Image). Field: ``timestep`` (the model's own map, as a value)."""
 
-    Raises ``ValueError`` if none is found, or if it is flow matching / CONST / EDM / continuous (those have no
-    discrete VP timestep table that ``timestep``/``sigma`` index).
+    timestep: Callable[[torch.Tensor], torch.Tensor]
+    name: ClassVar[str] = "flow matching (CONST)"
+
+    def targets(self, sigma: torch.Tensor, sigma_next: torch.Tensor, step, final_step: str) -> Targets:
+        """TCD's intermediate point at (1 - gamma) of the next point in the model's own timestep: the model sees
+        ``k*sigma``, so ``s = (1 - gamma)*t_next`` and ``sigma_s = (1 - gamma)*sigma_next`` (gamma 0: Euler, 1: LCM).
+        The host's ``sigma(timestep(.))`` is not used for this: on ``ModelSamplingDiscreteFlow`` with shift != 1 the
+        two are not inverses (``sigma`` shifts, ``timestep`` does not) and would put sigma_s above sigma_next.
+        ``clean_intermediate``: ``sigma_s = 0`` (LCM). A step to sigma 0 lands on D whatever ``final_step`` says
+        (diffusers' FlowMatch schedulers return x0 there too)."""
+        if bool((sigma > 1.0 + 1e-6).any()):
+            raise ValueError(f"sigmas on a flow-matching (CONST) model lie in [0, 1], got {sigma.tolist()}: wire "
+                             "sigmas built for this model (its scheduler or a FewStep schedule node)")
+        final = sigma_next == 0
+        t = _call(self.timestep, sigma)
+        t_next = torch.where(final, 0.0, _call(self.timestep, torch.where(final, sigma, sigma_next)))
+        keep = 0.0 if step.clean_intermediate else 1.0 - step.gamma
+        return Targets(t, t_next, keep * t_next, keep * sigma_next)
+
+    def renoise(self, sigma_s: torch.Tensor, sigma_next: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, noise)``: ``x_next = ((1 - sigma_next)/(1 - sigma_s))*x_s + sqrt(sigma_next^2 - (sigma_s*(1 -
+        sigma_next)/(1 - sigma_s))^2)*z`` -- the CONST sample at sigma_next (zero noise when sigma_s = sigma_next)."""
+        scale = (1.0 - sigma_next) / (1.0 - sigma_s)
+        var = sigma_next * sigma_next - (sigma_s * scale) ** 2
+        noise = torch.where(sigma_s == sigma_next, 0.0, var.clamp(min=0.0).sqrt())
+        return scale, noise
+
+    def boundary(self, t: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """None: flow-matching consistency samplers (diffusers ``FlowMatchLCMScheduler``, PCM's flow schedulers, core
+        ``lcm`` on CONST) use the model's x0 as it is, so ``c_skip = 0``, ``c_out = 1``."""
+        return torch.zeros_like(t), torch.zeros_like(t), torch.ones_like(t)
+
+
+def _mro_names(ms) -> list[str]:
+    return [c.__name__ for c in type(ms).__mro__]
+
+
+def is_flow(model_sampling) -> bool:
+    """Whether ``model_sampling`` is flow matching (a ``CONST`` class in its MRO: the host's, or ``samplers.flow``)."""
+    return "CONST" in _mro_names(model_sampling)
+
+
+def resolve_model_sampling(model, model_sampling=None):
+    """The model sampling to sample with: the given one, else ``model.inner_model.inner_model.model_sampling``.
+
+    Raises ``ValueError`` naming the class if none is found, or if the step cannot serve it: flow matching (CONST)
+    whose timestep is not proportional to sigma, EDM / continuous / other non-CONST flow samplings, or a discrete VP
+    sampling without its timestep table.
     """
     ms = model_sampling
     if ms is None:
@@ -121,7 +174,13 @@ def resolve_model_sampling(model, model_sampling=None):
                 f"model: cannot find model_sampling on {type(model).__name__} (expected "
                 "model.inner_model.inner_model.model_sampling, as the host wraps it); pass model_sampling= explicitly"
             ) from None
-    names = [c.__name__ for c in type(ms).__mro__]
+    names = _mro_names(ms)
+    kind = ", ".join(n for n in names[1:] if n not in ("object", "Module"))
+    if "CONST" in names:
+        if timestep_scale(ms) is None:
+            raise ValueError(f"{SERVED}; this flow-matching model samples as {type(ms).__name__} ({kind}), whose "
+                             "timestep is not proportional to sigma")
+        return ms
     table = getattr(ms, "sigmas", None)
     if (
         any(m in n for n in names for m in _UNSUPPORTED_MARKERS)
@@ -130,7 +189,7 @@ def resolve_model_sampling(model, model_sampling=None):
         or not torch.is_tensor(table)
         or table.numel() < 2
     ):
-        raise ValueError(f"fewstep consistency samplers need a discrete VP (eps/v/x0) model; got {type(ms)}")
+        raise ValueError(f"{SERVED}; this model samples as {type(ms).__name__} ({kind})")
     return ms
 
 
@@ -160,8 +219,10 @@ def _full_sigma(model_sampling) -> tuple[Callable, bool]:
     return model_sampling.sigma, False
 
 
-def parametrisation(model_sampling) -> DiscreteVP:
+def parametrisation(model_sampling) -> DiscreteVP | Flow:
     """The parametrisation record of a (duck-typed) model sampling object; ``ValueError`` for unsupported kinds."""
     ms = resolve_model_sampling(None, model_sampling)
+    if is_flow(ms):
+        return Flow(timestep=ms.timestep)
     sigma, full = _full_sigma(ms)
     return DiscreteVP(timestep=ms.timestep, sigma=sigma, full_table=full)

@@ -1,7 +1,10 @@
 """Timestep grids for few-step samplers and their conversion to k-diffusion sigmas.
 
-All grids are lists of integer training timesteps in descending order. ``timesteps_to_sigmas`` turns them
-into a SIGMAS tensor through any duck-typed ``model_sampling`` (host object or ``DiscreteSchedule``).
+The discrete-VP grids are lists of integer training timesteps in descending order. ``timesteps_to_sigmas`` turns
+them into a SIGMAS tensor through any duck-typed ``model_sampling`` (host object or ``DiscreteSchedule``).
+``grid_sigmas`` is the one entry point by grid name for either model kind: on a flow-matching model the same names
+("trailing", "pcm", "fixed", "simple") are realised by ``samplers.flow`` on the model's own (shifted) sigmas, and
+"flowmatch" is diffusers' FlowMatch default; "lcm", "tcd" and "turbo" are discrete-VP grids only.
 Every invalid request raises ``ValueError`` naming the argument; nothing loops or hangs.
 """
 
@@ -14,6 +17,9 @@ import re
 import numpy as np
 import torch
 
+from . import flow
+from .parametrisation import is_flow
+
 LOG = logging.getLogger("fewstep")
 
 __all__ = [
@@ -23,8 +29,15 @@ __all__ = [
     "trailing_timesteps",
     "fixed_timesteps",
     "strength_tail",
+    "turbo_timesteps",
     "timesteps_to_sigmas",
+    "GRIDS",
+    "grid_sigmas",
 ]
+
+#: Grid names ``grid_sigmas`` knows; the first three exist on discrete-VP models only, "flowmatch" on flow only.
+GRIDS = ("lcm", "tcd", "turbo", "pcm", "trailing", "fixed", "simple", "flowmatch")
+VP_ONLY = ("lcm", "tcd", "turbo")
 
 
 def _check_int(name: str, value, lo: int, hi: int | None = None) -> int:
@@ -141,6 +154,19 @@ def strength_tail(timesteps: list[int], strength: float = 1.0) -> list[int]:
     return list(timesteps[n - keep:])
 
 
+def turbo_timesteps(steps: int, strength: float = 1.0) -> list[int]:
+    """Core ComfyUI's ``SDTurboScheduler`` (SDXL-Turbo / SD-Turbo): ``999, 899, ..., 99``, starting ``10 -
+    int(10 * denoise)`` entries in and taking ``steps`` of them (1 step at strength 1 is t = 999)."""
+    steps = _check_int("steps", steps, 1, 10)
+    strength = _check_strength(strength)
+    start = 10 - int(10 * strength)
+    grid = [int(t) for t in (np.arange(1, 11) * 100 - 1)[::-1]][start:start + steps]
+    if len(grid) < steps:
+        raise ValueError(f"steps ({steps}) exceeds the {10 - start} SD-Turbo timesteps left at strength {strength:g}; "
+                         "lower steps or raise strength/denoise")
+    return grid
+
+
 def fixed_timesteps(text: str, num_train_timesteps: int = 1000) -> list[int]:
     """Parse a user list such as ``"800"`` or ``"999, 499"`` into strictly descending integer timesteps."""
     if not isinstance(text, str):
@@ -194,3 +220,64 @@ def timesteps_to_sigmas(timesteps, model_sampling, dtype: torch.dtype | None = N
                         "remove that node for this schedule (fewstep's schedules need none)",
                         ts.tolist(), seen.tolist())
     return sig
+
+
+def _vp_timesteps(grid: str, steps, strength: float, original_steps: int, num_ddim_timesteps: int, text: str,
+                  full_grid: bool) -> list[int]:
+    if grid == "lcm":
+        return lcm_timesteps(steps, original_steps, strength)
+    if grid == "tcd":
+        return tcd_timesteps(steps, original_steps, strength, full_grid=full_grid)
+    if grid == "turbo":
+        return turbo_timesteps(steps, strength)
+    if grid == "pcm":
+        return strength_tail(pcm_phase_timesteps(steps, num_ddim_timesteps), strength)
+    if grid == "trailing":
+        return strength_tail(trailing_timesteps(steps), strength)
+    ts = fixed_timesteps(text)
+    if strength != 1.0:
+        raise ValueError(f"fixed timesteps {ts} have no img2img rule; set strength/denoise to 1.0")
+    return ts
+
+
+def _flow_sigmas(grid: str, model_sampling, steps, strength: float, num_ddim_timesteps: int, text: str,
+                 img2img: str) -> torch.Tensor:
+    if grid in VP_ONLY:
+        raise ValueError(f"the {grid!r} grid places discrete (SD/SDXL) training timesteps; this model is flow matching "
+                         "(CONST): use the trailing, simple, flowmatch or PCM grid (FewStep Trailing / PCM Schedule, "
+                         "core BasicScheduler 'simple')")
+    if grid == "fixed":
+        sig = flow.fixed_sigmas(text)
+        if strength != 1.0:
+            raise ValueError("fixed timesteps have no img2img rule; set strength/denoise to 1.0")
+        return sig
+    if grid == "simple":
+        sig = flow.simple_sigmas(model_sampling, steps)
+    else:
+        sig = flow.fractions_to_sigmas(flow.grid_fractions(grid, steps, model_sampling, num_ddim_timesteps),
+                                       model_sampling)
+    keep = flow.strength_keep(len(sig) - 1, strength, img2img)
+    return sig[len(sig) - 1 - keep:]
+
+
+def grid_sigmas(grid: str, model_sampling, steps: int | None = None, strength: float = 1.0, *,
+                original_steps: int = 50, num_ddim_timesteps: int = 50, timesteps: str = "", full_grid: bool = False,
+                img2img: str = "flow") -> torch.Tensor:
+    """SIGMAS (CPU, trailing 0) of the grid ``grid`` (one of ``GRIDS``) for ``steps`` steps on ``model_sampling``,
+    cut for img2img ``strength`` by the grid's rule: LCM/TCD/turbo cut their grid first (diffusers / core
+    SDTurboScheduler); trailing/PCM keep the last ``int(n*strength)`` on SD models, and on flow models by
+    ``img2img`` ("flow": diffusers' SD3/Flux/Qwen-Image img2img; "int": Wan's video2video); fixed timesteps
+    (``timesteps``, text) refuse strength < 1. On a flow model the grids are placed on the model's own sigmas
+    (its shift: pass ``samplers.flow.with_shift(ms, shift)`` for another one)."""
+    if grid not in GRIDS:
+        raise ValueError(f"unknown schedule {grid!r}; one of {GRIDS}")
+    if is_flow(model_sampling):
+        return _flow_sigmas(grid, model_sampling, steps, strength, num_ddim_timesteps, timesteps, img2img)
+    if grid == "flowmatch":
+        raise ValueError("the flowmatch grid (diffusers' FlowMatchEulerDiscreteScheduler) is for flow-matching "
+                         "models; this model is discrete VP (SD/SDXL)")
+    if grid == "simple":
+        sig = flow.simple_sigmas(model_sampling, steps)
+        return sig[len(sig) - 1 - len(strength_tail(list(range(len(sig) - 1)), strength)):]
+    ts = _vp_timesteps(grid, steps, strength, original_steps, num_ddim_timesteps, timesteps, full_grid)
+    return timesteps_to_sigmas(ts, model_sampling).cpu()

@@ -13,7 +13,9 @@ so ``x_next = a_x*x + a_d*D_raw + a_z*z`` and the preview ``x0 = b_x*x + b_d*D_r
 ``sigma_s``, ``scale`` and ``noise`` come from the model's parametrisation (``samplers.parametrisation``), the rest
 from the sampler's switches (``Step``). gamma = 0 is DDIM / Euler, gamma = 1 with clean_intermediate is LCM (Luo et
 al. 2023), values between are TCD (Zheng et al. 2024). On the grid of the diffusers schedulers this reproduces
-``LCMScheduler`` / ``TCDScheduler.step`` exactly. The unfused loop (``samplers.consistency``) and the fused kernel
+``LCMScheduler`` / ``TCDScheduler.step`` exactly on discrete VP models, and ``FlowMatchLCMScheduler`` /
+``FlowMatchEulerDiscreteScheduler`` on flow-matching (CONST) models, where the same ``x_s = r*x + (1-r)*D`` is
+``(1-sigma_s)*D + sigma_s*eps_hat`` and ``scale = (1-sigma_next)/(1-sigma_s)`` (``parametrisation.Flow``). The unfused loop (``samplers.consistency``) and the fused kernel
 (``kernels``, columns in ``kernels.consistency_step.COEFF_FIELDS`` order) both consume ``step_coefficients``' table.
 """
 

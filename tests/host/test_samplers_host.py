@@ -148,18 +148,28 @@ def test_callback_gets_x0_every_step_and_interrupt_stops(sd15, registered):
     assert seen == [0, 1]
 
 
-def test_flow_model_rejected_with_clear_error(sd15, registered):
+def test_lcm_grid_on_a_flow_model_and_unserved_samplings_rejected_with_clear_errors(sd15, registered):
+    """The LCM skipping-step grid is discrete timesteps: on a flow model (CONST) it is refused naming the grids that
+    work there; a model sampling the step cannot serve (continuous EDM) is refused naming its class."""
     import comfy.model_sampling
-    from fewstep.nodes.sampling import FewStepScheduleLCM
+    from fewstep.nodes.sampling import FewStepScheduleLCM, FewStepScheduleTrailing
 
     class Flow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    class EDM(comfy.model_sampling.ModelSamplingContinuousEDM, comfy.model_sampling.EDM):
         pass
 
     model, _ = sd15
     m = model.clone()
     m.add_object_patch("model_sampling", Flow(m.model.model_config))
-    with pytest.raises(ValueError, match="FewStep LCM Schedule.*discrete VP"):
+    with pytest.raises(ValueError, match="FewStep LCM Schedule: the 'lcm' grid places discrete .* use the trailing"):
         FewStepScheduleLCM.execute(m, 4, 1.0, "50")
+    assert FewStepScheduleTrailing.execute(m, 4, 1.0)[0].tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    e = model.clone()
+    e.add_object_patch("model_sampling", EDM(e.model.model_config))
+    with pytest.raises(ValueError, match="FewStep Trailing Schedule: fewstep samplers serve .*samples as EDM"):
+        FewStepScheduleTrailing.execute(e, 4, 1.0)
 
 
 def assert_fused_matches(fused, unfused, model):

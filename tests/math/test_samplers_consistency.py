@@ -15,6 +15,7 @@ from fewstep.samplers.lcm import sample_lcm
 from fewstep.samplers.noise import BatchStepNoise
 from fewstep.samplers.parametrisation import parametrisation, resolve_model_sampling
 from fewstep.samplers.pcm import sample_pcm
+from fewstep.samplers import schedules
 from fewstep.samplers.presets import PRESET_NAMES, PRESETS, get_preset
 from fewstep.samplers.schedules import lcm_timesteps, pcm_phase_timesteps, tcd_timesteps, timesteps_to_sigmas
 from fewstep.samplers.step import Step, step_coefficients
@@ -178,7 +179,8 @@ def test_model_sampling_resolution_and_rejections():
         pass
 
     for bad in (ModelSamplingDiscreteFlow(), ModelSamplingAdvanced(), types.SimpleNamespace(sigma=abs, timestep=abs)):
-        with pytest.raises(ValueError, match="need a discrete VP"):
+        with pytest.raises(ValueError, match=r"fewstep samplers serve discrete VP .* and flow-matching .*samples as "
+                                             + type(bad).__name__):
             resolve_model_sampling(HostModel(bad))
 
 
@@ -217,7 +219,7 @@ def test_presets_table():
     assert get_preset("Hyper-SD 1-step unified").gamma == 1.0
     assert get_preset("Hyper-SD CFG 12-step").cfg == 5.0
     for p in PRESETS:
-        assert p.sampler in ("lcm", "tcd", "pcm", "euler") and p.schedule in ("lcm", "tcd", "pcm", "trailing", "fixed")
+        assert p.sampler in ("lcm", "tcd", "pcm") and p.schedule in schedules.GRIDS
         assert p.sampler in SAMPLERS  # one name for one step: the preset names the sampler that runs it
         assert 0.0 <= p.gamma <= 1.0 and p.steps >= 1
         assert p.schedule != "pcm" or p.phases == p.steps
