@@ -1,11 +1,10 @@
 """In-process host: FewStep Two-Expert Sampler (nodes/experts.py) against the host's own single and split runs.
 
 * The same model in both slots gives the single-model run (SamplerCustom's ``comfy.sample.sample_custom`` over the
-  whole sigmas) at every boundary step: core euler on the Wan 2.2 stand-in (flow, CONST) and the fewstep
-  LCM / TCD / PCM samplers (whose step noise runs on across the boundary) on the SD1.5 stand-in and on the Wan 2.2
-  stand-in. The stage hand-over goes through the host's ``inverse_noise_scaling`` / ``noise_scaling`` and the latent
-  format's out/in scaling, which round in float32: "equal" is 1e-6 of the latent's scale; a deterministic run on a
-  VP model is bit-exact.
+  whole sigmas) at every boundary step: core euler and the fewstep LCM / TCD / PCM samplers (whose step noise runs
+  on across the boundary) on the Wan 2.2 stand-in (flow, CONST), and the fewstep samplers on the SD1.5 stand-in
+  (VP). The stage hand-over goes through the host's ``inverse_noise_scaling`` / ``noise_scaling`` and the latent
+  format's out/in scaling, which round in float32: "equal" is within 1e-6 of the latent's scale.
 * Two different experts give exactly (bit for bit) core's hand-wired split: KSamplerAdvanced on model_high steps
   0 -> b with leftover noise, then KSamplerAdvanced on model_low b -> end with add_noise disabled (Wan 2.2 A14B
   high/low stand-ins, euler and core's stochastic lcm).
@@ -119,6 +118,19 @@ def test_same_model_in_both_slots_is_the_single_run_core_euler_on_wan(node, wan,
 
 
 @pytest.mark.parametrize("kind", ["lcm", "tcd", "pcm"])
+@pytest.mark.parametrize("b", [1, 2, 3])
+def test_same_model_in_both_slots_is_the_single_run_fewstep_on_wan(node, wan, kind, b):
+    """On the flow model: LCM re-noises, TCD moves to (1 - gamma) * sigma_next then re-noises, PCM is Euler; the
+    stochastic ones draw one step-noise stream across the boundary."""
+    high, _, cond, latent = wan
+    sigmas = simple_sigmas(high)
+    options = {"gamma": 0.5} if kind == "tcd" else {}
+    ref = single_run(high, cond, latent, fewstep_sampler(kind, **options), sigmas)
+    ours, _ = two_expert(node, high, high, cond, latent, fewstep_sampler(kind, **options), sigmas, b)
+    assert_same_run(ours, ref, f"wan {kind} b={b}")
+
+
+@pytest.mark.parametrize("kind", ["lcm", "tcd", "pcm"])
 def test_same_model_in_both_slots_is_the_single_run_fewstep_on_sd15(node, sd15, kind):
     """Stochastic fewstep samplers too: stage 2 continues stage 1's step-noise stream instead of restarting it."""
     from fewstep.nodes.sampling import FewStepScheduleLCM
@@ -151,13 +163,13 @@ def test_fewstep_stochastic_split_is_the_unsplit_run_unlike_a_restarted_split(no
     assert (restarted - ref).abs().max().item() > 1e-3
 
 
-def ksampler_advanced_split(high, low, cond, latent, sampler_name, b, seed=7, cfg=(1.0, 1.0)):
-    """Core's hand-wired Wan 2.2 split: two KSamplerAdvanced nodes (scheduler simple)."""
+def ksampler_advanced_split(high, low, cond, latent, sampler_name, b, seed=7, cfg=(1.0, 1.0), scheduler="simple"):
+    """Core's hand-wired Wan 2.2 split: two KSamplerAdvanced nodes."""
     import nodes
     ksa = nodes.KSamplerAdvanced()
-    (mid,) = ksa.sample(high, "enable", seed, STEPS, cfg[0], sampler_name, "simple", cond, cond,
+    (mid,) = ksa.sample(high, "enable", seed, STEPS, cfg[0], sampler_name, scheduler, cond, cond,
                         {"samples": latent}, 0, b, "enable")
-    (out,) = ksa.sample(low, "disable", seed, STEPS, cfg[1], sampler_name, "simple", cond, cond, mid, b, 10000,
+    (out,) = ksa.sample(low, "disable", seed, STEPS, cfg[1], sampler_name, scheduler, cond, cond, mid, b, 10000,
                         "disable")
     return out["samples"]
 
@@ -174,6 +186,25 @@ def test_two_experts_equal_two_ksampler_advanced_stages(node, wan, sampler_name,
     same, _ = two_expert(node, high, high, cond, latent, core_sampler(sampler_name), simple_sigmas(high), b,
                          cfg=(1.0, 2.0))
     assert (same - ours).abs().max().item() > 1e-3
+
+
+def test_wan22_lightning_preset_equals_two_ksampler_advanced_on_fewstep_settings(node, wan):
+    """FewStep Preset "Wan 2.2 Lightning 4-step" into the node == the plain-KSampler way: FewStep Settings with the
+    preset on each expert and two KSamplerAdvanced with sampler and scheduler fewstep_auto (the card's timesteps
+    1000, 937.5, 833.3, 625; the switch at the preset's boundary, step 2)."""
+    from fewstep.nodes.presets import FewStepPreset, FewStepSettings
+    from fewstep.samplers import presets
+    high, low, cond, latent = wan
+    name = "Wan 2.2 Lightning 4-step"
+    sampler, sigmas, cfg = FewStepPreset.execute(high, name, 0, 1.0, -1.0)[:3]
+    ms = high.get_model_object("model_sampling")
+    assert ms.timestep(sigmas[:-1]).tolist() == pytest.approx([1000, 937.5, 833.333, 625], abs=1e-2)
+    b = presets.preset_boundary(presets.get_preset(name))
+    assert b == 2
+    ours, _ = two_expert(node, high, low, cond, latent, sampler, sigmas, b, cfg=(cfg, cfg))
+    settings = [FewStepSettings.execute(m, name, -1.0, "x0", "cpu", "off", 0)[0] for m in (high, low)]
+    ref = ksampler_advanced_split(*settings, cond, latent, "fewstep_auto", b, cfg=(cfg, cfg), scheduler="fewstep_auto")
+    assert torch.equal(ours, ref), (ours - ref).abs().max().item()
 
 
 def test_one_progress_bar_over_all_steps_and_the_denoised_output(node, wan):
