@@ -10,10 +10,11 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 class FewStepExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         from . import registry
+        from .experts import NODES as EXPERT_NODES
         from .lora import NODES as LORA_NODES
         from .lora_save import NODES as LORA_SAVE_NODES
         from .presets import NODES as PRESET_NODES
         from .sampling import NODES as SAMPLING_NODES
 
         registry.register()
-        return [*SAMPLING_NODES, *PRESET_NODES, *LORA_NODES, *LORA_SAVE_NODES]
+        return [*SAMPLING_NODES, *PRESET_NODES, *EXPERT_NODES, *LORA_NODES, *LORA_SAVE_NODES]

@@ -16,6 +16,7 @@ from pathlib import Path
 from tools import hostenv, standins
 from tools.checkpoints import detect_base
 from tools.hostenv import HostError
+from tools.standin_prompts import family_of, on_standins
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,18 +61,24 @@ def main() -> int:
         else:
             ckpt, base = None, "sd15"
             ckpt_name, size = standins.checkpoint_name("sd15"), int(os.environ.get("SIZE", 128))
-        standin_dir = standins.ensure((base,))
         out = REPO / "out"
         out.mkdir(exist_ok=True)
         workflows = sorted((REPO / "workflows" / "api").glob("*.json"))
-        if not workflows:
-            raise HostError("no workflows in workflows/api/")
+        # The flow-family workflows name real files: they run on the flow stand-ins, their text encoders replaced
+        # by the test-only conditioning node (tools/standin_prompts.py), whatever CHECKPOINT says.
+        flow = {wf for wf in workflows if family_of(json.loads(wf.read_text())) is not None}
+        sd = [wf for wf in workflows if wf not in flow]
+        if not sd:
+            raise HostError("no SD workflows in workflows/api/")
+        standin_dir = standins.ensure((base, *(standins.FLOW_FAMILIES if flow else ())))
         rows = []
-        with hostenv.Server(output_dir=out / ".comfy", standin_dir=standin_dir, extra_checkpoint=ckpt) as srv:
+        with hostenv.Server(output_dir=out / ".comfy", standin_dir=standin_dir, extra_checkpoint=ckpt,
+                            test_nodes=bool(flow)) as srv:
             # Warm-up (checkpoint load, first-call set-up) is not charged to the first workflow in the table.
-            srv.run(prepare(json.loads(workflows[0].read_text()), ckpt_name, base, 64))
+            srv.run(prepare(json.loads(sd[0].read_text()), ckpt_name, base, 64))
             for wf in workflows:
-                prompt = prepare(json.loads(wf.read_text()), ckpt_name, base, size)
+                prompt = json.loads(wf.read_text())
+                prompt = on_standins(prompt)[0] if wf in flow else prepare(prompt, ckpt_name, base, size)
                 steps = steps_of(prompt)
                 t0 = time.perf_counter()
                 entry = srv.run(prompt)
@@ -79,7 +86,7 @@ def main() -> int:
                 err = hostenv.error_message(entry)
                 images = srv.images(entry)
                 for i, img in enumerate(images):
-                    shutil.copy(img, out / f"{wf.stem}{'_' + str(i) if i else ''}.png")
+                    shutil.copy(img, out / f"{wf.stem}{'_' + str(i) if i else ''}{img.suffix}")
                 rows.append((wf.stem, steps, dt / max(1, len(images)), "ok" if images and not err else f"FAILED {err}"))
     except HostError as e:
         print(f"make demo: {e}", file=sys.stderr)

@@ -5,7 +5,9 @@
   "control after generate" widget (``control_after_generate`` or the names seed/noise_seed), "fixed" and ""
   after a COMBO with ``control_after_generate``, and "image" after an ``image_upload``/``video_upload`` COMBO.
   Socket inputs come first in ``inputs``; a widget input fed by a link is appended after them with
-  ``widget: {name}`` (the layout the frontend saves). Nodes are laid out left to right by graph depth.
+  ``widget: {name}`` (the layout the frontend saves). Nodes are laid out left to right by graph depth. With a
+  ``name`` whose ``workflows/notes/<name>.md`` exists, a Note node with that text (which files to put where) opens
+  the canvas on the left.
 * ``ui_to_api(workflow, object_info)``: what the frontend's ``graphToPrompt`` sends to ``/prompt``: widget values
   mapped back to input names (skipping the extra values), links to ``[origin_id_str, slot]``; muted nodes (mode 2)
   are dropped, bypassed nodes (mode 4) and Reroutes are passed through, Note/MarkdownNote are ignored and a
@@ -26,6 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 API_DIR = REPO / "workflows" / "api"
 UI_DIR = REPO / "workflows"
+NOTES_DIR = REPO / "workflows" / "notes"
+NOTE_WIDTH = 420
 
 WIDGET_TYPES = {"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO"}
 VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -128,8 +132,22 @@ def _size(spec: dict, n_inputs: int, n_outputs: int, n_widgets: int, multiline: 
     return [width, height]
 
 
-def api_to_ui(prompt: dict, object_info: dict) -> dict:
-    """The UI-format (LiteGraph 0.4) workflow of an API-format prompt."""
+def note_text(name: str | None) -> str:
+    """The workflow's note (``workflows/notes/<name>.md``), "" when it has none."""
+    path = NOTES_DIR / f"{name}.md" if name else None
+    return path.read_text().strip() if path is not None and path.is_file() else ""
+
+
+def _note(text: str, node_id: int, order: int) -> dict:
+    rows = sum(max(1, -(-len(line) // 58)) for line in text.splitlines())
+    return {"id": node_id, "type": "Note", "pos": [50.0, 50.0], "size": [NOTE_WIDTH, 40 + 17 * rows], "flags": {},
+            "order": order, "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [text],
+            "title": "Read me: what to load where"}
+
+
+def api_to_ui(prompt: dict, object_info: dict, name: str | None = None) -> dict:
+    """The UI-format (LiteGraph 0.4) workflow of an API-format prompt (with its note when ``name`` has one)."""
+    text = note_text(name)
     ids = _node_ids(prompt)
     depth = _depths(prompt)
     # Order = a topological order (by depth, then id), as the frontend's computed execution order.
@@ -197,11 +215,12 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
         outs[from_slot]["links"].append(link_id)
         links.append([link_id, ids[from_k], from_slot, ids[to_k], to_slot, outs[from_slot]["type"]])
 
-    # Layout: one column per depth, nodes stacked top to bottom in id order.
+    # Layout: one column per depth, nodes stacked top to bottom in id order (right of the note, if any).
     columns: dict[int, list[str]] = defaultdict(list)
     for k in keys:
         columns[depth[k]].append(k)
-    x = 50.0
+    note = [_note(text, max(ids.values(), default=0) + 1, len(nodes))] if text else []
+    x = 50.0 + (NOTE_WIDTH + 60 if note else 0)
     for d in sorted(columns):
         y = 50.0
         col = columns[d]
@@ -211,9 +230,9 @@ def api_to_ui(prompt: dict, object_info: dict) -> dict:
         x += max(nodes[k]["size"][0] for k in col) + 60
 
     return {
-        "last_node_id": max(ids.values(), default=0),
+        "last_node_id": max([*ids.values(), *(n["id"] for n in note)], default=0),
         "last_link_id": len(links),
-        "nodes": [nodes[k] for k in sorted(nodes, key=lambda k: ids[k])],
+        "nodes": [nodes[k] for k in sorted(nodes, key=lambda k: ids[k])] + note,
         "links": links,
         "groups": [],
         "config": {},
@@ -344,7 +363,7 @@ def main(argv=None) -> int:
     info = json.loads(args.object_info.read_text()) if args.object_info else fetch_object_info()
     stale = []
     for name, prompt in api_workflows().items():
-        text = dumps(api_to_ui(prompt, info))
+        text = dumps(api_to_ui(prompt, info, name))
         path = ui_path(name)
         if args.command == "regenerate":
             if not path.exists() or path.read_text() != text:

@@ -4,7 +4,8 @@ One API workflow per family (``tests/e2e/flow_workflows``): core UNETLoader -> M
 ModelSamplingAuraFlow (where users put them) -> KSampler (euler, simple, 2 steps, cfg 1) -> VAELoader + VAEDecode ->
 SaveImage / SaveAnimatedWEBP; Wan 2.2 A14B runs its two experts in two KSamplerAdvanced (step 0->1 on the high-noise
 expert, 1->2 on the low-noise one).  The text encoders are replaced in tests only by the test node
-``FewStepTestConditioning`` (tests/custom_nodes), loaded by this module's server alone (``Server(test_nodes=True)``).
+``FewStepTestConditioning`` (tests/custom_nodes), loaded by the flow server alone (``flow_server`` in
+tests/e2e/conftest.py, ``Server(test_nodes=True)``).
 """
 from __future__ import annotations
 
@@ -21,16 +22,6 @@ pytestmark = pytest.mark.e2e
 FLOW_DIR = Path(__file__).resolve().parent / "flow_workflows"
 WORKFLOWS = sorted(p.stem for p in FLOW_DIR.glob("*.json"))
 LOAD_PROBLEMS = ("unet missing", "unet unexpected", "left over keys", "Missing VAE keys", "ERROR UNSUPPORTED")
-
-
-@pytest.fixture(scope="module")
-def flow_server(tmp_path_factory):
-    from tools import hostenv, standins
-    root = standins.ensure(tuple(standins.FLOW_FAMILIES))
-    srv = hostenv.Server(output_dir=tmp_path_factory.mktemp("flow-out"), standin_dir=root, test_nodes=True)
-    srv.start()
-    yield srv
-    srv.stop()
 
 
 def load(name: str) -> dict:
