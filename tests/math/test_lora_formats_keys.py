@@ -247,9 +247,10 @@ def test_peft_dora_file_round_trip(tmp_path):
         p, truth = peft_dora_file(tmp_path / f"dora{i}.safetensors", naming)
         ad, matched, d = peft_dora_deltas(p)
         assert ad.unknown_keys == [] and len(ad.entries) == len(TARGETS)
-        assert sorted(matched.values()) == sorted(TARGETS)
+        assert sorted(t.key for t in matched.values()) == sorted(TARGETS)
+        assert all(t.whole for t in matched.values())
         for e in ad.entries:
-            down, up, m = truth[matched[e.name]]
+            down, up, m = truth[matched[e.name].key]
             assert isinstance(e, LoraModule) and e.kind == "lora"
             assert e.dora_norm == "peft" and torch.equal(e.dora_scale, m)
             assert e.name + naming[2] in e.source_keys
