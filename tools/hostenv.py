@@ -109,7 +109,8 @@ class Server:
     """A real ComfyUI server process on 127.0.0.1 with the pack installed."""
 
     def __init__(self, port: int | None = None, output_dir: Path | None = None, standin_dir: Path | None = None,
-                 extra_checkpoint: Path | None = None, cpu: bool | None = None, extra_args=(), test_nodes: bool = False):
+                 extra_checkpoint: Path | None = None, cpu: bool | None = None, extra_args=(),
+                 test_nodes: bool = False):
         if port is not None and port_in_use(port):
             raise HostError(f"port {port} is already in use on 127.0.0.1; choose another with PORT=<n>")
         self.port = port or free_port()

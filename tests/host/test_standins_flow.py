@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,8 +80,9 @@ def test_diffusion_model_detected_loaded_and_finite(flow_dir, key, role, caplog,
         model = comfy.sd.load_diffusion_model(str(path))
     assert _problems(caplog) == [], f"{mf.name} did not load cleanly: {_problems(caplog)}"
     assert type(model.model).__name__ == fam.host_class, (mf.name, type(model.model).__mro__)
+    detected = model.model.model_config.unet_config
     for k, v in mf.config.items():
-        assert model.model.model_config.unet_config.get(k) == v, (mf.name, k, model.model.model_config.unet_config.get(k), v)
+        assert detected.get(k) == v, (mf.name, k, detected.get(k), v)
     ms = model.get_model_object("model_sampling")
     assert isinstance(ms, getattr(comfy.model_sampling, fam.model_sampling)), type(ms).__mro__
     assert isinstance(ms, comfy.model_sampling.CONST), type(ms).__mro__
@@ -187,3 +189,90 @@ def test_conditioning_shapes_match_the_models_text_inputs(flow_dir):
                 assert "pooled_output" not in extra
     with pytest.raises(ValueError, match="FewStepTestConditioning: unknown family"):
         C.make_conditioning("sdxl", 0)
+
+
+# ---------------------------------------------------------------- DiT LoRA stand-ins
+
+def _lora_cases(reference=None):
+    from tools import standins
+    return [(fam.key, lf.name) for fam in standins.FLOW_FAMILIES.values() for lf in fam.loras
+            if reference is None or (lf.reference != "core") == reference]
+
+
+def _lora(flow_dir, key, name):
+    import comfy.utils
+    from tools import standins
+    fam = standins.family(key)
+    lf = next(lf for lf in fam.loras if lf.name == name)
+    path, _ = standins.lora_files(key, flow_dir)[name]
+    return fam, lf, comfy.utils.load_torch_file(str(path))
+
+
+def _meta_model(fam, role):
+    import comfy.model_detection as md
+    config = md.model_config_from_unet_config(dict(fam.models[role].config))
+    with torch.device("meta"):
+        return config.get_model({})
+
+
+@pytest.mark.parametrize("key,name", _lora_cases())
+def test_core_lora_loader_maps_what_core_maps(flow_dir, key, name, caplog):
+    """Core's own loader (model_lora_keys_unet + lora_convert + load_lora, as LoraLoaderModelOnly runs it) loads every
+    key except those the file's ``core_drops`` names, and every loaded patch fits the weight it patches."""
+    import re
+
+    import comfy.lora
+    import comfy.lora_convert
+    fam, lf, sd = _lora(flow_dir, key, name)
+    model = _meta_model(fam, lf.target)
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(comfy.lora_convert.convert_lora(dict(sd)), key_map)
+    not_loaded = {r.getMessage().split(": ", 1)[1] for r in caplog.records
+                  if r.getMessage().startswith("lora key not loaded")}
+    expected = {k for k in sd if any(re.fullmatch(p, k) for p in lf.core_drops)}
+    assert not_loaded == expected, (sorted(not_loaded - expected)[:5], sorted(expected - not_loaded)[:5])
+    assert bool(patches) == (lf.core_drops != (".*",))
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    for target, patch in patches.items():
+        weight_key, offset = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
+        shape = list(shapes[weight_key])
+        if offset is not None:
+            shape[offset[0]] = offset[2]
+        if isinstance(patch, tuple):  # ("diff", (tensor,)): a whole difference
+            assert patch[0] == "diff" and list(patch[1][0].shape) == shape, (weight_key, shape)
+        else:
+            up, down = patch.weights[0], patch.weights[1]
+            assert up.shape[0] == shape[0] and down.flatten(1).shape[1] == int(np.prod(shape[1:])), (weight_key, shape)
+            assert down.shape[0] == lf.rank
+    downs = [k for k in sd if k.endswith((".lora_down.weight", ".lora_A.weight"))]
+    assert downs and all(sd[k].dtype == lf.dtype for k in downs)
+    assert ({float(v) for k, v in sd.items() if k.endswith(".alpha")} or {None}) == {lf.alpha}
+    print(f"{name}: {len(downs)} LoRA modules, core loads {len(patches)} patches, leaves {len(not_loaded)} keys")
+
+
+@pytest.mark.parametrize("key,name", _lora_cases(reference=True))
+def test_lora_names_are_the_trainers_names(flow_dir, key, name):
+    """Checked without ComfyUI: diffusers-named files name Linear modules of diffusers' own transformer of the family;
+    the other layouts go through the diffusers converter that reads them, whose output must name such modules."""
+    import diffusers.loaders.lora_conversion_utils as conv
+    fam, lf, sd = _lora(flow_dir, key, name)
+    if lf.reference != "diffusers":
+        sd = getattr(conv, lf.reference)(dict(sd))
+    linears = {n: m for n, m in fam.diffusers_model(lf.target).named_modules() if isinstance(m, torch.nn.Linear)}
+    seen = set()
+    for k, v in sd.items():
+        assert k.startswith("transformer."), k
+        module, _, leaf = k[len("transformer."):].partition(".lora_")
+        assert module in linears, f"{name}: {k} names no Linear module of diffusers' transformer"
+        lin = linears[module]
+        if leaf == "A.weight":
+            assert v.shape[1] == lin.in_features, k
+        elif leaf == "B.weight":
+            assert v.shape[0] == lin.out_features, k
+        elif leaf == "B.bias":
+            assert v.shape[0] == lin.out_features, k
+        else:
+            raise AssertionError(f"{name}: unexpected key {k}")
+        seen.add(module)
+    assert seen, name

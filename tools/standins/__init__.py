@@ -59,7 +59,8 @@ def family(key: str) -> Family:
 
 
 def diffusion_model_name(key: str, role: str = "model") -> str:
-    """File name (in diffusion_models/) of a family's model; roles: "model", or for "wan" "t2v"/"high_noise"/"low_noise"."""
+    """File name (in diffusion_models/) of a family's model.  Roles: "model"; for "wan" "t2v" (Wan 2.1 1.3B-style),
+    "high_noise" and "low_noise" (the Wan 2.2 A14B experts)."""
     models = family(key).models
     if role not in models:
         raise ValueError(f"{key} has no {role!r} model; roles: {tuple(models)}")
@@ -71,7 +72,9 @@ def vae_name(key: str) -> str:
 
 
 def lora_files(key: str, base: Path | None = None) -> dict:
-    """File name -> (path, LoraFile with role / format / target model / the release it mirrors) of a family."""
+    """File name -> (path, LoraFile) of a family's LoRA stand-ins.  The LoraFile says its role ("acceleration" /
+    "style"), layout and suffix style (the format), rank, alpha, target model role, the release or trainer it
+    mirrors, and the keys core's loader leaves unloaded.  Build them first with ``ensure((key,))``."""
     base = base or root()
     return {lf.name: (base / "loras" / lf.name, lf) for lf in family(key).loras}
 

@@ -64,6 +64,10 @@ class Family:
     latent_shape: tuple            # the shape that node gives for those inputs
     notes: str = ""
     loras: tuple = field(default=())   # dit_loras.LoraFile entries
+    # (LoraFile, host state dict) -> (base name -> 2-D shape, extra key -> shape, the extra keys that are zeros)
+    lora_layout: Callable | None = None
+    # role -> diffusers' transformer class of the family at the stand-in's size, on the meta device
+    diffusers_model: Callable | None = None
 
 
 # ---------------------------------------------------------------- keys and shapes from the host's classes
@@ -101,12 +105,13 @@ def host_vae_state_dict(detect: dict) -> dict[str, torch.Tensor]:
     """Keys -> meta tensors of the VAE the host builds from a file holding the `detect` keys."""
     hostenv.import_host()
     import comfy.sd
-    logging.getLogger().disabled, was = True, logging.getLogger().disabled   # "Missing VAE keys" is expected here
+    root = logging.getLogger()
+    was, root.disabled = root.disabled, True   # "Missing VAE keys" is expected here: only the detect keys are given
     try:
         with torch.device("meta"):
             vae = comfy.sd.VAE(sd={k: torch.empty(s) for k, s in detect.items()})
     finally:
-        logging.getLogger().disabled = was
+        root.disabled = was
     return dict(vae.first_stage_model.state_dict())
 
 
@@ -119,16 +124,17 @@ def fill(name: str, like: torch.Tensor, salt: str, dtype: torch.dtype, gains: di
         return torch.zeros(shape, dtype=dtype)
     if len(shape) <= 1 or name.endswith((".gamma", ".scale")):  # norm scales (Wan VAE gammas are (C,1,1,1))
         return torch.ones(shape, dtype=dtype)
-    g = gen(name, salt)
     if name.endswith("modulation"):  # Wan's learned (1, n, dim) modulation offsets: randn / sqrt(dim) as trained
-        return (torch.randn(shape, generator=g) * shape[-1] ** -0.5).to(dtype)
-    if name.endswith("pos_embed"):  # SD3's additive position table (sin-cos in the release): O(0.5)
-        return (torch.randn(shape, generator=g) * 0.5).to(dtype)
-    fan_in = 1
-    for s in shape[1:]:
-        fan_in *= s
-    gain = (gains or {}).get(name, 1.0)
-    return (torch.randn(shape, generator=g) * (gain / fan_in ** 0.5)).to(dtype)
+        std = shape[-1] ** -0.5
+    elif name.endswith("pos_embed"):  # SD3's additive position table (sin-cos in the release): O(0.5)
+        std = 0.5
+    else:
+        fan_in = 1
+        for s in shape[1:]:
+            fan_in *= s
+        std = (gains or {}).get(name, 1.0) / fan_in ** 0.5
+    # one pass in fp32 (normal_ draws the same stream as randn), one rounding to the file's dtype
+    return torch.empty(shape).normal_(0.0, std, generator=gen(name, salt)).to(dtype)
 
 
 def build_model(mf: ModelFile, path: Path) -> None:

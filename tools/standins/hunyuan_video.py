@@ -13,8 +13,10 @@ The VAE is the host's 3-D AutoencoderKL at its fixed width (128 x [1,2,4,4]).
 """
 from __future__ import annotations
 
+import functools
 import re
 
+from .dit_loras import LoraFile, native_linears
 from .flow import Family, ModelFile, VaeFile
 
 # host name fragment -> Tencent name fragment (the inverse of the host's load-time renames), applied in order
@@ -58,6 +60,50 @@ VAE = VaeFile(
     detect={"decoder.conv_in.conv.weight": (512, 16, 3, 3, 3), "post_quant_conv.weight": (16, 16, 1, 1, 1)},
     mirrors="Comfy-Org/HunyuanVideo_repackaged hunyuan_video_vae_bf16.safetensors (decoder.conv_in.conv.* keys)")
 
+# ---------------------------------------------------------------- LoRA files
+#
+# Both in Tencent's module names, over every linear of the double and single blocks (modulations included):
+# * musubi-tuner (kohya-ss/musubi-tuner networks/lora.py for HunyuanVideo): lora_unet_double_blocks_N_img_mlp_fc1
+#   + alpha.  Core maps the names that happen to match its own (img_attn_qkv, img_attn_proj, linear1, linear2) and
+#   leaves the rest (img_mod_linear, img_mlp_fc1/fc2, modulation_linear) unloaded: musubi's
+#   convert_lora.py must be run first (musubi-tuner issue 26).
+# * diffusion-pipe (tdrussell/diffusion-pipe): transformer.double_blocks.N.img_attn_qkv.lora_A.weight, which core's
+#   HunyuanVideo branch reads.  (diffusers' HunyuanVideo converter reads it too, but splits single-block linear1 at
+#   the release width 3072, so it cannot check the 256-wide stand-in.)
+_BLOCKS = (r"double_blocks\.\d+\.(img|txt)_(mod\.lin|attn\.qkv|attn\.proj|mlp\.[02])"
+           r"|single_blocks\.\d+\.(linear[12]|modulation\.lin)")
+LORAS = (
+    LoraFile("style-hunyuan-video-musubi_standin.safetensors", "style", "musubi", "kohya", 8, 4.0, "model",
+             "kohya-ss/musubi-tuner HunyuanVideo LoRA (lora_unet_double_blocks_N_img_mlp_fc1)",
+             core_drops=(r".*_(mod_linear|mlp_fc[12]|modulation_linear)\..*",)),
+    LoraFile("style-hunyuan-video-diffusion-pipe_standin.safetensors", "style", "diffusion-pipe", "peft", 8, None,
+             "model", "tdrussell/diffusion-pipe HunyuanVideo LoRA (transformer.double_blocks.N.img_attn_qkv)",
+             reference="core"),
+)
+
+
+def lora_layout(lf: LoraFile, host: dict):
+    if lf.layout == "musubi":
+        return native_linears(host, _BLOCKS, "lora_unet_", rename=release_key, underscore=True), {}, set()
+    if lf.layout == "diffusion-pipe":
+        return native_linears(host, _BLOCKS, "transformer.", rename=release_key), {}, set()
+    raise ValueError(f"{lf.name}: unknown HunyuanVideo LoRA layout {lf.layout!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def diffusers_model(role: str):
+    """diffusers' HunyuanVideoTransformer3DModel at the stand-in's size, on the meta device."""
+    import torch
+    from diffusers import HunyuanVideoTransformer3DModel
+    c = MODEL.config
+    with torch.device("meta"):
+        return HunyuanVideoTransformer3DModel(
+            in_channels=16, out_channels=16, num_attention_heads=c["num_heads"], attention_head_dim=128,
+            num_layers=c["depth"], num_single_layers=c["depth_single_blocks"], num_refiner_layers=2, mlp_ratio=4.0,
+            patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=4096,
+            pooled_projection_dim=768, rope_theta=256.0, rope_axes_dim=(16, 56, 56))
+
+
 FAMILY = Family(
     key="hunyuan_video", host_class="HunyuanVideo", model_sampling="ModelSamplingDiscreteFlow",
     sampling_defaults={"shift": 7.0, "multiplier": 1000},
@@ -66,4 +112,5 @@ FAMILY = Family(
     latent=("EmptyHunyuanLatentVideo", {"width": 32, "height": 32, "length": 5, "batch_size": 1}),
     latent_shape=(1, 16, 2, 4, 4),
     notes="CONST prediction, shift 7 from the host; guidance from FluxGuidance (6.0 when absent); the VAE's width "
-          "is fixed by the host, so frames stay at 32 px.")
+          "is fixed by the host, so frames stay at 32 px.",
+    loras=LORAS, lora_layout=lora_layout, diffusers_model=diffusers_model)

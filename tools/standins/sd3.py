@@ -8,8 +8,11 @@ context stream has no attention output or MLP.  Context 4096 (T5-XXL width, CLIP
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .dit_loras import LoraFile, diffusers_linears, native_linears
 from .flow import Family, ModelFile, VaeFile
 
 DEPTH = 2
@@ -31,10 +34,54 @@ VAE_16CH = VaeFile(
     detect={"decoder.conv_in.weight": (512, 16, 3, 3), "decoder.up.3.upsample.conv.weight": (512, 512, 3, 3)},
     mirrors="black-forest-labs/FLUX.1-dev ae.safetensors / the SD3 VAE (encoder.*, decoder.* keys)")
 
+# ---------------------------------------------------------------- LoRA files
+#
+# Hyper-SD3 (ByteDance/Hyper-SD Hyper-SD3-4steps-CFG-lora.safetensors) and PCM-SD3 (wangfuyun/PCM_Weights
+#   sd3/pcm_deterministic_4step_shift3.safetensors) load with diffusers' load_lora_weights, so both are written in
+#   diffusers / PEFT names (transformer.transformer_blocks.N.attn.to_q.lora_A.weight).  Coverage and rank are not
+#   listed publicly: Hyper-SD3 here covers every block linear at rank 64 (as ByteDance's whole-UNet Hyper-SD LoRAs
+#   and Hyper-FLUX do), PCM-SD3 the image-stream attention projections (to_q/k/v/out, the diffusers SD3 LoRA script's
+#   first default) at rank 64.
+# kohya sd-scripts SD3 style (networks/lora_sd3.py): MMDiT names, lora_unet_joint_blocks_N_x_block_attn_qkv + alpha.
+LORAS = (
+    LoraFile("Hyper-SD3-4steps-CFG-lora_standin.safetensors", "acceleration", "all-blocks", "peft", 64, None, "model",
+             "ByteDance/Hyper-SD Hyper-SD3-4steps-CFG-lora.safetensors", reference="diffusers", dtype=torch.float16),
+    LoraFile("pcm_deterministic_4step_shift3_standin.safetensors", "acceleration", "x-attn", "peft", 64, None, "model",
+             "wangfuyun/PCM_Weights sd3/pcm_deterministic_4step_shift3.safetensors", reference="diffusers",
+             dtype=torch.float16),
+    LoraFile("style-sd3-kohya_standin.safetensors", "style", "kohya", "kohya", 8, 4.0, "model",
+             "kohya-ss/sd-scripts networks/lora_sd3.py (lora_unet_joint_blocks_N_...)", dtype=torch.float16),
+)
+
+
+def lora_layout(lf: LoraFile, host: dict):
+    if lf.layout == "all-blocks":
+        return diffusers_linears(diffusers_model(lf.target), r"transformer_blocks\.\d+\..*"), {}, set()
+    if lf.layout == "x-attn":
+        include = r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0)"
+        return diffusers_linears(diffusers_model(lf.target), include), {}, set()
+    if lf.layout == "kohya":
+        include = r"joint_blocks\.\d+\.(context_block|x_block)\.(attn\.(qkv|proj)|mlp\.fc[12]|adaLN_modulation\.1)"
+        return native_linears(host, include, "lora_unet_", underscore=True), {}, set()
+    raise ValueError(f"{lf.name}: unknown SD3 LoRA layout {lf.layout!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def diffusers_model(role: str):
+    """diffusers' SD3Transformer2DModel at the stand-in's size, on the meta device."""
+    from diffusers import SD3Transformer2DModel
+    with torch.device("meta"):
+        return SD3Transformer2DModel(sample_size=32, patch_size=2, in_channels=16, num_layers=DEPTH,
+                                     attention_head_dim=64, num_attention_heads=DEPTH, joint_attention_dim=4096,
+                                     caption_projection_dim=64 * DEPTH, pooled_projection_dim=2048, out_channels=16,
+                                     pos_embed_max_size=32)
+
+
 FAMILY = Family(
     key="sd3", host_class="SD3", model_sampling="ModelSamplingDiscreteFlow",
     sampling_defaults={"shift": 3.0, "multiplier": 1000},
     sampling_node=("ModelSamplingSD3", {"shift": 3.0}),
     models={"model": MODEL}, vae=VAE_16CH,
     latent=("EmptySD3LatentImage", {"width": 32, "height": 32, "batch_size": 1}), latent_shape=(1, 16, 4, 4),
-    notes="CONST prediction; sigma = shift*t/(1+(shift-1)*t), timestep = 1000*sigma.")
+    notes="CONST prediction; sigma = shift*t/(1+(shift-1)*t), timestep = 1000*sigma.",
+    loras=LORAS, lora_layout=lora_layout, diffusers_model=diffusers_model)
