@@ -35,7 +35,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from .detect_dit import DIT_FAMILIES, dit_shape, match_release, preset_names, release_preset
+from .detect_dit import DIT_FAMILIES, dit_shape, match_release, preset_names, release_preset, release_problems
 from .detect_unet import (KNOWN_HASHES, NEW_PRESET_NAMES, Shape, analyse_structure, base_from_text, match_name,
                           unet_shape)
 from .detect_unet import PRESET_NAMES as UNET_PRESET_NAMES
@@ -150,18 +150,19 @@ def _name_candidates(adapter: Adapter, ev: list[str]) -> tuple[list[tuple[str, s
 
 
 def _match(text: str, s: Shape, loose: bool):
-    """(kind, preset, steps, base, why, expert) of a release ``text`` names, or None (UNet names, then DiT)."""
+    """(kind, preset, steps, base, why, expert, DiT release or None) of a release ``text`` names, or None (UNet
+    names, then the DiT families' releases, the structure's family first)."""
     if s.base is None or s.base not in {f.name for f in DIT_FAMILIES}:
         hit = match_name(text, loose=loose)
         if hit:
-            return (*hit, "")
-    fams = tuple(f for f in DIT_FAMILIES if f.name == s.base) or DIT_FAMILIES
-    hit = match_release(os.path.basename(text), fams) or (match_release(os.path.basename(text), DIT_FAMILIES)
-                                                         if s.base else None)
+            return (*hit, "", None)
+    name = os.path.basename(text)
+    own = tuple(f for f in DIT_FAMILIES if f.name == s.base)
+    hit = (match_release(name, own) if own else None) or match_release(name, DIT_FAMILIES)
     if hit is None:
         return None
     f, r, steps, expert = hit
-    return r.kind, release_preset(r, steps), steps, f.name, f"name matches {r.label}", expert
+    return r.kind, release_preset(r, steps), steps, f.name, f"name matches {r.label}", expert, r
 
 
 def _payload_hash(adapter: Adapter, meta: dict, compute: bool, ev: list[str]) -> Optional[str]:
@@ -214,19 +215,24 @@ def detect(source: Union[Adapter, str, os.PathLike], *, compute_hash: bool = Fal
     for where, text in candidates:
         hit = _match(text, s, loose=accel)
         if hit:
-            kind, preset, steps, base, reason, expert = hit
+            kind, preset, steps, base, reason, expert, release = hit
             ev.append(f"{where}: {reason}")
             ev.extend(f"structure: {w}" for w in s.why)
-            if s.verdict == "style":
-                ev.append("but the structure is a style LoRA's: not treated as an acceleration LoRA (a style LoRA "
-                          "named after one, or trained on top of one); pick the preset by hand if it really is one")
+            problems = (release_problems(release, s.dit) if release is not None and s.dit is not None
+                        else ["the structure is a style LoRA's"] if s.verdict == "style" else [])
+            if problems:
+                ev.append(f"but {'; '.join(problems)}: not treated as an acceleration LoRA (a style LoRA named after "
+                          f"one, or trained on top of one); pick the preset by hand if it really is one")
                 return Detection("unknown", None, s.base or base or meta_base, None, "low", ev, False, s.verdict,
                                  "", s.candidates)
-            if not accel:
+            fits = accel or (release is not None and s.dit is not None)
+            if release is not None and s.dit is not None:
+                ev.append(f"the structure is {release.label}'s (its targets in every block, its rank)")
+            elif not accel:
                 ev.append("the structure does not show a distillation LoRA's coverage; relying on the name")
             if preset is None:
                 ev.append(f"no sampler preset for {kind}" + (f" with {steps} steps" if steps else ""))
-            return finish(kind, preset, steps, base or folder_base, "high" if accel else "medium", expert)
+            return finish(kind, preset, steps, base or folder_base, "high" if fits else "medium", expert)
     if accel and short is None:
         short = addnet_hash(adapter.path)[:12]
         ev.append(f"no release name; payload hash {short}")

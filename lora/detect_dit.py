@@ -7,16 +7,20 @@ Qwen-Image in diffusers names), the ones with names only they have (``Family.onl
 (Wan 2.2 5B) by the width of the blocks' LoRA inputs; else no family (the candidates are listed) and the key
 matching against the loaded model decides.
 
-Structure: acceleration-shaped = no text-encoder keys, one rank, every block of the model (or, without a model,
-blocks 0..n with no gap) with attention and MLP/FFN, plus layers outside the blocks (embeddings, head) or bias /
-norm diffs -- what lightx2v, CausVid, Wan 2.2 Lightning, Qwen-Image-Lightning and the FLUX/SD3 distillation LoRAs
-train; style-shaped = attention only, blocks skipped, or text-encoder keys with partial block coverage; else
-unclear.
+Structure, without a name: acceleration-shaped = no text-encoder keys, one rank of 16 or more, every block of the
+model (or, without a model, blocks 0..n with no gap) with attention and MLP/FFN, plus layers outside the blocks
+(embeddings, head) -- what lightx2v and CausVid carry; style-shaped = text-encoder keys, blocks skipped, or a rank
+below 16; else unclear.
+
+With a release name the structure must be that release's (``release_problems``): every block, the release's
+targets (attention and MLP; attention alone for PCM-SD3 and FastVideo) and its rank or more, no text-encoder
+keys. Otherwise the name does not count.
 """
 from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 from .adapters import LoraModule
@@ -87,41 +91,90 @@ def _blocks(names: list[str]) -> dict[tuple[str, int], set[str]]:
     return out
 
 
+@dataclass
+class DitFacts:
+    """What a DiT adapter covers: blocks (with attention / MLP per block), whether every block of the model (or,
+    without a model, blocks 0..n with no gap), modules outside the blocks, bias / norm diffs, LoRA ranks,
+    text-encoder keys."""
+
+    covered: dict[tuple[str, int], set[str]]
+    every: bool
+    gaps: bool
+    depth: Optional[int]
+    outside: int
+    diffs: int
+    ranks: set[int]
+    te: bool
+
+    def has_everywhere(self, parts: set[str]) -> bool:
+        return bool(self.covered) and all(parts <= v for v in self.covered.values())
+
+    def describe(self) -> list[str]:
+        both = self.has_everywhere({"attn", "mlp"})
+        attn_only = bool(self.covered) and not any("mlp" in v for v in self.covered.values())
+        return [("has text encoder keys" if self.te else "no text encoder keys"),
+                f"{len(self.covered)} blocks covered" + (f" of the model's {self.depth}" if self.depth else "")
+                + (" (with gaps)" if self.gaps else "")
+                + ("; attention and MLP in each" if both else "; attention only" if attn_only else ""),
+                f"{self.outside} modules outside the blocks (embeddings, head), {self.diffs} bias/norm diffs",
+                f"uniform rank {next(iter(self.ranks))}" if len(self.ranks) == 1 else
+                (f"mixed ranks {sorted(self.ranks)}" if self.ranks else "no plain LoRA modules")]
+
+
+def dit_facts(adapter: Adapter, names: list[str], blocks: Optional[BlockLayout] = None) -> DitFacts:
+    covered = _blocks(names)
+    streams: dict[str, list[int]] = {}
+    for st, i in covered:
+        streams.setdefault(st, []).append(i)
+    gaps = any(sorted(v) != list(range(max(v) + 1)) for v in streams.values())
+    depth = blocks.depth_count if blocks is not None and not blocks.from_model else None
+    every = (not gaps and bool(covered)) if depth is None else len(covered) == depth
+    return DitFacts(covered=covered, every=every, gaps=gaps, depth=depth,
+                    outside=sum(1 for n in set(names) if not _BLOCK.match(n)),
+                    diffs=sum(1 for e in adapter.entries if e.kind in ("diff", "bias_diff")),
+                    ranks={e.rank for e in adapter.entries if isinstance(e, LoraModule)},
+                    te=bool(adapter.text_encoder_keys))
+
+
+STYLE_RANK = 16
+"""Below this rank a DiT LoRA is style-shaped: the DiT distillation releases use rank 32 to 128."""
+
+
 def dit_shape(adapter: Adapter, blocks: Optional[BlockLayout] = None) -> Shape:
     """The DiT structure verdict (module doc); ``blocks``: the loaded model's bound block layout, if known."""
     names = names_of(adapter)
     base, why_base, cands = identify(adapter, names)
-    covered = _blocks(names)
-    if not covered and base is None:
+    f = dit_facts(adapter, names, blocks)
+    if not f.covered and base is None:
         return Shape("none", None, candidates=cands)
-    ranks = {e.rank for e in adapter.entries if isinstance(e, LoraModule)}
-    streams: dict[str, list[int]] = {}
-    for s, i in covered:
-        streams.setdefault(s, []).append(i)
-    gaps = any(sorted(v) != list(range(max(v) + 1)) for v in streams.values())
-    depth = blocks.depth_count if blocks is not None and not blocks.from_model else None
-    every = (not gaps and bool(covered)) if depth is None else len(covered) == depth
-    both = bool(covered) and all({"attn", "mlp"} <= v for v in covered.values())
-    attn_only = bool(covered) and not any("mlp" in v for v in covered.values())
-    outside = sum(1 for n in set(names) if not _BLOCK.match(n))
-    diffs = sum(1 for e in adapter.entries if e.kind in ("diff", "bias_diff"))
-    te = bool(adapter.text_encoder_keys)
-    why = [("has text encoder keys" if te else "no text encoder keys"),
-           f"{len(covered)} blocks covered" + (f" of the model's {depth}" if depth is not None else "")
-           + (" (with gaps)" if gaps else "") + ("; attention and MLP in each" if both else
-                                                  "; attention only" if attn_only else ""),
-           f"{outside} modules outside the blocks (embeddings, head), {diffs} bias/norm diffs",
-           f"uniform rank {next(iter(ranks))}" if len(ranks) == 1 else
-           (f"mixed ranks {sorted(ranks)}" if ranks else "no plain LoRA modules")]
-    if not te and len(ranks) <= 1 and every and both and (outside or diffs):
+    why = f.describe()
+    low_rank = bool(f.ranks) and max(f.ranks) < STYLE_RANK
+    if (not f.te and len(f.ranks) == 1 and not low_rank and f.every and f.has_everywhere({"attn", "mlp"})
+            and f.outside):
         verdict = "accel"
-    elif attn_only or gaps or (te and not every):
+    elif f.te or f.gaps or low_rank:
         verdict = "style"
-        why.append("a style LoRA's shape (attention only, blocks skipped, or text-encoder keys with partial "
-                   "coverage)")
+        why.append(f"a style LoRA's shape (text-encoder keys, blocks skipped, or rank below {STYLE_RANK})")
     else:
         verdict = "unclear"
-    return Shape(verdict, base, why_base, why, cands)
+    return Shape(verdict, base, why_base, why, cands, dit=f)
+
+
+def release_problems(r: Release, f: DitFacts) -> list[str]:
+    """Why the structure is not that of release ``r`` (its targets and rank); [] when it fits."""
+    out = []
+    if f.te:
+        out.append("it has text-encoder keys")
+    if not f.every:
+        out.append("it does not cover every block" + (f" of the model ({len(f.covered)} of {f.depth})"
+                                                      if f.depth else " (blocks skipped)"))
+    parts = {"attn", "mlp"} if r.targets == "attn+mlp" else {"attn"}
+    if not f.has_everywhere(parts):
+        out.append(f"not every block has {' and '.join(sorted(parts))} modules ({r.label} trains "
+                   f"{'attention and MLP' if len(parts) == 2 else 'attention'} linears in every block)")
+    if f.ranks and min(f.ranks) < r.min_rank:
+        out.append(f"rank {min(f.ranks)} is below {r.label}'s ({r.min_rank} or more)")
+    return out
 
 
 def match_release(text: str, families: tuple[Family, ...]) -> Optional[tuple[Family, Release, Optional[int], str]]:

@@ -67,6 +67,7 @@ class Shape:
     base_why: str = ""
     why: list[str] = field(default_factory=list)
     candidates: tuple[str, ...] = ()
+    dit: Optional[object] = None  # lora.detect_dit.DitFacts of a DiT adapter
 
 
 def base_from_text(s: str) -> Optional[str]:
@@ -188,8 +189,7 @@ class Structure:
 
 _RESNET_RE = re.compile(r"^(?:(input_blocks|output_blocks)_(\d+)_0|middle_block_[02]|"
                         r"(down_blocks|up_blocks)_(\d+)_resnets_(\d+)|mid_block_resnets_(\d+))_")
-_UNET_RE = re.compile(r"^(input_blocks|middle_block|output_blocks|down_blocks|up_blocks|mid_block|time_embed|"
-                      r"time_embedding|label_emb|add_embedding|conv_in|conv_out|out_|class_embedding)")
+_UNET_RE = re.compile(r"^(input_blocks|middle_block|output_blocks|down_blocks|up_blocks|mid_block)_")
 
 
 def analyse_structure(adapter: Adapter) -> Structure:

@@ -144,7 +144,11 @@ class Release:
 
     ``pattern`` is searched in the lower-cased file name, the folders above a generic file name and the header's
     titles; a named group ``steps`` gives the step count. ``preset`` is the sampler preset's ``Preset.name``
-    (``{steps}`` filled in), given only for the step counts in ``steps`` (() = any); "" = no preset."""
+    (``{steps}`` filled in), given only for the step counts in ``steps`` (() = any); "" = no preset.
+
+    What the release's file is like, which a file must show for its name to count (structure outranks names):
+    ``targets`` "attn+mlp" (every block's attention and MLP / FFN linears) or "attn" (every block's attention), and
+    a rank of at least ``min_rank``."""
 
     pattern: str
     kind: str
@@ -153,6 +157,8 @@ class Release:
     steps: tuple[int, ...] = ()
     default_steps: Optional[int] = None
     experts: bool = False  # a two-expert release (Wan 2.2): the name says which expert (high / low noise) it is for
+    targets: str = "attn+mlp"
+    min_rank: int = 32
 
 
 @dataclass(frozen=True)

@@ -83,4 +83,4 @@ FAMILY = Family(
           r"x_embedder_proj|(double_|transformer_)blocks_(19|[2-9]\d|\d{3})_\w+|"
           r"(single_|single_transformer_)blocks_(3[89]|[4-9]\d|\d{3})_\w+)$"),
     releases=(Release(r"fast[-_ ]?video|fast[-_ ]?hunyuan", "fastvideo", "HunyuanVideo FastVideo",
-                      "HunyuanVideo FastVideo"),))
+                      "HunyuanVideo FastVideo", targets="attn"),))

@@ -31,7 +31,7 @@ FAMILY = Family(
         Release(r"hyper[-_ ]?sd3.*?(?P<steps>\d+)[-_ ]?steps?", "hyper-sd3", "Hyper-SD3", "Hyper-SD3 {steps}-step",
                 steps=(4, 8, 16)),
         Release(r"p[cd]m[-_ ]?stochastic", "pcm-sd3", "PCM-SD3 stochastic", "PCM-SD3 stochastic 4-step",
-                default_steps=4),
+                default_steps=4, targets="attn"),
         Release(r"pcm[-_ ]?(sd3[-_ ]?)?deterministic[-_ ]?(?P<steps>\d+)[-_ ]?steps?", "pcm-sd3", "PCM-SD3",
-                "PCM-SD3 {steps}-step", steps=(4,)),
+                "PCM-SD3 {steps}-step", steps=(4,), targets="attn"),
     ))

@@ -64,6 +64,7 @@ def small_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     cfg = cls({**cls.unet_config, **extra})
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({})
+    model.requires_grad_(False)
     sd = model.diffusion_model.state_dict()
     values = fill(sd, seed)
     with torch.no_grad():

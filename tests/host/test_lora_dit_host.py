@@ -160,7 +160,8 @@ def test_sd_lora_refused_on_a_dit_and_dit_lora_on_sd(L, loras, standin_dir):
     folder_paths.add_model_folder_path("loras", str(standin_dir / "loras"))
     with pytest.raises(ValueError, match=r"made for SD1\.5 but the model is Flux"):
         L.fuse(model("flux"), L.NONE, 1.0, [("style-sd15-kohya.safetensors", 1.0)])
-    sd15 = comfy.sd.load_checkpoint_guess_config(str(standin_dir / "checkpoints" / "fewstep-standin-sd15.safetensors"))[0]
+    ckpt = standin_dir / "checkpoints" / "fewstep-standin-sd15.safetensors"
+    sd15 = comfy.sd.load_checkpoint_guess_config(str(ckpt))[0]
     _dit.write_lora(loras / "flux-on-sd.safetensors", "flux", "kohya", shapes_of(model("flux")))
     with pytest.raises(ValueError, match=r"made for Flux but the model is SD1\.5"):
         L.fuse(sd15, L.NONE, 1.0, [("flux-on-sd.safetensors", 1.0)])
@@ -247,3 +248,57 @@ def test_block_weights_and_lines_on_dit_layouts(L, loras):
     got = patched(m, keys)
     for k, lam in zip(keys, (0.2, 0.4, 0.6, 0.8, 0.2)):  # depth 1..4 of 4 blocks; img_in is outside: alpha
         assert_one_rounding(got[k], before[k].double() + lam * want[k], k)
+
+
+def test_dora_on_a_fused_qkv_split_follows_peft_and_lycoris(L, loras):
+    """DoRA on diffusers' separate to_q of Flux's fused qkv (PEFT magnitude, [out]) and on a whole weight (LyCORIS
+    dora_scale [out, 1]): the merged weight of those rows is normalised per output row, as the trainers train it."""
+    from safetensors.torch import save_file
+    m0 = model("flux")
+    sh = shapes_of(m0)
+    qkv = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    proj = "diffusion_model.double_blocks.0.img_attn.proj.weight"
+    h = sh[qkv][1]
+    w = current(m0, [qkv, proj])
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(4, h, generator=g) * 0.3, torch.randn(h, 4, generator=g) * 0.3
+    mq = w[qkv][:h].norm(dim=1) * 1.1
+    a2, b2 = torch.randn(4, h, generator=g) * 0.3, torch.randn(h, 4, generator=g) * 0.3
+    mp = w[proj].norm(dim=1, keepdim=True) * 0.9
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": a,
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": b,
+               "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": mq,
+               "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": a2,
+               "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": b2,
+               "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(4.0),
+               "lora_unet_double_blocks_0_img_attn_proj.dora_scale": mp}, str(loras / "flux-dora.safetensors"))
+
+    def dora(w0, d, m, s):
+        merged = w0.double() + d
+        return w0.double() + s * (merged * m.double().reshape(-1, 1) / (merged.norm(dim=1, keepdim=True)
+                                                                        + torch.finfo(torch.float32).eps) - w0.double())
+    m, report, _ = L.fuse(m0, L.NONE, 1.0, [("flux-dora.safetensors", 0.8)])
+    got = patched(m, [qkv, proj])
+    want_q = w[qkv].double().clone()
+    want_q[:h] = dora(w[qkv][:h], b.double() @ a.double(), mq, 0.8)
+    assert_one_rounding(got[qkv], want_q, "PEFT DoRA on to_q rows")
+    assert torch.equal(got[qkv][h:], w[qkv][h:])  # k and v rows untouched
+    assert_one_rounding(got[proj], dora(w[proj], b2.double() @ a2.double(), mp, 0.8), "LyCORIS DoRA [out, 1]")
+
+
+def test_bad_dora_shape_refused_at_the_fuse_node(L, loras):
+    """A dora_scale that fits neither axis is refused when the fuse node runs -- naming the file and the tensor --
+    and leaves no weight patched, however the model is loaded afterwards."""
+    from safetensors.torch import save_file
+    m0 = model("wan")
+    sh = shapes_of(m0)
+    k = "diffusion_model.blocks.0.self_attn.q.weight"
+    out, inn = sh[k]
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.ones(2, inn),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.ones(out, 2),
+               "diffusion_model.blocks.0.self_attn.q.dora_scale": torch.ones(out + 1, 1)},
+              str(loras / "bad-dora.safetensors"))
+    with pytest.raises(ValueError, match=r"FewStep LoRA Fuse: .*bad-dora\.safetensors: 'diffusion_model\.blocks\.0\.self_"
+                                         r"attn\.q\.dora_scale' \(DoRA magnitude\) has shape \(65, 1\)"):
+        L.fuse(m0, L.NONE, 1.0, [("bad-dora.safetensors", 1.0)])
+    assert not m0.patches and not m0.backup
