@@ -1,7 +1,9 @@
 # fewstep developer commands. On a fresh machine only two are needed:
-#   make demo   -- set everything up, run every workflows/api/*.json on the stand-in (or CHECKPOINT=...), images in out/
-#   make test   -- set everything up and run all four test tiers (math, in-process host, real server, frontend)
-# Also: make serve (graph editor on PORT, default 8188), make bench, make standins, make setup.
+#   make demo   -- set everything up, run every workflows/api/*.json on the stand-in (or CHECKPOINT=...), images and
+#                  plots in out/
+#   make test   -- set everything up, lint, and run all four test tiers (math, in-process host, real server, frontend)
+# Also: make serve (graph editor on PORT, default 8188), make bench, make docs (the README's plots), make lint,
+# make lint-fix, make test-math, make standins, make setup.
 SHELL := /bin/bash
 PYTHON3 ?= python3
 export FEWSTEP_CACHE ?= $(HOME)/.cache/fewstep
@@ -9,7 +11,7 @@ VENV_PY := $(FEWSTEP_CACHE)/venv/bin/python
 PORT ?= 8188
 PYTEST_ARGS ?=
 
-.PHONY: setup standins test test-math demo serve bench clean
+.PHONY: setup standins lint lint-fix test test-math demo docs serve bench clean
 
 setup:
 	@$(PYTHON3) tools/setup_env.py >/dev/null
@@ -17,7 +19,13 @@ setup:
 standins: setup
 	@$(VENV_PY) -m tools.standins sd15 >/dev/null
 
-test: setup standins
+lint: setup
+	@$(VENV_PY) -m ruff check --quiet --output-format concise . && echo "fewstep lint: ruff clean"
+
+lint-fix: setup
+	$(VENV_PY) -m ruff check --fix .
+
+test: setup standins lint
 	$(VENV_PY) -m pytest tests -q $(PYTEST_ARGS)
 
 test-math: setup
@@ -25,6 +33,9 @@ test-math: setup
 
 demo: setup standins
 	$(VENV_PY) -m tools.demo
+
+docs: setup
+	$(VENV_PY) -m tools.docs_plots docs
 
 serve: setup standins
 	$(VENV_PY) -m tools.serve --port $(PORT)

@@ -3,6 +3,7 @@
 Idempotent and offline-friendly: installs requirements.txt only when something in it is missing. Never installs or
 upgrades torch; does no GPU work.
 """
+from __future__ import annotations
 import importlib.util
 import os
 import subprocess

@@ -112,14 +112,14 @@ def instrument_unet(patcher):
 
 @contextlib.contextmanager
 def fused_off():
-    from fewstep.nodes import engine
+    from fewstep.kernels import loop
 
-    saved = engine.use_fused
-    engine.use_fused = lambda mode, x: False
+    saved = loop.use_fused
+    loop.use_fused = lambda mode, x: False
     try:
         yield
     finally:
-        engine.use_fused = saved
+        loop.use_fused = saved
 
 
 def load(kind: str):
@@ -172,7 +172,7 @@ def run_case(kind, model, vae, px, steps, reps, cuda):
     results, images = [], {}
     for label, sampler, scheduler, mode in VARIANTS:
         if mode == "fused" and not cuda and not host_fused_available():
-            print(f"  {label}: fewstep.nodes.engine has no fused path; skipped")
+            print(f"  {label}: fewstep.kernels.loop has no fused path; skipped")
             continue
 
         def sample():

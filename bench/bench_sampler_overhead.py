@@ -16,9 +16,10 @@ What it measures (CPU is fine; no GPU needed):
    * per step = (count at 8 steps - count at 4 steps) / 4, which removes everything outside the loop;
    * host microseconds per step = median over ``--reps`` paired runs of (t8 - t4) / 4 (wall time, no counting mode).
 
-2. **Sampler math alone** (no host): ``samplers.consistency.sample_consistency`` and ``kernels.loop.sample_fused``
-   (torch fallback backend, the same math as the one-launch Triton kernel; see ``bench/bench_step_kernels.py`` for
-   Triton launch counts) and core ``sample_lcm`` / ``sample_euler``, each with a 0-op stub denoiser.
+2. **Sampler math alone** (no host): the named samplers ``samplers.lcm.sample_lcm`` / ``samplers.tcd.sample_tcd``
+   on their unfused loop, ``kernels.loop.sample_fused`` (torch fallback backend, the same math as the one-launch
+   Triton kernel; see ``bench/bench_step_kernels.py`` for Triton launch counts) and core ``sample_lcm`` /
+   ``sample_euler``, each with a 0-op stub denoiser.
 
 Prints markdown tables with ratios vs core ``lcm``; ``--json`` writes every number.
 """
@@ -252,20 +253,20 @@ def sd15_conds(device="cpu"):
 def forced_fused():
     """Route fewstep's host sampler through its fused loop on the CPU (torch backend): same loop as on a GPU,
     with the step math done by the torch fallback instead of the Triton kernel."""
-    from fewstep.nodes import engine
+    from fewstep.kernels import loop
 
-    saved = engine.use_fused
-    engine.use_fused = lambda mode, x: mode != "off"
+    saved = loop.use_fused
+    loop.use_fused = lambda mode, x: mode != "off"
     try:
         yield
     finally:
-        engine.use_fused = saved
+        loop.use_fused = saved
 
 
 def host_fused_available() -> bool:
-    from fewstep.nodes import engine
+    from fewstep.kernels import loop
 
-    return hasattr(engine, "sample_fused") and hasattr(engine, "use_fused")
+    return hasattr(loop, "sample_fused") and hasattr(loop, "use_fused")
 
 
 # (label, sampler, scheduler, forced fused loop)
@@ -338,33 +339,33 @@ def _sigmas(ms, steps, scheduler):
 def run_math(reps: int, lo: int = 4, hi: int = 8, log=print) -> list[dict]:
     import comfy.k_diffusion.sampling as kd
 
+    from fewstep.kernels.consistency_step import coefficient_table
     from fewstep.kernels.loop import sample_fused
-    from fewstep.samplers import consistency
+    from fewstep.samplers import SAMPLERS
+    from fewstep.samplers.parametrisation import parametrisation
+    from fewstep.samplers.step import Step, step_coefficients
 
     patcher = build_stub_patcher("sd15", torch.float32)
     ms = patcher.model.model_sampling
     den = StubDenoiser(ms)
     x0 = torch.randn(LATENT, generator=torch.Generator().manual_seed(SEED))
+    steps_of = {"lcm": Step(1.0, True, True), "tcd": Step(0.3)}
 
-    lcm_kw = dict(gamma=1.0, boundary=True, clean_intermediate=True)
-    tcd_kw = dict(gamma=0.3, boundary=False, clean_intermediate=False)
-
-    def fused_inputs(steps, kw):
+    def fused_inputs(steps, name):
         sig = _sigmas(ms, steps, "fewstep_lcm50")
-        lin = consistency.linear_step_coefficients(consistency.step_coefficients(sig, ms, **kw))
-        coeffs = lin.as_tensor()
+        coeffs = coefficient_table(step_coefficients(sig, parametrisation(ms), steps_of[name]), "cpu")
         noise = torch.randn((steps - 1, *LATENT), generator=torch.Generator().manual_seed(SEED))  # last: none
         return sig, coeffs, noise
 
-    def make_consistency(kw):
+    def make_named(name):
         def make(steps):
             sig = _sigmas(ms, steps, "fewstep_lcm50")
-            return lambda: consistency.sample_consistency(den, x0, sig, {"seed": SEED}, None, True, **kw)
+            return lambda: SAMPLERS[name](den, x0, sig, {"seed": SEED}, None, True, fused="off")
         return make
 
-    def make_fused(kw):
+    def make_fused(name):
         def make(steps):
-            sig, coeffs, noise = fused_inputs(steps, kw)
+            sig, coeffs, noise = fused_inputs(steps, name)
             return lambda: sample_fused(den, x0, sig, coeffs, noise, None, None, True, backend="torch")
         return make
 
@@ -375,9 +376,9 @@ def run_math(reps: int, lo: int = 4, hi: int = 8, log=print) -> list[dict]:
         return make
 
     cases = []
-    for name, kw in (("lcm", lcm_kw), ("tcd", tcd_kw)):
-        cases.append((f"fewstep sample_consistency ({name}, CPU step noise)", make_consistency(kw)))
-        cases.append((f"fewstep sample_fused ({name}, torch backend, pre-drawn noise)", make_fused(kw)))
+    for name in ("lcm", "tcd"):
+        cases.append((f"fewstep sample_{name} (unfused loop, CPU step noise)", make_named(name)))
+        cases.append((f"fewstep sample_fused ({name}, torch backend, pre-drawn noise)", make_fused(name)))
     cases.append(("core sample_lcm (sgm_uniform)", make_core(kd.sample_lcm, {"seed": SEED})))
     cases.append(("core sample_euler (sgm_uniform)", make_core(kd.sample_euler, {})))
 
@@ -495,7 +496,7 @@ def main(argv=None) -> dict:
     print("## Host path: comfy.sample.sample with a stub UNet (tensors on the CPU; scalar reads are syncs on a GPU)\n")
     print(host_table(host))
     if not host_fused_available():
-        print("\n(fewstep.nodes.engine has no fused path yet: fused-loop rows skipped)")
+        print("\n(fewstep.kernels.loop has no fused path: fused-loop rows skipped)")
     print()
     print(op_breakdown(host, args.cfg[0]))
     if math:

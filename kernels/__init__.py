@@ -3,9 +3,12 @@
 Launcher: ``from kernels.consistency_step import consistency_step``.
 Pure math: never imports ``comfy``; importing this package never imports ``triton``.
 """
+from __future__ import annotations
 
-from .coefficients import COEFF_FIELDS, N_COEFFS, linear_coefficients
 from .consistency_step import (  # the launcher `consistency_step` is not re-exported: it would shadow the submodule
+    COEFF_FIELDS,
+    N_COEFFS,
+    coefficient_table,
     consistency_step_fallback,
     consistency_step_reference,
     fused_backend,
@@ -14,12 +17,12 @@ from .consistency_step import (  # the launcher `consistency_step` is not re-exp
     triton_available,
 )
 from .graph import CudaGraphCapturer, GraphCache, GraphKey, allocator_backend, capture_allowed
-from .loop import sample_fused
+from .loop import sample_fused, use_fused
 
 __all__ = [
     "COEFF_FIELDS",
     "N_COEFFS",
-    "linear_coefficients",
+    "coefficient_table",
     "consistency_step_fallback",
     "consistency_step_reference",
     "fused_backend",
@@ -27,6 +30,7 @@ __all__ = [
     "interpreter_enabled",
     "triton_available",
     "sample_fused",
+    "use_fused",
     "GraphKey",
     "GraphCache",
     "CudaGraphCapturer",

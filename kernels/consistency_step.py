@@ -2,11 +2,12 @@
 
     x_next = a_x * x + a_d * D_raw + a_z * z        x0 = b_x * x + b_d * D_raw
 
-The five coefficients are row ``step`` of a device float32 tensor ``[n_steps, 5]`` (see
-``kernels.coefficients.linear_coefficients``); ``step`` is a Python int passed to the kernel as a runtime
-argument, so nothing is read back to the host and one compiled kernel serves every step.
+The five coefficients are row ``step`` of a device float32 tensor ``[n_steps, 5]``, columns ``COEFF_FIELDS``: the
+table of ``samplers.step.step_coefficients`` (the one builder), put on the device by ``coefficient_table``. ``step``
+is a Python int passed to the kernel as a runtime argument, so nothing is read back to the host and one compiled
+kernel serves every step.
 
-Layout of this file (style.md section 7): kernel source, launcher, pure-PyTorch reference, fallback, dispatcher.
+Layout of this file: coefficient table, kernel source, launcher, pure-PyTorch reference, fallback, dispatcher.
 
 Triton is imported lazily: importing this module never imports ``triton``. The kernel object is built on the
 first launch, explicitly as a compiled ``JITFunction`` for CUDA tensors and as an ``InterpretedFunction`` for CPU
@@ -21,9 +22,10 @@ import os
 
 import torch
 
-from .coefficients import N_COEFFS
-
 __all__ = [
+    "COEFF_FIELDS",
+    "N_COEFFS",
+    "coefficient_table",
     "consistency_step",
     "consistency_step_reference",
     "consistency_step_fallback",
@@ -37,6 +39,10 @@ log = logging.getLogger("fewstep")
 
 #: Env var that lets ``fused_step`` pick the Triton *interpreter* for CPU tensors (needs ``TRITON_INTERPRET=1`` too).
 ALLOW_INTERPRETER_ENV = "FEWSTEP_ALLOW_TRITON_INTERPRETER"
+
+#: Column order of the coefficient table: the order the kernel reads a row in (offsets 0-4 below).
+COEFF_FIELDS = ("a_x", "a_d", "a_z", "b_x", "b_d")
+N_COEFFS = len(COEFF_FIELDS)
 
 _MAX_BLOCK = 1024
 _MIN_BLOCK = 128
@@ -158,20 +164,11 @@ def _check_args(x, denoised, noise, coeffs, step) -> int:
     return step % n_steps
 
 
-def _deliver(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    if out is None:
-        return result
-    if out is not result:
-        out.copy_(result)
-    return out
-
-
-def _check_out(out: torch.Tensor | None, x: torch.Tensor, name: str) -> None:
-    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or out.device != x.device):
-        raise ValueError(
-            f"consistency_step: {name} must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}); "
-            f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
-        )
+def coefficient_table(coeffs, device) -> torch.Tensor:
+    """The kernel's ``[n_steps, 5]`` float32 table on ``device`` from any record with the ``COEFF_FIELDS`` attributes
+    (``samplers.step.StepCoefficients``: float64 CPU tensors). A pre-loop copy; nothing is read back."""
+    table = torch.stack([torch.as_tensor(getattr(coeffs, f), dtype=torch.float64) for f in COEFF_FIELDS], dim=1)
+    return table.to(torch.float32).to(device).contiguous()  # cast on the CPU: MPS has no float64
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -183,20 +180,15 @@ def consistency_step(
     noise: torch.Tensor | None,
     coeffs: torch.Tensor,
     step: int,
-    out: torch.Tensor | None = None,
-    x0_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One fused step with the Triton kernel: returns ``(x_next, x0)`` in ``x.dtype``. Exactly one launch.
 
     ``x``/``denoised``/``noise`` may have different float dtypes (fp32/fp16/bf16); math is fp32. ``noise=None``
-    compiles the ``HAS_NOISE=False`` variant (last step). ``out`` may alias ``x`` (elementwise, read-before-write).
-    Needs CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1`` (the interpreter). Non-contiguous inputs are
-    made contiguous first (an extra copy; the sampler's tensors are contiguous so this never happens there);
-    non-contiguous ``out``/``x0_out`` are filled through a temporary.
+    compiles the ``HAS_NOISE=False`` variant (last step). Needs CUDA tensors, or CPU tensors with
+    ``TRITON_INTERPRET=1`` (the interpreter). Non-contiguous inputs are made contiguous first (an extra copy; the
+    sampler's tensors are contiguous so this never happens there).
     """
     step = _check_args(x, denoised, noise, coeffs, step)
-    _check_out(out, x, "out")
-    _check_out(x0_out, x, "x0_out")
     _check_kernel_coeffs(coeffs, x)
     if x.is_cuda:
         interpret = False
@@ -213,9 +205,7 @@ def consistency_step(
     xc, dc = x.contiguous(), denoised.contiguous()
     zc = noise.contiguous() if noise is not None else xc  # dummy pointer, never read when HAS_NOISE=False
     coeffs = coeffs.contiguous()
-    inputs = (xc, dc, zc)
-    xn = out if _writable_in_place(out, inputs) else torch.empty_like(xc)
-    x0 = x0_out if _writable_in_place(x0_out, inputs) else torch.empty_like(xc)
+    xn, x0 = torch.empty_like(xc), torch.empty_like(xc)
 
     n = xc.numel()
     if n > 0:
@@ -226,28 +216,15 @@ def consistency_step(
                 kernel[grid](xc, dc, zc, coeffs, xn, x0, n, step, HAS_NOISE=noise is not None, BLOCK=block, num_warps=num_warps)
         else:
             kernel[grid](xc, dc, zc, coeffs, xn, x0, n, step, HAS_NOISE=noise is not None, BLOCK=block, num_warps=num_warps)
-    return _deliver(xn, out), _deliver(x0, x0_out)
+    return xn, x0
 
 
 def _check_kernel_coeffs(coeffs: torch.Tensor, x: torch.Tensor) -> None:
     if coeffs.dtype != torch.float32 or coeffs.device != x.device:
         raise ValueError(
             f"consistency_step: coeffs must be float32 on {x.device} (got {coeffs.dtype} on {coeffs.device}); "
-            "build them once with linear_coefficients(..., device=x.device)"
+            "build them once with coefficient_table(coeffs, x.device)"
         )
-
-
-def _writable_in_place(out: torch.Tensor | None, inputs) -> bool:
-    """Whether the kernel may write ``out`` directly: contiguous, and sharing memory with an input only as that exact
-    tensor (element i read and written by the same program). A partial overlap (a shifted view of ``x``) would be
-    read after other blocks wrote it, so it goes through a temporary."""
-    if out is None or not out.is_contiguous():
-        return False
-    for t in inputs:
-        if t.untyped_storage().data_ptr() == out.untyped_storage().data_ptr() and not (
-                t.data_ptr() == out.data_ptr() and t.shape == out.shape and t.is_contiguous()):
-            return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -259,8 +236,6 @@ def consistency_step_reference(
     noise: torch.Tensor | None,
     coeffs: torch.Tensor,
     step: int,
-    out: torch.Tensor | None = None,
-    x0_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-PyTorch reference of ``consistency_step``: same math and operation order, fp32 compute, then cast.
 
@@ -268,15 +243,13 @@ def consistency_step_reference(
     int is a view, so nothing is read back to the host).
     """
     step = _check_args(x, denoised, noise, coeffs, step)
-    _check_out(out, x, "out")
-    _check_out(x0_out, x, "x0_out")
     a_x, a_d, a_z, b_x, b_d = coeffs[step].to(torch.float32).unbind(0)
     xf, df = x.float(), denoised.float()
     x0 = b_x * xf + b_d * df
     xn = a_x * xf + a_d * df
     if noise is not None:
         xn = xn + a_z * noise.float()
-    return _deliver(xn.to(x.dtype), out), _deliver(x0.to(x.dtype), x0_out)
+    return xn.to(x.dtype), x0.to(x.dtype)
 
 
 #: Used whenever Triton cannot run (no triton, CPU/MPS tensors without the interpreter). Same math as the kernel.
@@ -313,8 +286,6 @@ def fused_step(
     noise: torch.Tensor | None,
     coeffs: torch.Tensor,
     step: int,
-    out: torch.Tensor | None = None,
-    x0_out: torch.Tensor | None = None,
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,24 +297,22 @@ def fused_step(
     if backend in (None, "auto"):
         backend = fused_backend(x)
     if backend == "torch":
-        return consistency_step_fallback(x, denoised, noise, coeffs, step, out, x0_out)
+        return consistency_step_fallback(x, denoised, noise, coeffs, step)
     if backend != "triton":
         raise ValueError(f"fused_step: backend must be None, 'auto', 'triton' or 'torch', got {backend!r}")
     if not x.is_cuda:
-        return consistency_step(x, denoised, noise, coeffs, step, out, x0_out)
+        return consistency_step(x, denoised, noise, coeffs, step)
     if _TRITON_BROKEN is not None:  # a launch already failed in this process: no retry (and no repeated warning)
-        return consistency_step_fallback(x, denoised, noise, coeffs, step, out, x0_out)
+        return consistency_step_fallback(x, denoised, noise, coeffs, step)
     # Argument errors surface as errors (checked here, before the launch); anything the launch itself raises --
     # including a ValueError from Triton, e.g. kernel sources missing from the install -- is a backend failure.
     _check_args(x, denoised, noise, coeffs, step)
-    _check_out(out, x, "out")
-    _check_out(x0_out, x, "x0_out")
     _check_kernel_coeffs(coeffs, x)
     try:
-        return consistency_step(x, denoised, noise, coeffs, step, out, x0_out)
+        return consistency_step(x, denoised, noise, coeffs, step)
     except Exception as e:  # compile / driver failure (e.g. GPU arch unsupported by this triton)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             raise
         _TRITON_BROKEN = f"{type(e).__name__}: {e}"
         log.warning("fewstep: Triton consistency step failed (%s); using the torch fallback from now on", _TRITON_BROKEN)
-        return consistency_step_fallback(x, denoised, noise, coeffs, step, out, x0_out)
+        return consistency_step_fallback(x, denoised, noise, coeffs, step)

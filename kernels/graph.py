@@ -7,7 +7,7 @@ Usage (the host decides *whether* to capture from plain facts, then routes each 
     key = GraphKey.from_tensors(x, [c_crossattn, y], cfg=cfg > 1, patch_state=(patcher.patches_uuid, version))
     out = cache.get_or_capture(key, unet_fn, (x, t), {"context": c_crossattn, "y": y}) if ok else unet_fn(...)
 
-Pitfalls handled here (speed.md section 7): every tensor input is copied into a static buffer before replay
+Pitfalls handled here: every tensor input is copied into a static buffer before replay
 (static addresses); outputs are cloned (the next replay overwrites them); 2 warm-up runs on a side stream before
 capture (cuBLAS workspaces, cudnn/Triton autotune, lazy init); capture on torch's non-default capture stream;
 syncs or any other error during warm-up/capture -> eager, one log line per key, never retried for that key,
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 __all__ = ["GraphKey", "GraphCache", "CudaGraphCapturer", "capture_allowed", "allocator_backend"]
 
@@ -139,37 +140,26 @@ class GraphKey:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Tiny pytree over tuple / list / dict (tensors are leaves, everything else is a baked constant)
+# Inputs as (tensor leaves, structure): torch's pytree; non-tensor leaves are constants baked into the graph
 # --------------------------------------------------------------------------------------------------------------------
-_TENSOR = "<tensor>"
+def _flatten(obj: Any) -> tuple[list[torch.Tensor], tuple]:
+    """``obj``'s tensors, and its structure: the tree spec plus every non-tensor leaf with its position."""
+    leaves, spec = pytree.tree_flatten(obj)
+    tensors = [v for v in leaves if isinstance(v, torch.Tensor)]
+    consts = tuple((i, v) for i, v in enumerate(leaves) if not isinstance(v, torch.Tensor))
+    return tensors, (spec, consts)
 
 
-def _flatten(obj: Any, leaves: list[torch.Tensor]):
-    if isinstance(obj, torch.Tensor):
-        leaves.append(obj)
-        return _TENSOR
-    if type(obj) in (tuple, list):
-        return (type(obj), tuple(_flatten(o, leaves) for o in obj))
-    if type(obj) is dict:
-        return (dict, tuple((k, _flatten(v, leaves)) for k, v in obj.items()))
-    return ("const", obj)
+def _unflatten(structure: tuple, tensors: Sequence[torch.Tensor]):
+    spec, consts = structure
+    fixed, it = dict(consts), iter(tensors)
+    return pytree.tree_unflatten([fixed[i] if i in fixed else next(it) for i in range(spec.num_leaves)], spec)
 
 
-def _unflatten(spec, leaves_iter):
-    if spec is _TENSOR or (isinstance(spec, str) and spec == _TENSOR):
-        return next(leaves_iter)
-    kind, payload = spec
-    if kind == "const":
-        return payload
-    if kind is dict:
-        return {k: _unflatten(v, leaves_iter) for k, v in payload}
-    return kind(_unflatten(v, leaves_iter) for v in payload)
-
-
-def _same_spec(a, b) -> bool:
+def _same_structure(a: tuple, b: tuple) -> bool:
     try:
-        return bool(a == b)
-    except Exception:
+        return bool(a[0] == b[0]) and bool(a[1] == b[1])
+    except Exception:  # a constant whose == is not a plain bool
         return False
 
 
@@ -196,8 +186,7 @@ class CudaGraphCapturer:
 
     def capture(self, fn: Callable, args: tuple, kwargs: dict, warmup_runs: int):
         """Warm up on a side stream, capture one call; returns ``(replay, static_out, graph)``."""
-        leaves: list[torch.Tensor] = []
-        _flatten((args, kwargs), leaves)
+        leaves, _ = _flatten((args, kwargs))
         device = leaves[0].device
         with torch.cuda.device(device), torch.no_grad():
             side = torch.cuda.Stream(device=device)
@@ -263,9 +252,6 @@ class GraphCache:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def __contains__(self, key) -> bool:
-        return key in self._graphs
-
     def keys(self) -> list:
         """Captured keys, least recently used first."""
         return list(self._graphs)
@@ -305,8 +291,7 @@ class GraphCache:
     def get_or_capture(self, key: Hashable, fn: Callable, static_inputs: Sequence = (), static_kwargs: dict | None = None):
         args = tuple(static_inputs)
         kwargs = {} if static_kwargs is None else dict(static_kwargs)
-        leaves: list[torch.Tensor] = []
-        spec = _flatten((args, kwargs), leaves)
+        leaves, spec = _flatten((args, kwargs))
 
         if key in self._failed:
             return self._eager(fn, args, kwargs)
@@ -337,9 +322,8 @@ class GraphCache:
                 static.copy_(new)
         entry.replay()
         self.stats["replays"] += 1
-        out_leaves: list[torch.Tensor] = []
-        out_spec = _flatten(entry.static_out, out_leaves)
-        return _unflatten(out_spec, iter([t.clone() for t in out_leaves]))
+        out_leaves, out_spec = _flatten(entry.static_out)
+        return _unflatten(out_spec, [t.clone() for t in out_leaves])
 
     def _evict_one(self) -> None:
         _, old = self._graphs.popitem(last=False)
@@ -360,7 +344,7 @@ class GraphCache:
             return None
         try:
             static_leaves = [t.detach().clone() for t in leaves]
-            args, kwargs = _unflatten(spec, iter(static_leaves))
+            args, kwargs = _unflatten(spec, static_leaves)
             replay, static_out, handle = self.capturer.capture(fn, args, kwargs, self.warmup_runs)
         except self.passthrough:
             raise
@@ -377,7 +361,7 @@ class GraphCache:
 
     @staticmethod
     def _mismatch(entry: _Entry, spec, leaves) -> str | None:
-        if not _same_spec(entry.spec, spec):
+        if not _same_structure(entry.spec, spec):
             return "argument structure or a non-tensor argument changed"
         if len(entry.static_leaves) != len(leaves):
             return "number of tensor inputs changed"

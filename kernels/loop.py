@@ -1,18 +1,44 @@
-"""Sync-free consistency sampling loop built on the fused step.
+"""Sync-free consistency sampling loop built on the fused step, and the switch that picks it.
 
 Per step: one model call, one fused-step launch (``kernels.consistency_step.fused_step``), nothing read back to
 the host. Every branch is decided from Python ints (the step index), never from a device tensor, so the loop can
-run ahead of the GPU and can sit inside a CUDA graph capture.
+run ahead of the GPU and can sit inside a CUDA graph capture. The samplers (``samplers.consistency.run``) build the
+coefficient table and draw the step noise; ``sample_fused`` puts the table on the device and runs the loop.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from .coefficients import N_COEFFS
-from .consistency_step import fused_backend, fused_step
+from . import consistency_step
+from .consistency_step import N_COEFFS, coefficient_table, fused_backend, fused_step
 
-__all__ = ["sample_fused"]
+__all__ = ["use_fused", "sample_fused"]
+
+log = logging.getLogger("fewstep")
+_LOGGED: set = set()
+
+
+def use_fused(mode: str, x: torch.Tensor) -> bool:
+    """Whether a run in ``fused`` mode ``mode`` ("auto" / "on" / "off") takes the fused loop for latent ``x``: on a
+    CUDA latent with Triton importable. "on" without them is an error naming what is missing; "auto" on a GPU
+    without Triton says once why it runs the unfused loop."""
+    if mode == "off":
+        return False
+    if not x.is_cuda:
+        why = f"the latent is on {x.device}, and the fused kernel runs on CUDA"
+    elif not consistency_step.triton_available():
+        why = "triton cannot be imported in this Python (pip install triton, or triton-windows on Windows)"
+    else:
+        return True
+    if mode == "on":
+        raise ValueError(f"fewstep sampler: fused=on, but {why}; set fused to auto or off")
+    if x.is_cuda and why not in _LOGGED:
+        _LOGGED.add(why)
+        log.info("fewstep: sampler fused=auto runs the unfused loop: %s", why)
+    return False
 
 
 def _trange(n: int, disable):
@@ -42,7 +68,7 @@ def sample_fused(
     model,
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    coeffs: torch.Tensor,
+    coeffs,
     noise: torch.Tensor | None,
     extra_args: dict | None = None,
     callback=None,
@@ -57,7 +83,8 @@ def sample_fused(
         model: k-diffusion denoiser, ``model(x, sigma * s_in, **extra_args) -> x0`` (after CFG).
         x: initial latent, already scaled to ``sigmas[0]`` (k-diffusion convention).
         sigmas: ``[n_steps + 1]`` schedule on ``x.device`` (the model receives ``sigmas[i] * s_in``).
-        coeffs: ``[n_steps, 5]`` float32 on ``x.device`` from ``linear_coefficients`` (columns a_x, a_d, a_z, b_x, b_d).
+        coeffs: the run's coefficients: ``samplers.step.StepCoefficients`` (put on ``x.device`` here), or the
+            kernel's ``[n_steps, 5]`` float32 table on ``x.device`` (columns ``COEFF_FIELDS``).
         noise: pre-drawn noise, row ``i`` used by step ``i``: ``[n_steps, *x.shape]`` when the last step adds
             noise too (a split schedule ending above sigma 0), ``[n_steps - 1, *x.shape]`` when it does not (the
             usual run to sigma 0: the last step then reads no noise), or ``None`` when no step is stochastic
@@ -70,12 +97,14 @@ def sample_fused(
     No ``.item()``, no branch on a device tensor: whether step ``i`` reads noise is ``i < noise.shape[0]``.
     """
     extra_args = {} if extra_args is None else extra_args
+    if not isinstance(coeffs, torch.Tensor):
+        coeffs = coefficient_table(coeffs, x.device)
     n = _check_loop_args(x, sigmas, coeffs, noise)
     if backend in (None, "auto"):
         backend = fused_backend(x)
-    s_in = x.new_ones([x.shape[0]])
+    sigma_in = sigmas.to(x)[:, None] * x.new_ones([x.shape[0]])  # row i: sigmas[i] per image, for the whole run
     for i in _trange(n, disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        denoised = model(x, sigma_in[i], **extra_args)
         z = noise[i] if (noise is not None and i < noise.shape[0]) else None
         x_next, x0 = fused_step(x, denoised, z, coeffs, i, backend=backend)
         if callback is not None:

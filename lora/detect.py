@@ -33,7 +33,6 @@ import os
 import re
 import struct
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from .detect_dit import DIT_FAMILIES, dit_shape, match_release, preset_names, release_preset, release_problems
 from .detect_unet import (KNOWN_HASHES, NEW_PRESET_NAMES, Shape, analyse_structure, base_from_text, match_name,
@@ -74,9 +73,9 @@ class Detection:
     """
 
     kind: str
-    preset_name: Optional[str]
-    base_model: Optional[str]
-    steps: Optional[int]
+    preset_name: str | None
+    base_model: str | None
+    steps: int | None
     confidence: str
     evidence: list[str] = field(default_factory=list)
     accel_like_structure: bool = False
@@ -111,7 +110,7 @@ def _ancestor_names(path: str, levels: int = 3) -> list[str]:
     return out
 
 
-def _metadata_base(meta: dict, ev: list[str]) -> Optional[str]:
+def _metadata_base(meta: dict, ev: list[str]) -> str | None:
     """The base model the header names (``modelspec.architecture``, ``ss_base_model_version``, ``ss_v2``), noted in
     ``ev``."""
     meta_base = None
@@ -126,13 +125,13 @@ def _metadata_base(meta: dict, ev: list[str]) -> Optional[str]:
     return meta_base
 
 
-def _shape(adapter: Adapter, blocks: Optional[BlockLayout]) -> Shape:
+def _shape(adapter: Adapter, blocks: BlockLayout | None) -> Shape:
     """The structure verdict from the side (UNet or DiT) whose module names the adapter has."""
     u = unet_shape(adapter)
     return u if u.verdict != "none" else dit_shape(adapter, blocks)
 
 
-def _name_candidates(adapter: Adapter, ev: list[str]) -> tuple[list[tuple[str, str]], Optional[str]]:
+def _name_candidates(adapter: Adapter, ev: list[str]) -> tuple[list[tuple[str, str]], str | None]:
     """(where, text) to match release names in, and a base model the folders name."""
     meta = adapter.metadata or {}
     candidates = [("file name", adapter.path)]
@@ -165,7 +164,7 @@ def _match(text: str, s: Shape, loose: bool):
     return r.kind, release_preset(r, steps), steps, f.name, f"name matches {r.label}", expert, r
 
 
-def _payload_hash(adapter: Adapter, meta: dict, compute: bool, ev: list[str]) -> Optional[str]:
+def _payload_hash(adapter: Adapter, meta: dict, compute: bool, ev: list[str]) -> str | None:
     """The payload short hash when the header claims a known one (to check the claim) or ``compute`` asks, else
     None; a header claim the payload does not back is noted and ignored."""
     claimed = (meta.get("sshs_model_hash") or "").lower()[:12] or None
@@ -181,8 +180,8 @@ def _payload_hash(adapter: Adapter, meta: dict, compute: bool, ev: list[str]) ->
     return short
 
 
-def detect(source: Union[Adapter, str, os.PathLike], *, compute_hash: bool = False,
-           blocks: Optional[BlockLayout] = None) -> Detection:
+def detect(source: Adapter | str | os.PathLike, *, compute_hash: bool = False,
+           blocks: BlockLayout | None = None) -> Detection:
     """Detect the acceleration-LoRA kind and base model of an adapter (or a ``.safetensors`` path).
 
     Args:
@@ -255,7 +254,7 @@ def _known(short: str, ev: list[str], finish) -> Detection:
     return finish(kind, preset, int(m.group(1)) if m else None, base, "high")
 
 
-def family_label(name: Optional[str]) -> str:
+def family_label(name: str | None) -> str:
     """The label of family ``name`` for messages ("SDXL", "Flux"), or "unknown"."""
     f = FAMILIES.get(name or "")
     return f.label if f else (name or "unknown")

@@ -21,7 +21,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Optional
 
 from .adapters import LoraModule
 from .families import FAMILIES, dit
@@ -44,14 +43,14 @@ def names_of(adapter: Adapter) -> list[str]:
     return [canonical(e.name, _NAMES) for e in adapter.entries]
 
 
-def _width(adapter: Adapter, names: list[str]) -> Optional[int]:
+def _width(adapter: Adapter, names: list[str]) -> int | None:
     """The most common input width of the blocks' attention LoRAs (the model width), or None."""
     c = Counter(int(e.down.reshape(e.down.shape[0], -1).shape[1]) for e, n in zip(adapter.entries, names)
                 if isinstance(e, LoraModule) and _BLOCK.match(n) and re.search(r"to_q$|_q$|qkv$", n))
     return c.most_common(1)[0][0] if c else None
 
 
-def identify(adapter: Adapter, names: Optional[list[str]] = None) -> tuple[Optional[str], str, tuple[str, ...]]:
+def identify(adapter: Adapter, names: list[str] | None = None) -> tuple[str | None, str, tuple[str, ...]]:
     """(family name or None, why, candidate families when several fit)."""
     names = names_of(adapter) if names is None else names
     uniq = sorted(set(names))
@@ -100,7 +99,7 @@ class DitFacts:
     covered: dict[tuple[str, int], set[str]]
     every: bool
     gaps: bool
-    depth: Optional[int]
+    depth: int | None
     outside: int
     diffs: int
     ranks: set[int]
@@ -121,7 +120,7 @@ class DitFacts:
                 (f"mixed ranks {sorted(self.ranks)}" if self.ranks else "no plain LoRA modules")]
 
 
-def dit_facts(adapter: Adapter, names: list[str], blocks: Optional[BlockLayout] = None) -> DitFacts:
+def dit_facts(adapter: Adapter, names: list[str], blocks: BlockLayout | None = None) -> DitFacts:
     covered = _blocks(names)
     streams: dict[str, list[int]] = {}
     for st, i in covered:
@@ -140,7 +139,7 @@ STYLE_RANK = 16
 """Below this rank a DiT LoRA is style-shaped: the DiT distillation releases use rank 32 to 128."""
 
 
-def dit_shape(adapter: Adapter, blocks: Optional[BlockLayout] = None) -> Shape:
+def dit_shape(adapter: Adapter, blocks: BlockLayout | None = None) -> Shape:
     """The DiT structure verdict (module doc); ``blocks``: the loaded model's bound block layout, if known."""
     names = names_of(adapter)
     base, why_base, cands = identify(adapter, names)
@@ -177,7 +176,7 @@ def release_problems(r: Release, f: DitFacts) -> list[str]:
     return out
 
 
-def match_release(text: str, families: tuple[Family, ...]) -> Optional[tuple[Family, Release, Optional[int], str]]:
+def match_release(text: str, families: tuple[Family, ...]) -> tuple[Family, Release, int | None, str] | None:
     """(family, release, steps, expert) of the first release ``text`` names among ``families``, or None."""
     t = text.lower()
     for f in families:
@@ -190,7 +189,7 @@ def match_release(text: str, families: tuple[Family, ...]) -> Optional[tuple[Fam
     return None
 
 
-def release_preset(r: Release, steps: Optional[int]) -> Optional[str]:
+def release_preset(r: Release, steps: int | None) -> str | None:
     """The preset name of a release at ``steps`` (None when the release has no preset for that step count)."""
     if not r.preset or (r.steps and steps not in r.steps):
         return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 from .adapters import LoraModule
 from .formats import Adapter
@@ -33,7 +32,7 @@ PRESET_NAMES = frozenset(
 NEW_PRESET_NAMES = frozenset([DMD2, FLASH_SDXL, SDXL_TURBO])
 
 # SD.Next extensions-builtin/Lora/network_overrides.py short hashes -> (kind, preset, base)
-KNOWN_HASHES: dict[str, tuple[str, Optional[str], Optional[str]]] = {
+KNOWN_HASHES: dict[str, tuple[str, str | None, str | None]] = {
     "aaebf6360f7d": ("lcm", LCM, "sd15"),
     "3d18b05e4f56": ("lcm", LCM, "sdxl"),
     "b71dcb732467": ("tcd", TCD, "sdxl"),
@@ -63,14 +62,14 @@ class Shape:
     """
 
     verdict: str
-    base: Optional[str]
+    base: str | None
     base_why: str = ""
     why: list[str] = field(default_factory=list)
     candidates: tuple[str, ...] = ()
-    dit: Optional[object] = None  # lora.detect_dit.DitFacts of a DiT adapter
+    dit: object | None = None  # lora.detect_dit.DitFacts of a DiT adapter
 
 
-def base_from_text(s: str) -> Optional[str]:
+def base_from_text(s: str) -> str | None:
     """The base model a name or header string names (SD families and DiTs), or None."""
     t = s.lower()
     for pat, base in ((r"ssd-?1b", "ssd1b"), (r"sdxl|[-_]xl[-_.]|stable-diffusion-xl", "sdxl"),
@@ -84,7 +83,7 @@ def base_from_text(s: str) -> Optional[str]:
     return None
 
 
-def match_name(name: str, loose: bool = False) -> Optional[tuple[str, Optional[str], Optional[int], Optional[str], str]]:
+def match_name(name: str, loose: bool = False) -> tuple[str, str | None, int | None, str | None, str] | None:
     """Match a UNet release file name. Returns (kind, preset, steps, base, why) or None.
 
     ``loose`` also accepts spellings seen in the wild that are too generic to trust without an acceleration-like
@@ -99,7 +98,7 @@ def match_name(name: str, loose: bool = False) -> Optional[tuple[str, Optional[s
     return hit
 
 
-def _hypersd(steps: int, cfg: bool, b: Optional[str], why: str):
+def _hypersd(steps: int, cfg: bool, b: str | None, why: str):
     if cfg:
         preset = f"Hyper-SD CFG {steps}-step"
         return "hypersd", preset if preset in PRESET_NAMES else None, steps, b, why
@@ -109,7 +108,7 @@ def _hypersd(steps: int, cfg: bool, b: Optional[str], why: str):
     return "hypersd", preset if preset in PRESET_NAMES else None, steps, b, why
 
 
-def _match_loose(n: str, base: Optional[str]):
+def _match_loose(n: str, base: str | None):
     m = re.search(r"hyper[-_ ]?sd[-_ ]?(15|xl)?[-_ ]?(\d+)[-_ ]?steps?([-_ ]?cfg)?", n)
     if m:
         b = {"15": "sd15", "xl": "sdxl"}.get(m.group(1) or "", base)
@@ -129,7 +128,7 @@ def _match_loose(n: str, base: Optional[str]):
     return None
 
 
-def _match_release(n: str, base: Optional[str]):
+def _match_release(n: str, base: str | None):
     m = re.search(r"animatelcm", n)
     if m:
         return "animatelcm", ANIMATELCM, None, base or "sd15", "file name matches AnimateLCM*"
@@ -178,11 +177,11 @@ class Structure:
     resnet_blocks: int
     resnet_conv_blocks: int
     has_down_up_samplers: bool
-    context_dim: Optional[int]
+    context_dim: int | None
     has_label_emb: bool
-    max_input_block: Optional[int]
-    max_down_block: Optional[int]
-    base_model: Optional[str]
+    max_input_block: int | None
+    max_down_block: int | None
+    base_model: str | None
     base_why: str
     unet_modules: int = 0
 
@@ -208,7 +207,7 @@ def analyse_structure(adapter: Adapter) -> Structure:
                 resnets_conv.add(blk)
     samplers = any("samplers_0_conv" in n or re.search(r"input_blocks_\d+_0_op$|output_blocks_\d+_[12]_conv$", n)
                    for n in names)
-    ctx: Optional[int] = None
+    ctx: int | None = None
     for e in adapter.entries:
         n = canonical(e.name)
         if isinstance(e, LoraModule) and re.search(r"attn2_to_[kv]$", n):
@@ -226,7 +225,7 @@ def analyse_structure(adapter: Adapter) -> Structure:
                      base_model=base, base_why=why, unet_modules=len(unet))
 
 
-def _unet_base(adapter: Adapter, names: list[str], ctx, label, ins, downs) -> tuple[Optional[str], str]:
+def _unet_base(adapter: Adapter, names: list[str], ctx, label, ins, downs) -> tuple[str | None, str]:
     if ctx == 2048 or label:
         base, why = "sdxl", ("cross-attention context 2048" if ctx == 2048 else "label_emb/add_embedding keys")
         ssd = _ssd1b_layout(names)

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Optional, Union
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -121,9 +121,9 @@ def _pick_energy_rank(s: torch.Tensor, total2: float, energy: float) -> tuple[in
     return r, float(math.sqrt(min(1.0, float(cum[r - 1]))))
 
 
-def _export(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]], rank: Optional[int],
-            energy: Optional[float], max_rank: int, seed: int, dtype: torch.dtype, method: str,
-            lora_names: Optional[Mapping[str, str]] = None) -> tuple[dict[str, torch.Tensor], ExportReport]:
+def _export(deltas: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], rank: int | None,
+            energy: float | None, max_rank: int, seed: int, dtype: torch.dtype, method: str,
+            lora_names: Mapping[str, str] | None = None) -> tuple[dict[str, torch.Tensor], ExportReport]:
     if (rank is None) == (energy is None):
         raise ValueError("export needs exactly one of rank=<int> or energy=<fraction in (0, 1]>")
     if rank is not None and int(rank) < 1:
@@ -194,9 +194,9 @@ def _export(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.
     return sd, rep
 
 
-def export_lora(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]], *,
-                rank: Optional[int] = None, energy: Optional[float] = None, max_rank: int = 256, seed: int = 0,
-                dtype: torch.dtype = torch.float16, lora_names: Optional[Mapping[str, str]] = None
+def export_lora(deltas: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
+                rank: int | None = None, energy: float | None = None, max_rank: int = 256, seed: int = 0,
+                dtype: torch.dtype = torch.float16, lora_names: Mapping[str, str] | None = None
                 ) -> tuple[dict[str, torch.Tensor], ExportReport]:
     """Randomized-SVD export of host-key deltas to a kohya LoRA state dict (see module doc).
 
@@ -213,16 +213,16 @@ def export_lora(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, to
     return _export(deltas, rank, energy, max_rank, seed, dtype, "randomized", lora_names)
 
 
-def full_svd_export(deltas: Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]], *,
-                    rank: Optional[int] = None, energy: Optional[float] = None, max_rank: int = 256,
-                    dtype: torch.dtype = torch.float16, lora_names: Optional[Mapping[str, str]] = None
+def full_svd_export(deltas: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *,
+                    rank: int | None = None, energy: float | None = None, max_rank: int = 256,
+                    dtype: torch.dtype = torch.float16, lora_names: Mapping[str, str] | None = None
                     ) -> tuple[dict[str, torch.Tensor], ExportReport]:
     """Same as ``export_lora`` with the exact ``torch.linalg.svd`` (reference / benchmark)."""
     return _export(deltas, rank, energy, max_rank, 0, dtype, "full", lora_names)
 
 
-def save_lora(path: Union[str, os.PathLike], state_dict: dict[str, torch.Tensor], report: Optional[ExportReport] = None,
-              metadata: Optional[dict[str, str]] = None) -> None:
+def save_lora(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], report: ExportReport | None = None,
+              metadata: dict[str, str] | None = None) -> None:
     """Write the exported state dict as ``.safetensors`` with minimal kohya metadata."""
     path = os.fspath(path)
     if not path.lower().endswith(".safetensors"):

@@ -40,7 +40,6 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 import torch
 
@@ -190,7 +189,7 @@ def check_finite(path: str, key: str, t: torch.Tensor) -> None:
                          f"re-download or re-export it")
 
 
-def _parse_float(v: object) -> Optional[float]:
+def _parse_float(v: object) -> float | None:
     try:
         f = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -208,7 +207,7 @@ class _AlphaResolver:
         self.path = path
         self.part = part
         self.ss_alpha = _parse_float(metadata.get("ss_network_alpha"))
-        self.ss_conv_alpha: Optional[float] = None
+        self.ss_conv_alpha: float | None = None
         args = metadata.get("ss_network_args")
         if args:
             try:
@@ -217,7 +216,7 @@ class _AlphaResolver:
                     self.ss_conv_alpha = _parse_float(parsed.get("conv_alpha"))
             except (ValueError, TypeError):
                 LOG.warning("%s: header ss_network_args is not JSON; ignored", path)
-        self.peft_alpha: Optional[float] = None
+        self.peft_alpha: float | None = None
         self.peft_pattern: dict[str, float] = {}
         self.peft_rslora = False
         raw = metadata.get("lora_adapter_metadata")
@@ -239,7 +238,7 @@ class _AlphaResolver:
                             if f is not None:
                                 self.peft_pattern.setdefault(str(k), f)
 
-    def resolve(self, module: str, is_conv_kxk: bool) -> tuple[Optional[float], str]:
+    def resolve(self, module: str, is_conv_kxk: bool) -> tuple[float | None, str]:
         """(alpha or None, its source) for ``module``; the source "lora_adapter_metadata" implies
         ``self.peft_rslora`` applies."""
         if self.ss_alpha is not None or self.ss_conv_alpha is not None:
@@ -260,7 +259,7 @@ class _AlphaResolver:
         return None, "rank"
 
 
-def read_adapter(path: Union[str, os.PathLike], strict: bool = False) -> Adapter:
+def read_adapter(path: str | os.PathLike, strict: bool = False) -> Adapter:
     """Read a ``.safetensors`` LoRA/LoCon/LoHa/LoKr/GLoRA/OFT/BOFT/IA3/DoRA/full-diff file.
 
     Args:

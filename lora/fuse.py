@@ -36,7 +36,7 @@ the transient cost is one layer's delta plus its factors.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -125,7 +125,7 @@ def _delta64(entry: Entry, key: str, shape: tuple[int, ...], device) -> torch.Te
 
 
 def dora_weight(entry: Entry, key: str, base: torch.Tensor, strength: float, convention: str = "comfyui",
-                device: Optional[torch.device] = None) -> torch.Tensor:
+                device: torch.device | None = None) -> torch.Tensor:
     """The float64 weight a DoRA entry gives at ``strength`` (formulas in the module doc; ``base`` the base weight).
 
     ``convention``: "comfyui" W + s·(D − W) (default), "lycoris" W' + s·(D − W'), "peft" m·(W + sΔW)/‖W + sΔW‖."""
@@ -150,7 +150,7 @@ def dora_weight(entry: Entry, key: str, base: torch.Tensor, strength: float, con
 
 
 def dora_delta(entry, key: str, shape: Sequence[int], strength: float, base_weight: torch.Tensor,
-               device: Optional[torch.device] = None) -> torch.Tensor:
+               device: torch.device | None = None) -> torch.Tensor:
     """float64 DoRA delta ``strength·(D − W)`` of one entry against the base weight (formulas in the module doc); an
     entry on some rows of the weight works on those rows of the base."""
     shape = tuple(int(s) for s in shape)
@@ -193,8 +193,8 @@ def _factors(entry, shape: tuple[int, ...], device) -> tuple[torch.Tensor, torch
 
 
 def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[int],
-              base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              base_weight_fn: BaseWeightFn | None = None, device: torch.device | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """Summed delta for one host key from ``(entry, effective_strength)`` pairs (fp32).
 
     Plain LoRAs: one GEMM over the rank-concatenated factors. Others: added one by one.
@@ -242,7 +242,7 @@ def key_delta(items: Sequence[tuple[Entry, float]], key: str, shape: Sequence[in
 class _BaseCache:
     """The base weight of one key, read once, for the entries that need it."""
 
-    def __init__(self, key: str, fn: Optional[BaseWeightFn]):
+    def __init__(self, key: str, fn: BaseWeightFn | None):
         self.key, self.fn, self.w = key, fn, None
 
     def get(self, entry, what: str = "") -> torch.Tensor:
@@ -276,7 +276,7 @@ def _key_delta64(items, key: str, shape: tuple[int, ...], base_weight_fn, device
 
 
 def group_by_key(entries: Sequence[tuple[Entry, float]], module_to_host: dict[str, str],
-                 key_scale: Optional[KeyScaleFn] = None) -> dict[str, list[tuple[Entry, float]]]:
+                 key_scale: KeyScaleFn | None = None) -> dict[str, list[tuple[Entry, float]]]:
     """Group ``(entry, strength)`` by target host key (insertion order), folding in ``key_scale``.
 
     Raises ValueError naming the file and module for entries with no host key.

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from collections.abc import Iterable
 
 import torch
 
@@ -45,14 +45,14 @@ class Target:
 
     key: str
     start: int = 0
-    size: Optional[int] = None
+    size: int | None = None
     swap_halves: bool = False
 
     @property
     def whole(self) -> bool:
         return self.start == 0 and self.size is None and not self.swap_halves
 
-    def rows(self, total: int) -> Optional[torch.Tensor]:
+    def rows(self, total: int) -> torch.Tensor | None:
         """Weight row of each of the module's rows (LongTensor), for a weight of ``total`` rows; None = identity."""
         if self.whole:
             return None
@@ -71,7 +71,7 @@ class Target:
         return f"{self.key} ({part}{', halves swapped' if self.swap_halves else ''})"
 
 
-HostTarget = Union[str, Target]
+HostTarget = str | Target
 
 
 def as_target(v: HostTarget) -> Target:
@@ -118,8 +118,8 @@ class KeyMapper:
         shapes: host key -> shape (needed for the layout's row-range aliases).
     """
 
-    def __init__(self, host_key_map: dict[str, HostTarget], diffusers_map: Optional[dict[str, HostTarget]] = None,
-                 layout: KeyLayout = UNET_KEYS, shapes: Optional[dict[str, tuple]] = None):
+    def __init__(self, host_key_map: dict[str, HostTarget], diffusers_map: dict[str, HostTarget] | None = None,
+                 layout: KeyLayout = UNET_KEYS, shapes: dict[str, tuple] | None = None):
         self.layout = layout
         host_prefix = layout.host_prefix
         self.table: dict[str, Target] = {}
@@ -173,14 +173,14 @@ class KeyMapper:
         elif old != target:
             self.ambiguous.setdefault(canon, {old}).add(target)
 
-    def lookup_target(self, module: str) -> Optional[Target]:
+    def lookup_target(self, module: str) -> Target | None:
         """Target of ``module`` or None (also None when the name is ambiguous)."""
         c = self.canonical(module)
         if c in self.ambiguous:
             return None
         return self.table.get(c)
 
-    def lookup(self, module: str) -> Optional[str]:
+    def lookup(self, module: str) -> str | None:
         """Host weight key of ``module`` or None."""
         t = self.lookup_target(module)
         return None if t is None else t.key

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Alias:
 
     pattern: str
     template: str
-    rows: Optional[tuple[int, int]] = None
+    rows: tuple[int, int] | None = None
     swap_halves: bool = False
 
 
@@ -106,11 +106,11 @@ class BlockLayout:
     regions: tuple[Region, ...]
     vectors: tuple[tuple[int, tuple[str, ...]], ...] = ()
     outside: tuple[tuple[str, str], ...] = ()
-    lbw_split: Optional[tuple[int, int]] = (0, 0)
+    lbw_split: tuple[int, int] | None = (0, 0)
     te_slots: tuple[str, ...] = ("BASE",)
     from_model: bool = False
 
-    def slots(self, count: int) -> Optional[tuple[str, ...]]:
+    def slots(self, count: int) -> tuple[str, ...] | None:
         return dict(self.vectors).get(count)
 
     @property
@@ -155,7 +155,7 @@ class Release:
     label: str
     preset: str = ""
     steps: tuple[int, ...] = ()
-    default_steps: Optional[int] = None
+    default_steps: int | None = None
     experts: bool = False  # a two-expert release (Wan 2.2): the name says which expert (high / low noise) it is for
     targets: str = "attn+mlp"
     min_rank: int = 32

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -55,7 +55,7 @@ MERGE_MODES = ("linear", "ties", "dare", "dare_ties")
 PRESETS = ("NONE", "ALL", "ALL0.5", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL", "MIDALL")
 DIT_PRESETS = ("NONE", "ALL", "ALL0.5")  # a DiT has no input/output blocks for the others
 
-Layout = Union[str, BlockLayout]
+Layout = str | BlockLayout
 
 
 def layout_of(arch: Layout) -> BlockLayout:
@@ -200,7 +200,7 @@ def block_of(host_key: str, arch: Layout = "sd15") -> str:
     return next((s for prefix, s in layout.outside if c.startswith(prefix)), NO_SLOT)
 
 
-def _stack_slot(host_key: str, layout: BlockLayout) -> Optional[tuple[str, int]]:
+def _stack_slot(host_key: str, layout: BlockLayout) -> tuple[str, int] | None:
     """(slot, LiNeS depth l) of a weight inside the block stack, else None."""
     c = canonical(host_key) + "_"
     depth = 0
@@ -218,7 +218,7 @@ def _stack_slot(host_key: str, layout: BlockLayout) -> Optional[tuple[str, int]]
     return None
 
 
-def depth_of(host_key: str, arch: Layout = "sd15") -> Optional[int]:
+def depth_of(host_key: str, arch: Layout = "sd15") -> int | None:
     """LiNeS depth l (1-based) along the layout's regions, or None outside the block stack."""
     slot = _stack_slot(host_key, layout_of(arch))
     return None if slot is None else slot[1]
@@ -244,7 +244,7 @@ def lines_key_scale(arch: Layout, alpha: float, beta: float) -> KeyScaleFn:
     return lambda entry, key: lines_scale(key, layout, alpha, beta)
 
 
-def combine_key_scales(*fns: Optional[KeyScaleFn]) -> Optional[KeyScaleFn]:
+def combine_key_scales(*fns: KeyScaleFn | None) -> KeyScaleFn | None:
     """Product of several key_scale callbacks (None entries ignored)."""
     live = [f for f in fns if f is not None]
     if not live:
@@ -298,7 +298,7 @@ def ties_combine(deltas: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def merge_deltas(deltas: Sequence[torch.Tensor], mode: str, *, density: float = 0.2, p: float = 0.5,
-                 seed: int = 0, key: str = "", indices: Optional[Sequence[int]] = None) -> torch.Tensor:
+                 seed: int = 0, key: str = "", indices: Sequence[int] | None = None) -> torch.Tensor:
     """TIES / DARE / DARE-TIES merge of per-style full deltas for one key (see module doc).
 
     ``indices``: each delta's style position (DARE's seed index); default 0, 1, 2, … (linear mode is not a merge
@@ -321,13 +321,13 @@ def merge_deltas(deltas: Sequence[torch.Tensor], mode: str, *, density: float = 
 
 # ---------------------------------------------------------------- planning and per-key deltas
 
-StyleScale = Union[None, KeyScaleFn, Sequence[Optional[KeyScaleFn]]]
+StyleScale = None | KeyScaleFn | Sequence[KeyScaleFn | None]
 KeyPlan = tuple  # (shape, accel items, [(style index, items), ...])
 
 
 def plan_merge(accel: Sequence[tuple[Entry, float]], styles: Sequence[Sequence[tuple[Entry, float]]],
                weight_shapes: dict[str, Sequence[int]], module_to_host: dict[str, str], *, mode: str = "linear",
-               accel_key_scale: Optional[KeyScaleFn] = None, style_key_scale: StyleScale = None) -> dict[str, KeyPlan]:
+               accel_key_scale: KeyScaleFn | None = None, style_key_scale: StyleScale = None) -> dict[str, KeyPlan]:
     """Which entries (with their block-weight / LiNeS-scaled strengths) land on which host key, without computing
     any delta: ``{key: (shape, accel_items, [(style_index, items), ...])}`` in a stable key order.
 
@@ -364,8 +364,8 @@ def plan_merge(accel: Sequence[tuple[Entry, float]], styles: Sequence[Sequence[t
 
 def merged_key_delta(key: str, shape: Sequence[int], accel_items, present, *, mode: str = "linear",
                      density: float = 0.2, p: float = 0.5, seed: int = 0,
-                     base_weight_fn: Optional[BaseWeightFn] = None, device: Optional[torch.device] = None,
-                     out: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                     base_weight_fn: BaseWeightFn | None = None, device: torch.device | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor | None:
     """fp32 delta of one key from its ``plan_merge`` entry: accel (linear) + merge(style deltas).
 
     In linear mode every adapter's plain-LoRA factors go into one GEMM (accel and styles together).
@@ -375,7 +375,7 @@ def merged_key_delta(key: str, shape: Sequence[int], accel_items, present, *, mo
         if not items:
             return out
         return key_delta(items, key, shape, base_weight_fn, device, out=out)
-    total: Optional[torch.Tensor] = None
+    total: torch.Tensor | None = None
     if accel_items:
         total = key_delta(accel_items, key, shape, base_weight_fn, device)
     if present:

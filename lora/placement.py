@@ -12,7 +12,7 @@ other order.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -44,10 +44,10 @@ class PlacedEntry:
         out = torch.zeros(tuple(int(s) for s in shape), dtype=d.dtype, device=d.device)
         return out.index_copy_(0, idx.to(d.device), d)
 
-    def factors(self, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("PlacedEntry.factors needs the weight shape: use factors_for")
 
-    def factors_for(self, shape: Sequence[int], device: Optional[torch.device] = None):
+    def factors_for(self, shape: Sequence[int], device: torch.device | None = None):
         idx, _ = self.rows(shape)
         b, a = self.inner.factors(device)
         return self.put(b, idx, (int(shape[0]), b.shape[1])), a
@@ -56,14 +56,14 @@ class PlacedEntry:
         _, sub = self.rows(shape)
         self.inner.check_shape(key, sub)
 
-    def delta(self, key: str, shape: Sequence[int], device: Optional[torch.device] = None,
-              base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def delta(self, key: str, shape: Sequence[int], device: torch.device | None = None,
+              base: torch.Tensor | None = None) -> torch.Tensor:
         idx, sub = self.rows(shape)
         d = self.inner.delta(key, sub, device, None if base is None else self.take(base, idx))
         return self.put(d, idx, shape)
 
 
-def unwrap(entry) -> tuple[Entry, Optional[PlacedEntry]]:
+def unwrap(entry) -> tuple[Entry, PlacedEntry | None]:
     """(the adapter entry, its placement wrapper or None)."""
     return (entry.inner, entry) if isinstance(entry, PlacedEntry) else (entry, None)
 

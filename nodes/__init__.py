@@ -3,6 +3,7 @@
 `FewStepExtension.get_node_list()` is called once by the host after import; it also registers the
 pack's sampler and scheduler names in the KSampler dropdowns (in place, idempotent).
 """
+from __future__ import annotations
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 

@@ -26,7 +26,7 @@ from ..kernels.graph import GraphCache, GraphKey, allocator_backend, capture_all
 log = logging.getLogger("fewstep")
 
 WRAPPER_KEY = "fewstep_cuda_graph"
-_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # UNet module -> GraphCache
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # UNet module -> GraphCache
 _LOGGED: set = set()
 
 

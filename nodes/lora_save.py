@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from comfy_api.v0_0_2 import io
@@ -67,7 +67,7 @@ def workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
 
 
 def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, prompt=None, extra_pnginfo=None,
-               output_dir: Optional[str] = None) -> str:
+               output_dir: str | None = None) -> str:
     import comfy.model_management
     import comfy.utils
     import folder_paths
@@ -221,7 +221,7 @@ def clip_deltas(clip) -> tuple[list[str], list[str], dict[str, str], Iterator[tu
 
 
 def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed=0,
-                 filename_prefix="loras/fewstep_export", output_dir: Optional[str] = None, method="randomized",
+                 filename_prefix="loras/fewstep_export", output_dir: str | None = None, method="randomized",
                  clip=None):
     """The node body: returns (path, report). With ``clip`` its text-encoder patches are exported too."""
     import itertools

@@ -2,19 +2,20 @@
 
 * FewStep Preset -> SAMPLER + SIGMAS + cfg for SamplerCustom.
 * FewStep Settings -> a MODEL patch so the plain KSampler uses a preset and gamma (sampler/scheduler
-  ``fewstep_auto``, or ``fewstep_tcd`` reading gamma) -- read from ``model_options`` at sample time.
+  ``fewstep_auto``, or ``fewstep_tcd`` reading gamma) -- carried in ``model_options`` only and read at sample time,
+  so a node that replaces the model sampling (before or after this one) keeps it.
 """
 from __future__ import annotations
 
-import copy
 import logging
 
 from comfy_api.v0_0_2 import io
 
+from ..samplers import consistency, schedules
 from ..samplers import presets as preset_table
-from ..samplers import schedules
-from . import engine, registry
-from .sampling import checked, discrete_model_sampling, model_base
+from . import engine
+from .common import checked, model_base
+from .sampling import discrete_model_sampling
 
 LOG = logging.getLogger("fewstep")
 
@@ -41,7 +42,7 @@ def preset_sigmas(node: str, model, preset, steps: int, strength: float):
     ms = discrete_model_sampling(node, model)
     check_prediction(node, preset, ms)
     return checked(node, lambda: schedules.timesteps_to_sigmas(
-        registry.preset_timesteps(preset, steps, strength, model_base(model)), ms).cpu())
+        preset_table.preset_timesteps(preset, steps, strength, model_base(model)), ms).cpu())
 
 
 class FewStepPreset(io.ComfyNode):
@@ -68,12 +69,11 @@ class FewStepPreset(io.ComfyNode):
     def execute(cls, model, preset, steps, strength, gamma) -> io.NodeOutput:
         node = "FewStep Preset"
         p = checked(node, preset_table.get_preset, preset)
-        kind = registry.preset_kind(p)
-        if gamma >= 0 and kind != "tcd":
+        if gamma >= 0 and p.sampler != "tcd":
             raise ValueError(f"{node}: gamma applies to TCD presets only; preset {preset!r} uses {p.sampler}. "
                              "Set gamma to -1.")
-        options = {"gamma": p.gamma if gamma < 0 else gamma} if kind == "tcd" else {}
-        sampler = engine.make_sampler(kind, **options)
+        options = {"gamma": p.gamma if gamma < 0 else gamma} if p.sampler == "tcd" else {}
+        sampler = engine.make_sampler(p.sampler, **options)
         return io.NodeOutput(sampler, preset_sigmas(node, model, p, steps, strength), float(p.cfg))
 
 
@@ -91,9 +91,9 @@ class FewStepSettings(io.ComfyNode):
                                    tooltip="TCD gamma for fewstep_tcd / TCD presets; -1 = the preset's (0.3 if none)."),
                     io.Combo.Input("final_step", options=["x0", "diffusers"], default="x0",
                                    tooltip="Last step: clean x0, or exactly what diffusers returns."),
-                    io.Combo.Input("noise_device", options=list(engine.NOISE_DEVICES), default="cpu",
+                    io.Combo.Input("noise_device", options=list(consistency.NOISE_DEVICES), default="cpu",
                                    tooltip="Where step noise is drawn ('cpu' reproduces a seed on any device)."),
-                    io.Combo.Input("fused", options=list(engine.FUSED_MODES), default="auto",
+                    io.Combo.Input("fused", options=list(consistency.FUSED_MODES), default="auto",
                                    tooltip="Fused CUDA step kernel: auto / on / off."),
                     io.Int.Input("batch_offset", default=0, min=0, max=4096,
                                  tooltip="Batch index of the first image; to re-render image k of a batch alone, "
@@ -108,18 +108,16 @@ class FewStepSettings(io.ComfyNode):
         m = model.clone()
         if preset != NONE:
             p = checked(node, preset_table.get_preset, preset)
-            settings.update(preset=preset, kind=registry.preset_kind(p))
-            if settings["kind"] == "tcd":
+            check_prediction(node, p, discrete_model_sampling(node, m))
+            # The preset and the model's base (PCM's solver size) travel in model_options only: the fewstep_auto
+            # sampler reads them from extra_args, the fewstep_auto scheduler from the model patcher it schedules for.
+            settings.update(preset=p.name, base=model_base(m))
+            if p.sampler == "tcd":
                 settings["gamma"] = p.gamma
-            ms = copy.copy(discrete_model_sampling(node, m))
-            check_prediction(node, p, ms)
-            setattr(ms, registry.PRESET_ATTR, preset)
-            setattr(ms, registry.BASE_ATTR, model_base(m))
-            m.add_object_patch("model_sampling", ms)
         if gamma >= 0:
             settings["gamma"] = gamma
         # clone() deep-copies model_options, so this never reaches the input model.
-        m.model_options.setdefault("transformer_options", {})[engine.SETTINGS_KEY] = settings
+        m.model_options.setdefault("transformer_options", {})[consistency.SETTINGS_KEY] = settings
         return io.NodeOutput(m)
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..samplers import consistency, schedules
+from ..samplers import consistency, parametrisation, schedules
 from ..samplers.noise import initial_noise
 from . import engine
-from .common import checked, model_base  # noqa: F401  (model_base: nodes.presets still imports it from here)
+from .common import checked
 
 CAT_SAMPLERS = "sampling/custom_sampling/samplers"
 CAT_SCHEDULERS = "sampling/custom_sampling/schedulers"
@@ -16,7 +16,7 @@ CAT_NOISE = "sampling/custom_sampling/noise"
 
 def discrete_model_sampling(node: str, model):
     ms = model.get_model_object("model_sampling")
-    return checked(node, consistency.resolve_model_sampling, None, ms)
+    return checked(node, parametrisation.resolve_model_sampling, None, ms)
 
 
 # ---------------------------------------------------------------- shared inputs
@@ -29,16 +29,16 @@ def gamma_input(default=0.3):
 
 def common_sampler_inputs():
     return [
-        io.Combo.Input("final_step", options=list(consistency.FINAL_STEPS), default="x0",
+        io.Combo.Input("final_step", options=list(parametrisation.FINAL_STEPS), default="x0",
                        tooltip="Last step: 'x0' returns the clean prediction; 'diffusers' returns exactly what the "
                                "diffusers scheduler returns (TCD keeps a trace of predicted noise)."),
-        io.Combo.Input("noise_device", options=list(engine.NOISE_DEVICES), default="cpu",
+        io.Combo.Input("noise_device", options=list(consistency.NOISE_DEVICES), default="cpu",
                        tooltip="Where step noise is drawn. 'cpu' gives the same image for a seed on any machine; "
                                "'gpu' matches nothing across devices but skips a copy."),
         io.Int.Input("batch_offset", default=0, min=0, max=4096,
                      tooltip="Batch index of the first image. Step noise depends only on (seed, index): to re-render "
                              "image k of a batch alone, pick it with LatentFromBatch(k) and set this to k."),
-        io.Combo.Input("fused", options=list(engine.FUSED_MODES), default="auto",
+        io.Combo.Input("fused", options=list(consistency.FUSED_MODES), default="auto",
                        tooltip="Fused Triton step kernel + sync-free loop: auto = on when the latent is on CUDA and "
                                "Triton is installed; on = require it; off = plain PyTorch."),
     ]
@@ -54,7 +54,7 @@ def _sampler_node(node_id, display, description, kind, extra_inputs=()):
 
         @classmethod
         def execute(cls, **kw) -> io.NodeOutput:
-            checked(display, engine.resolve_options, kind, kw, {})
+            checked(display, consistency.resolve_options, kind, kw)
             return io.NodeOutput(engine.make_sampler(kind, **kw))
 
     _Node.__name__ = _Node.__qualname__ = node_id
@@ -95,7 +95,7 @@ class FewStepSamplerConsistency(io.ComfyNode):
 
     @classmethod
     def execute(cls, **kw) -> io.NodeOutput:
-        checked("FewStep Consistency Sampler", engine.resolve_options, "consistency", kw, {})
+        checked("FewStep Consistency Sampler", consistency.resolve_options, "consistency", kw)
         return io.NodeOutput(engine.make_sampler("consistency", **kw))
 
 

@@ -9,11 +9,12 @@ frames-as-batch latents alike.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["batch_seed", "initial_noise", "BatchStepNoise", "default_noise_sampler", "STREAM_INITIAL", "STREAM_STEP"]
+__all__ = ["batch_seed", "initial_noise", "BatchStepNoise", "default_noise_sampler", "step_noise", "STREAM_INITIAL",
+           "STREAM_STEP"]
 
 log = logging.getLogger("fewstep")
 
@@ -121,8 +122,9 @@ class BatchStepNoise:
         return torch.stack([self._draw() for _ in range(n_steps)]).to(device=self.device, dtype=self.dtype)
 
 
-def default_noise_sampler(x: torch.Tensor, seed: int | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """fewstep's default step-noise factory: ``BatchStepNoise(x, seed)``.
+def default_noise_sampler(x: torch.Tensor, seed: int | None, batch_offset: int = 0,
+                          cpu: bool = True) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """fewstep's step noise when the caller passes no ``noise_sampler``: ``BatchStepNoise(x, seed, batch_offset, cpu)``.
 
     Without a seed, one is drawn from the global torch RNG (which the host seeds before sampling), so runs stay
     reproducible there but are no longer batch-index stable across different global RNG states.
@@ -130,4 +132,28 @@ def default_noise_sampler(x: torch.Tensor, seed: int | None) -> Callable[[torch.
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
         log.debug("fewstep: no seed in extra_args; step-noise seed %d drawn from the global torch RNG", seed)
-    return BatchStepNoise(x, seed)
+    return BatchStepNoise(x, int(seed), batch_offset=batch_offset, cpu=cpu)
+
+
+def step_noise(noise_sampler: Callable, x: torch.Tensor, sigmas: torch.Tensor,
+               a_z: Sequence[float]) -> torch.Tensor | None:
+    """Every step's noise of a run, drawn before the loop: ``[rows, *x.shape]``, row ``i`` for step ``i``.
+
+    Only steps with ``a_z[i] > 0`` draw, in step order (so any noise sampler sees the calls the step-by-step loop
+    would make, and ``BatchStepNoise`` gives its per-(seed, index) values, drawn with one ``pre_draw``); other rows
+    are 0. ``rows`` is ``n_steps`` when the last step re-noises (a split schedule ending above sigma 0), else
+    ``n_steps - 1`` (a run to sigma 0 reads no noise on its last step). ``None`` when no step draws.
+    """
+    noisy = [i for i, c in enumerate(a_z) if c > 0]
+    if not noisy:
+        return None
+    if isinstance(noise_sampler, BatchStepNoise):
+        drawn = noise_sampler.pre_draw(len(noisy))
+    else:
+        drawn = torch.stack([noise_sampler(sigmas[i], sigmas[i + 1]) for i in noisy])
+    rows = len(a_z) if a_z[-1] > 0 else len(a_z) - 1
+    if noisy == list(range(rows)):
+        return drawn.to(x)
+    noise = x.new_zeros((rows, *x.shape))
+    noise[noisy] = drawn.to(x)
+    return noise

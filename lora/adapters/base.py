@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import ClassVar
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -61,9 +62,9 @@ class ModuleEntry:
 
     name: str
     file: str
-    alpha: Optional[float] = None
+    alpha: float | None = None
     alpha_source: str = "rank"
-    dora_scale: Optional[torch.Tensor] = None
+    dora_scale: torch.Tensor | None = None
     dora_norm: str = ""
     style: str = ""
     source_keys: list[str] = field(default_factory=list)
@@ -76,7 +77,7 @@ class ModuleEntry:
     target: ClassVar[str] = "weight"
 
     @property
-    def rank(self) -> Optional[int]:
+    def rank(self) -> int | None:
         return None
 
     @property
@@ -91,17 +92,17 @@ class ModuleEntry:
         """The multiplier ``delta`` applies to ``make_delta`` (``scale``; GLoRA reads its rank from ``shape``)."""
         return self.scale
 
-    def make_delta(self, key: str, shape: tuple[int, ...], device: Optional[torch.device],
-                   base: Optional[torch.Tensor]) -> torch.Tensor:
+    def make_delta(self, key: str, shape: tuple[int, ...], device: torch.device | None,
+                   base: torch.Tensor | None) -> torch.Tensor:
         """fp32 delta before ``delta_scale``, ``shape[0]`` rows (``base``: fp32 base weight, base-dependent only)."""
         raise NotImplementedError(type(self).__name__)
 
-    def factors(self, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (B [out, r], A [r, in·k·k]) with ΔW_flat = B @ A (``gemm`` kinds only)."""
         raise NotImplementedError(type(self).__name__)
 
-    def delta(self, key: str, shape: Sequence[int], device: Optional[torch.device] = None,
-              base: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def delta(self, key: str, shape: Sequence[int], device: torch.device | None = None,
+              base: torch.Tensor | None = None) -> torch.Tensor:
         """The entry's fp32 delta at strength 1 (its scale applied), shaped like model weight ``key``.
 
         Raises ValueError naming the file, the tensor and both shapes when it does not fit ``shape``, or when a
@@ -137,7 +138,7 @@ def shape_error(entry: ModuleEntry, key: str, got: Sequence[int], want: Sequence
                       f"shape {tuple(want)}; the adapter does not fit this model (wrong base model?)")
 
 
-def fp32(t: torch.Tensor, device: Optional[torch.device]) -> torch.Tensor:
+def fp32(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return t.to(device=device, dtype=torch.float32)
 
 
@@ -171,10 +172,10 @@ class ModuleTensors:
     """
 
     def __init__(self, path: str, module: str, slot: dict[str, tuple[str, torch.Tensor, str]],
-                 resolve: Callable[[str, bool], tuple[Optional[float], str]], rslora: bool = False):
+                 resolve: Callable[[str, bool], tuple[float | None, str]], rslora: bool = False):
         self.path, self.module, self.slot, self.resolve, self.rslora = path, module, slot, resolve, rslora
         self.keys = {role: v[0] for role, v in slot.items()}
-        self.alpha: Optional[float] = None
+        self.alpha: float | None = None
         self.alpha_source = "rank"
         a = self.get("alpha")
         if a is not None:
@@ -186,7 +187,7 @@ class ModuleTensors:
     def __contains__(self, role: str) -> bool:
         return role in self.slot
 
-    def get(self, role: str) -> Optional[torch.Tensor]:
+    def get(self, role: str) -> torch.Tensor | None:
         v = self.slot.get(role)
         return None if v is None else v[1]
 
@@ -196,7 +197,7 @@ class ModuleTensors:
     def error(self, msg: str) -> ValueError:
         return ValueError(f"{self.path}: {msg}")
 
-    def _dora(self) -> tuple[Optional[torch.Tensor], str]:
+    def _dora(self) -> tuple[torch.Tensor | None, str]:
         """(DoRA magnitude or None, ``dora_norm``): kohya ``dora_scale`` or PEFT ``lora_magnitude_vector``."""
         if "magnitude" not in self.slot:
             return self.get("dora_scale"), ""

@@ -9,7 +9,7 @@ Tensor names: ``<m>.a1.weight``, ``a2.weight``, ``b1.weight``, ``b2.weight``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -7,7 +7,6 @@ rank = w1_b.shape[0]; alpha defaults to the rank. A DoRA magnitude may ride on i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -24,8 +23,8 @@ class LohaModule(ModuleEntry):
     w1_b: torch.Tensor = None  # type: ignore[assignment]
     w2_a: torch.Tensor = None  # type: ignore[assignment]
     w2_b: torch.Tensor = None  # type: ignore[assignment]
-    t1: Optional[torch.Tensor] = None
-    t2: Optional[torch.Tensor] = None
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
     kind = "loha"
     takes_dora = True
 

@@ -8,7 +8,6 @@ alpha defaults to the rank. A DoRA magnitude may ride on it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -21,18 +20,18 @@ ROLES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b
 class LokrModule(ModuleEntry):
     """LoKr: ΔW = scale · kron(W1, W2)."""
 
-    w1: Optional[torch.Tensor] = None
-    w1_a: Optional[torch.Tensor] = None
-    w1_b: Optional[torch.Tensor] = None
-    w2: Optional[torch.Tensor] = None
-    w2_a: Optional[torch.Tensor] = None
-    w2_b: Optional[torch.Tensor] = None
-    t2: Optional[torch.Tensor] = None
+    w1: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
     kind = "lokr"
     takes_dora = True
 
     @property
-    def rank(self) -> Optional[int]:
+    def rank(self) -> int | None:
         if self.w2 is None and self.w2_b is not None:
             return int(self.w2_b.shape[0])
         if self.w1 is None and self.w1_b is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ class LoraModule(ModuleEntry):
 
     down: torch.Tensor = None  # type: ignore[assignment]
     up: torch.Tensor = None  # type: ignore[assignment]
-    mid: Optional[torch.Tensor] = None
+    mid: torch.Tensor | None = None
     kind = "lora"
     takes_dora = True
     gemm = True
@@ -39,7 +39,7 @@ class LoraModule(ModuleEntry):
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def factors(self, device: Optional[torch.device] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 (B [out, r], A [r, in·k·k]) with ΔW_flat = B @ A (scale not applied)."""
         up, down = fp32(self.up, device), fp32(self.down, device)
         if self.mid is not None:

@@ -16,7 +16,6 @@ delta, like every other adapter.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -28,7 +27,7 @@ class OftModule(ModuleEntry):
     """OFT / BOFT: ``blocks`` [k, n, n] (OFT) or [m, k, b, b] (BOFT, m butterfly stages). Needs the base weight."""
 
     blocks: torch.Tensor = None  # type: ignore[assignment]
-    rescale: Optional[torch.Tensor] = None
+    rescale: torch.Tensor | None = None
     base_dependent = True
 
     @property

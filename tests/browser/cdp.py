@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +26,7 @@ class Browser:
         self.profile = tempfile.mkdtemp(prefix="fewstep-chromium-")
         self.proc = None
 
-    def start(self, timeout=30.0) -> "Browser":
+    def start(self, timeout=30.0) -> Browser:
         self.proc = subprocess.Popen([self.exe, *FLAGS, f"--user-data-dir={self.profile}",
                                       "--remote-debugging-port=0", "about:blank"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

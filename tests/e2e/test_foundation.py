@@ -1,4 +1,4 @@
-"""Tier c: the pack in a real ComfyUI server -- registration, import time, a core LCM run, bad input."""
+"""Real server: the pack in a real ComfyUI server -- registration, import time, a core LCM run, bad input."""
 from __future__ import annotations
 
 import re
@@ -90,3 +90,19 @@ def test_bad_workflow_rejected_and_server_keeps_serving(server):
     status, body = server.post("/prompt", {"prompt": bad})
     assert status == 400 and "ckpt_name" in str(body)
     assert "KSampler" in server.get("/object_info/KSampler")
+
+
+def test_server_starts_without_tracebacks(server):
+    """The server's start-up log (until it listens) holds no traceback and no failed import: the development host
+    leaves out the two audio node files that need torchaudio, which has no release for this torch (setup_env.py)."""
+    import os
+    log = server.log_text()
+    marker = "To see the GUI go to"
+    assert marker in log, server.log_tail()
+    start = log.split(marker, 1)[0]
+    if os.environ.get("COMFYUI_DIR"):  # an existing install's other custom nodes are not ours to judge
+        print("COMFYUI_DIR is set: only the pack's own start-up lines are checked")
+        assert "fewstep" not in "".join(b for b in start.split("Traceback")[1:]), start
+        return
+    assert "Traceback" not in start, start
+    assert "IMPORT FAILED" not in start and "Cannot import" not in start, start

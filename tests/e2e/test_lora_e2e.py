@@ -1,4 +1,4 @@
-"""Tier c: FewStep LoRA Fuse in a real ComfyUI server -- LCM-LoRA + style fused, sampled with the detected preset."""
+"""Real server: FewStep LoRA Fuse in a real ComfyUI server -- LCM-LoRA + style fused, sampled with the detected preset."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Tier c: the samplers through a real server -- KSampler, SamplerCustom, SamplerCustomAdvanced, the shipped API
+"""Real server: the samplers through a real server -- KSampler, SamplerCustom, SamplerCustomAdvanced, the shipped API
 workflows, batch-index-stable noise, interrupt, and bad input that must not take the server down."""
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -75,3 +77,33 @@ def test_serve_answers_object_info_with_the_pack(standin_dir):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_make_setup_on_a_set_up_checkout_prints_one_line():
+    """`make setup` prints only its own progress lines; once everything is in place, a single 'up to date' line."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed here")
+    first = run(["make", "--no-print-directory", "setup"])
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert all(line.startswith("fewstep setup: ") for line in (first.stdout + first.stderr).splitlines()), first
+    again = run(["make", "--no-print-directory", "setup"])
+    assert again.returncode == 0 and again.stdout == "", again
+    lines = again.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fewstep setup: up to date (host "), again.stderr
+
+
+def _pip_probe(*args):
+    code = ("import sys; from pathlib import Path; from tools import setup_env as s; s.PY = Path(sys.executable); "
+            f"s.pip('the probe', *{list(args)!r})")
+    return run([sys.executable, "-c", code])
+
+
+def test_setup_hides_pip_output_unless_pip_fails():
+    ok = _pip_probe("--no-index", "pip")  # already installed: pip prints "Requirement already satisfied" and more
+    assert ok.returncode == 0, ok.stderr
+    assert re.fullmatch(r"fewstep setup: installing the probe \.\.\. done \(\d+ s\)\n", ok.stderr), ok.stderr
+    bad = _pip_probe("--no-index", "fewstep-no-such-package==0")
+    assert bad.returncode == 1
+    assert "installing the probe ... failed" in bad.stderr
+    assert "No matching distribution found for fewstep-no-such-package==0" in bad.stderr  # pip's own words shown
+    assert "pip install failed (its output is above)" in bad.stderr

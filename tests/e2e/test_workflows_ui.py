@@ -1,4 +1,4 @@
-"""Tier c: the graph-editor (UI-format) workflows in workflows/*.json against a real server.
+"""Real server: the graph-editor (UI-format) workflows in workflows/*.json against a real server.
 
 Each UI workflow must convert (as the frontend's graphToPrompt does) to exactly its API twin in workflows/api/,
 be what `python -m tools.workflows regenerate` writes today, and run on the server. Every API workflow may use

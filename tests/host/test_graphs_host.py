@@ -1,4 +1,4 @@
-"""Tier b: CUDA-graph capture glue (nodes/graphs.py) on the real host, exercised on the CPU with an emulated capturer:
+"""In-process host: CUDA-graph capture glue (nodes/graphs.py) on the real host, exercised on the CPU with an emulated capturer:
 the wrapper is installed through model_options (never globally), keys follow shapes/cfg/patch state, and every
 fallback runs the UNet eagerly with one log line."""
 from __future__ import annotations
@@ -110,10 +110,10 @@ def test_eager_fallbacks_log_once(tiny, caplog):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: real CUDA graph capture inside the host")
 def test_real_capture_in_host_sampling_gpu(host, standin_dir):
     """On a GPU, through the real host: the fused sampler captures the SD1.5 stand-in's UNet call once and replays it
-    on every later step; its latent equals the unfused one within the issue's tolerance (1e-5 fp32 / 1e-2 fp16,
+    on every later step; its latent equals the unfused one within the fused path's tolerance (1e-5 fp32 / 1e-2 fp16,
     times the latent scale when that exceeds 1); a fused LoRA (new weight Parameters) gets its own graph and a
     different result; back on the base model the first result comes back. Run under both allocators by
-    tools/gpu_session.py (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync and native)."""
+    dev/offline_gpu.py (PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync and native)."""
     import comfy.samplers
     import comfy.sd
     import folder_paths

@@ -1,4 +1,4 @@
-"""Tier b: FewStep LoRA Fuse / Export against the real ComfyUI host, in-process, on the SD1.5 stand-in."""
+"""In-process host: FewStep LoRA Fuse / Export against the real ComfyUI host, in-process, on the SD1.5 stand-in."""
 from __future__ import annotations
 
 import logging

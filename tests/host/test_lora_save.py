@@ -44,7 +44,6 @@ def test_save_fused_round_trip(host, standin_dir, tmp_path):
     from safetensors import safe_open
     folder_paths.add_model_folder_path("loras", str(standin_dir / "loras"))
     from fewstep.nodes import lora as L
-    from fewstep.nodes import lora_save as S
 
     model, clip, vae = comfy.sd.load_checkpoint_guess_config(
         str(standin_dir / "checkpoints" / "fewstep-standin-sd15.safetensors"))[:3]

@@ -1,4 +1,4 @@
-"""Tier b: FewStep LoRA Fuse on the real host's SDXL UNet (built on the meta device: the 6.9 GB stand-in checkpoint is
+"""In-process host: FewStep LoRA Fuse on the real host's SDXL UNet (built on the meta device: the 6.9 GB stand-in checkpoint is
 not needed to check SDXL key mapping, formats, block-weight slots and errors). LoRA files in the real SDXL key
 formats are written by the stand-in builder into a temporary loras folder."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tier b: the pack's samplers inside the real host's sampling path (comfy.sample / KSAMPLER / registry)."""
+"""In-process host: the pack's samplers inside the real host's sampling path (comfy.sample / KSAMPLER / registry)."""
 from __future__ import annotations
 
 import pytest
@@ -101,7 +101,10 @@ def test_auto_sampler_and_scheduler_follow_preset(sd15, registered):
     ms = m.get_model_object("model_sampling")
     sig = comfy.samplers.calculate_sigmas(ms, "fewstep_auto", 4)
     assert ms.timestep(sig[:-1]).tolist() == [999, 739, 499, 239]
-    assert model.get_model_object("model_sampling") is not ms  # the input model keeps its own
+    # the preset travels in model_options only: no model sampling is patched or tagged, the input model is untouched
+    assert "model_sampling" not in m.object_patches and not hasattr(ms, "fewstep_preset")
+    assert m.model_options["transformer_options"]["fewstep"]["preset"] == "PCM smallcfg 4-step"
+    assert "fewstep" not in model.model_options.get("transformer_options", {})
     out = run(m, cond, "fewstep_auto", "fewstep_auto", 4)
     assert torch.isfinite(out).all()
 
@@ -161,7 +164,7 @@ def test_flow_model_rejected_with_clear_error(sd15, registered):
 
 def assert_fused_matches(fused, unfused, model):
     """Fused vs unfused latents. On the CPU (Triton interpreter) both loops run the same fp32 ops in the same order:
-    bit-identical. On a GPU the compiled kernel contracts to FMAs, so the issue's bound applies: 1e-5 for an fp32
+    bit-identical. On a GPU the compiled kernel contracts to FMAs, so the fused path's bound applies: 1e-5 for an fp32
     UNet, 1e-2 for fp16/bf16, scaled by the latent's magnitude where that exceeds 1 (the stand-in's reaches ~1e2)."""
     err = (fused.float() - unfused.float()).abs().max().item()
     if not torch.cuda.is_available():
@@ -177,10 +180,11 @@ def test_fused_path_equals_unfused_through_interpreter(sd15, registered, monkeyp
     schedule (SplitSigmas' first half: the last step re-noises to a sigma above 0)."""
     pytest.importorskip("triton")
     from fewstep.kernels import consistency_step
+    from fewstep.kernels import loop as kernel_loop
     from fewstep.nodes import engine
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("FEWSTEP_ALLOW_TRITON_INTERPRETER", "1")
-    monkeypatch.setattr(engine, "use_fused", lambda mode, x: mode == "on")
+    monkeypatch.setattr(kernel_loop, "use_fused", lambda mode, x: mode == "on")
     assert consistency_step.fused_backend(torch.zeros(2)) == "triton"
     model, cond = sd15
     import comfy.samplers
@@ -215,9 +219,10 @@ def test_inpaint_mask_keeps_unmasked_latent(sd15, registered, monkeypatch, fused
     from fewstep.samplers import schedules
     if fused == "on":
         pytest.importorskip("triton")
+        from fewstep.kernels import loop as kernel_loop
         monkeypatch.setenv("TRITON_INTERPRET", "1")
         monkeypatch.setenv("FEWSTEP_ALLOW_TRITON_INTERPRETER", "1")
-        monkeypatch.setattr(engine, "use_fused", lambda mode, x: mode == "on")
+        monkeypatch.setattr(kernel_loop, "use_fused", lambda mode, x: mode == "on")
     model, cond = sd15
     ms = model.get_model_object("model_sampling")
     sigmas = schedules.timesteps_to_sigmas(schedules.lcm_timesteps(2), ms)
@@ -242,7 +247,7 @@ def test_too_short_sigmas_rejected(sd15, registered):
     from fewstep.nodes import engine
     model, _ = sd15
     with pytest.raises(ValueError, match="fewstep lcm sampler: the sigmas input has 1 value"):
-        engine.fewstep_sample(None, torch.zeros(1, 4, SIZE, SIZE), torch.tensor([1.0]), kind="lcm")
+        engine.make_sampler("lcm").sampler_function(None, torch.zeros(1, 4, SIZE, SIZE), torch.tensor([1.0]))
 
 
 def distilled_eps():
@@ -264,15 +269,17 @@ def test_distilled_lcm_table_uses_the_full_table_off_grid(host):
     class Plain(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.EPS):
         pass
 
-    from fewstep.samplers import consistency, schedules
+    from fewstep.samplers import schedules
+    from fewstep.samplers.parametrisation import parametrisation as vp
+    from fewstep.samplers.step import Step, step_coefficients
     Distilled = distilled_eps()
     plain, distilled = Plain(), Distilled()
     assert distilled.sigmas.numel() == 50
     ts = schedules.lcm_timesteps(4)
     sigmas = torch.cat([plain.sigma(torch.tensor(ts, dtype=torch.float32)), torch.zeros(1)])
     for gamma in (0.3, 0.7):
-        a = consistency.step_coefficients(sigmas, plain, gamma, final_step="diffusers")
-        b = consistency.step_coefficients(sigmas, distilled, gamma, final_step="diffusers")
+        a = step_coefficients(sigmas, vp(plain), Step(gamma), final_step="diffusers")
+        b = step_coefficients(sigmas, vp(distilled), Step(gamma), final_step="diffusers")
         assert torch.allclose(a.sigma_s, b.sigma_s, rtol=1e-5, atol=0), (gamma, a.sigma_s, b.sigma_s)
         assert torch.equal(a.t, b.t) and torch.equal(a.s, b.s)
     assert abs(b.sigma_s[-1].item() - plain.sigma(torch.tensor(0.0)).item()) < 1e-6  # 0.0292, not sigma(19)
@@ -280,15 +287,21 @@ def test_distilled_lcm_table_uses_the_full_table_off_grid(host):
     zsnr = Distilled(zsnr=True)
     with pytest.raises(ValueError, match=r"final_step='diffusers' needs the noise level at timestep 0.*"
                                          r"use final_step='x0'"):
-        consistency.step_coefficients(sigmas, zsnr, 0.3, final_step="diffusers")
-    consistency.step_coefficients(sigmas, zsnr, 0.3, final_step="x0")  # the default stays usable
+        step_coefficients(sigmas, vp(zsnr), Step(0.3), final_step="diffusers")
+    step_coefficients(sigmas, vp(zsnr), Step(0.3), final_step="x0")  # the default stays usable
+    # LCM re-noises D itself (clean intermediate): its diffusers and x0 final steps are the same step, so a table
+    # without timestep 0 (AnimateDiff-Evolved's "lcm avg(sqrt_linear,linear)", zsnr) does not refuse it
+    lcm = Step(1.0, True, True)
+    d, x = (step_coefficients(sigmas, vp(zsnr), lcm, final_step=f) for f in ("diffusers", "x0"))
+    for f in ("a_x", "a_d", "a_z", "b_x", "b_d"):
+        assert torch.equal(getattr(d, f), getattr(x, f)), f
 
 
 def test_preset_strength_follows_each_grids_img2img_rule(registered):
     """FewStep Preset's strength: trailing and PCM presets keep the last int(steps*strength) of their own timesteps
     (it was ignored there); LCM/TCD cut the original grid; a fixed-timestep preset refuses strength < 1."""
     from fewstep.samplers import presets as table
-    pt = registered.preset_timesteps
+    pt = table.preset_timesteps
     assert pt(table.get_preset("SDXL-Lightning 4-step"), 4, 0.5) == [499, 249]
     assert pt(table.get_preset("Hyper-SD 8-step"), 8, 0.5) == [499, 374, 249, 124]
     full = pt(table.get_preset("PCM smallcfg 4-step"), 4, 1.0)
@@ -305,19 +318,20 @@ def test_pcm_presets_use_the_sdxl_solver_size_on_sdxl(registered):
     scripts 50; the preset follows the model's base, and FewStep Settings carries the base to fewstep_auto."""
     from fewstep.samplers import presets as table, schedules
     p = table.get_preset("PCM smallcfg 4-step")
-    assert registered.preset_timesteps(p, 4, base="sd15") == [999, 739, 499, 239]
-    assert registered.preset_timesteps(p, 4, base="sdxl") == schedules.trailing_timesteps(4) == [999, 749, 499, 249]
-    assert registered.preset_timesteps(p, 8, base="sdxl") == schedules.trailing_timesteps(8)
+    assert table.preset_timesteps(p, 4, base="sd15") == [999, 739, 499, 239]
+    assert table.preset_timesteps(p, 4, base="sdxl") == schedules.trailing_timesteps(4) == [999, 749, 499, 249]
+    assert table.preset_timesteps(p, 8, base="sdxl") == schedules.trailing_timesteps(8)
 
 
 def test_settings_carry_the_model_base_to_the_auto_scheduler(sd15, registered):
+    import comfy.samplers
     from fewstep.nodes import presets as P
     model, _ = sd15
     m = P.FewStepSettings.execute(model, "PCM smallcfg 4-step", -1.0, "x0", "cpu", "off", 0).args[0]
     ms = m.get_model_object("model_sampling")
-    assert getattr(ms, registered.BASE_ATTR) == "sd15" and not hasattr(model.get_model_object("model_sampling"),
-                                                                       registered.BASE_ATTR)
-    sig = registered._auto_scheduler(ms, 4)
+    assert m.model_options["transformer_options"]["fewstep"]["base"] == "sd15"
+    assert "fewstep" not in model.model_options.get("transformer_options", {})
+    sig = comfy.samplers.KSampler(m, steps=4, device="cpu", sampler="fewstep_auto", scheduler="fewstep_auto").sigmas
     want = [999, 739, 499, 239]
     assert [int(ms.timestep(s)) for s in sig[:-1]] == want
 
@@ -388,18 +402,93 @@ def test_lightning_one_step_asks_for_x0_sampling(sd15, registered, caplog):
     assert "ModelSamplingDiscrete" not in caplog.text
 
 
-def test_fused_on_says_which_requirement_is_missing(registered, monkeypatch):
-    """fused=on on a CPU latent names the latent's device; on a GPU latent without triton it names triton."""
-    from fewstep.kernels import consistency_step
+def test_dropdown_names_and_sampler_nodes_run_the_named_samplers(registered):
+    """One sampler path: fewstep_lcm / _tcd / _pcm and the SAMPLER nodes call samplers.lcm.sample_lcm etc. (with the
+    host's noise and graph capture passed in by engine.for_host); fewstep_auto picks one by the preset."""
+    import comfy.k_diffusion.sampling as K
     from fewstep.nodes import engine
-    with pytest.raises(ValueError, match=r"fused=on, but the latent is on cpu, and the fused kernel runs on CUDA"):
-        engine.use_fused("on", torch.zeros(1))
-    assert engine.use_fused("auto", torch.zeros(1)) is False and engine.use_fused("off", torch.zeros(1)) is False
+    from fewstep.samplers import SAMPLERS
+    from fewstep.samplers.lcm import sample_lcm
+    from fewstep.samplers.pcm import sample_pcm
+    from fewstep.samplers.tcd import sample_tcd
+    assert K.sample_fewstep_lcm.__wrapped__ is sample_lcm and K.sample_fewstep_tcd.__wrapped__ is sample_tcd
+    assert K.sample_fewstep_pcm.__wrapped__ is sample_pcm
+    for kind, fn in SAMPLERS.items():
+        assert engine.make_sampler(kind).sampler_function.__wrapped__ is fn
 
-    class FakeCuda(torch.Tensor):
-        @property
-        def is_cuda(self):
-            return True
-    monkeypatch.setattr(consistency_step, "triton_available", lambda: False)
-    with pytest.raises(ValueError, match=r"triton cannot be imported"):
-        engine.use_fused("on", torch.zeros(1).as_subclass(FakeCuda))
+
+def _swap_to_lcm_table(m, zsnr=False):
+    """What AnimateDiff-Evolved's loader does with beta_schedule lcm/autoselect, done by core's node: a new model
+    sampling object (the distilled 50-step LCM table) patched onto a clone."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+    return ModelSamplingDiscrete().patch(m, "lcm", zsnr)[0]
+
+
+def test_preset_survives_a_model_sampling_swap_in_either_order(sd15, registered):
+    """FewStep Settings keeps its preset in model_options only, so a node that replaces the model sampling after it
+    keeps it: KSampler with fewstep_auto works with Settings -> ModelSamplingDiscrete and with the reverse order,
+    gives the same image both ways, and the image of fewstep_lcm + fewstep_lcm50 (the LCM-LoRA preset's sampler and
+    grid) on the same model."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import BasicScheduler
+    from fewstep.nodes.presets import FewStepSettings
+    model, cond = sd15
+
+    def settings(m):
+        return FewStepSettings.execute(m, "LCM-LoRA", -1.0, "x0", "cpu", "off", 0)[0]
+
+    after, before = _swap_to_lcm_table(settings(model)), settings(_swap_to_lcm_table(model))
+    outs = []
+    for m in (after, before):
+        ms = m.get_model_object("model_sampling")
+        assert ms.sigmas.numel() == 50 and ms is not model.get_model_object("model_sampling")
+        sig = comfy.samplers.KSampler(m, steps=4, device="cpu", sampler="fewstep_auto", scheduler="fewstep_auto").sigmas
+        assert ms.timestep(sig[:-1]).tolist() == [999, 759, 499, 259]
+        basic = BasicScheduler.execute(m, "fewstep_auto", 4, 1.0)[0]  # SamplerCustom's scheduler node finds it too
+        assert torch.equal(basic, sig.cpu())
+        outs.append(run(m, cond, "fewstep_auto", "fewstep_auto", 4))
+    assert torch.isfinite(outs[0]).all() and torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], run(after, cond, "fewstep_lcm", "fewstep_lcm50", 4))
+
+
+def test_lcm_diffusers_final_step_on_a_table_without_timestep_0(sd15, registered):
+    """final_step='diffusers' is refused only where it would differ from 'x0': on a distilled table that holds no
+    timestep 0, the LCM preset (clean intermediate: the same final step) samples and equals the x0 result, while a
+    TCD preset (whose diffusers final step keeps sigma(0) of noise) is refused with the fix in the message."""
+    from fewstep.nodes.presets import FewStepSettings
+    model, cond = sd15
+
+    def settings(m, preset, final_step):
+        return FewStepSettings.execute(m, preset, -1.0, final_step, "cpu", "off", 0)[0]
+
+    diffusers = run(_swap_to_lcm_table(settings(model, "LCM-LoRA", "diffusers"), zsnr=True), cond, "fewstep_auto",
+                    "fewstep_auto", 2)
+    x0 = run(_swap_to_lcm_table(settings(model, "LCM-LoRA", "x0"), zsnr=True), cond, "fewstep_auto", "fewstep_auto", 2)
+    assert torch.isfinite(diffusers).all() and torch.equal(diffusers, x0)
+    with pytest.raises(ValueError, match=r"final_step='diffusers' needs the noise level at timestep 0"):
+        run(_swap_to_lcm_table(settings(model, "TCD", "diffusers"), zsnr=True), cond, "fewstep_auto", "fewstep_auto", 2)
+
+
+def test_host_noise_sampler_replaced_during_a_run_is_used(sd15, registered, monkeypatch):
+    """When something replaces the host's default_noise_sampler (AnimateDiff-Evolved does), the stochastic steps draw
+    from it, once per stochastic step and in step order, as core's samplers would; a deterministic sampler draws
+    nothing from it."""
+    import comfy.k_diffusion.sampling as K
+    model, cond = sd15
+    calls = []
+
+    def replaced(x, seed=None):
+        g = torch.Generator().manual_seed(int(seed))
+
+        def draw(sigma, sigma_next):
+            calls.append(float(sigma))
+            return torch.randn(x.shape, generator=g).to(x)
+        return draw
+
+    plain = run(model, cond, "fewstep_tcd", "fewstep_lcm50", 3)
+    monkeypatch.setattr(K, "default_noise_sampler", replaced)
+    patched = run(model, cond, "fewstep_tcd", "fewstep_lcm50", 3)
+    assert len(calls) == 2 and calls[0] > calls[1] and not torch.equal(plain, patched)
+    calls.clear()
+    run(model, cond, "fewstep_pcm", "fewstep_pcm50", 3)
+    assert calls == []

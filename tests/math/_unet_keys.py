@@ -186,8 +186,8 @@ def node_deltas(entries, shapes, module_to_host, *, base_weight_fn=None, key_sca
     """{host key: fp32 delta} of ``(entry, strength)`` pairs computed the way FewStep LoRA Fuse computes them:
     ``lora.merge.plan_merge`` groups them by model weight (one style adapter, ``key_scale`` as its block weights),
     ``lora.merge.merged_key_delta`` gives each weight's delta (linear mode: one GEMM)."""
-    from lora.merge import merged_key_delta, plan_merge
-    from lora.placement import place
+    from fewstep.lora.merge import merged_key_delta, plan_merge
+    from fewstep.lora.placement import place
     placed, hosts = place(entries, module_to_host)  # KeyMapper targets (row ranges wrapped), as the node does
     hosts = {**{m: h for m, h in module_to_host.items() if isinstance(h, str)}, **hosts}
     plan = plan_merge([], [placed], shapes, hosts, style_key_scale=key_scale)

@@ -7,6 +7,7 @@ The recursion below is derived from the step definition alone (not from ``step_c
 correct re-noise coefficient c = sqrt(sigma_next^2 - sigma_s^2); the sampled statistics of ~200k elements must
 match it within 5 standard errors, and deliberately wrong noise coefficients must fail that check.
 """
+from __future__ import annotations
 
 import dataclasses
 import math
@@ -14,19 +15,19 @@ import math
 import pytest
 import torch
 
-from samplers import consistency
-from samplers.discrete import DiscreteSchedule
-from samplers.lcm import sample_lcm_exact
-from samplers.noise import initial_noise
-from samplers.pcm import sample_pcm
-from samplers.schedules import lcm_timesteps, timesteps_to_sigmas
-from samplers.tcd import sample_tcd
+from fewstep.samplers import consistency
+from fewstep.samplers.discrete import DiscreteSchedule
+from fewstep.samplers.lcm import sample_lcm
+from fewstep.samplers.noise import initial_noise
+from fewstep.samplers.pcm import sample_pcm
+from fewstep.samplers.schedules import lcm_timesteps, timesteps_to_sigmas
+from fewstep.samplers.tcd import sample_tcd
 
 SCHED = DiscreteSchedule(dtype=torch.float64)
 MU, S = 0.5, 0.8
 SHAPE = (4, 50_000)  # 200k elements
 CASES = {  # name: (sampler, gamma, boundary, clean_intermediate)
-    "lcm": (lambda *a, **k: sample_lcm_exact(*a, **k), 1.0, True, True),
+    "lcm": (lambda *a, **k: sample_lcm(*a, **k), 1.0, True, True),
     "tcd": (lambda *a, **k: sample_tcd(*a, gamma=0.3, **k), 0.3, False, False),
     "ddim": (lambda *a, **k: sample_pcm(*a, **k), 0.0, False, False),
 }
@@ -95,8 +96,8 @@ def test_wrong_noise_coefficient_is_detected(name, steps, wrong, monkeypatch):
 
     def perturbed(*args, **kwargs):
         c = real(*args, **kwargs)
-        bad = torch.where(c.noise > 0, c.sigma_next, c.noise) if wrong == "sigma_next" else torch.zeros_like(c.noise)
-        return dataclasses.replace(c, noise=bad)
+        bad = torch.where(c.a_z > 0, c.sigma_next, c.a_z) if wrong == "sigma_next" else torch.zeros_like(c.a_z)
+        return dataclasses.replace(c, a_z=bad)
 
     monkeypatch.setattr(consistency, "step_coefficients", perturbed)
     sigmas, out = run(name, steps)

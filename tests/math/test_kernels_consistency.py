@@ -1,4 +1,5 @@
 """Fused consistency step: Triton kernel (interpreter on CPU, compiled on GPU) vs the PyTorch reference."""
+from __future__ import annotations
 
 import os
 import subprocess
@@ -7,17 +8,22 @@ import sys
 import pytest
 import torch
 
-import kernels.consistency_step as cs
-from kernels.consistency_step import consistency_step
-from kernels import (
+import fewstep.kernels.consistency_step as cs
+from fewstep.kernels.consistency_step import consistency_step
+from fewstep.kernels import (
     COEFF_FIELDS,
+    coefficient_table,
     consistency_step_fallback,
     consistency_step_reference,
     fused_backend,
     fused_step,
-    linear_coefficients,
     triton_available,
+    use_fused,
 )
+from fewstep.samplers.discrete import DiscreteSchedule
+from fewstep.samplers.parametrisation import parametrisation
+from fewstep.samplers.schedules import tcd_timesteps, timesteps_to_sigmas
+from fewstep.samplers.step import Step, step_coefficients
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
 needs_cuda = lambda f: pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled Triton kernel")(f))  # noqa: E731
@@ -34,13 +40,17 @@ SHAPES = [(1,), (7,), (3, 4, 17, 13), (2, 4, 5, 9, 11), (3 * 1024 + 77,)]  # las
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.float16: dict(atol=1e-3, rtol=1e-3), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 
 
+SCHED = DiscreteSchedule(dtype=torch.float64)
+VP = parametrisation(SCHED)
+
+
 def _coeffs(n=4, device="cpu"):
-    sigmas = torch.tensor([14.6, 3.0, 1.2, 0.3, 0.0], dtype=torch.float64)[: n + 1]
-    g = torch.Generator().manual_seed(0)
-    sigma_s = sigmas[1:] * 0.3
-    c_skipv = torch.rand(n, generator=g, dtype=torch.float64) * 0.05
-    c_out = 1 - torch.rand(n, generator=g, dtype=torch.float64) * 0.05
-    return linear_coefficients(sigmas, sigma_s, c_skipv, c_out, device=device), (sigmas, sigma_s, c_skipv, c_out)
+    """The kernel's table from the one builder: TCD gamma 0.3 with the boundary condition on, so every column
+    varies, and the record it came from."""
+    sigmas = timesteps_to_sigmas(tcd_timesteps(n), SCHED)
+    c = step_coefficients(sigmas, VP, Step(gamma=0.3, boundary=True))
+    return coefficient_table(c, device), c
+
 
 
 def _inputs(shape, dtype, device="cpu", seed=1):
@@ -51,8 +61,12 @@ def _inputs(shape, dtype, device="cpu", seed=1):
 
 # ---------------------------------------------------------------------------------------------------- coefficients
 def test_coefficient_layout_matches_textbook_step():
-    coeffs, (sigmas, sigma_s, c_skipv, c_out) = _coeffs()
+    """The kernel's table (columns COEFF_FIELDS) is the one builder's record, and a row applied as the kernel does
+    is the textbook step: boundary condition, eps, jump to sigma_s, re-noise to sigma_{i+1}."""
+    coeffs, c = _coeffs()
     assert coeffs.shape == (4, 5) and coeffs.dtype == torch.float32 and COEFF_FIELDS == ("a_x", "a_d", "a_z", "b_x", "b_d")
+    sigmas, sigma_s, c_out = torch.cat([c.sigma, c.sigma_next[-1:]]), c.sigma_s, c.c_out
+    c_skipv = c.c_skip / (1 + c.sigma**2).sqrt()
     g = torch.Generator().manual_seed(3)
     x, d_raw, z = (torch.randn(6, generator=g, dtype=torch.float64) for _ in range(3))
     for i in range(4):
@@ -67,17 +81,18 @@ def test_coefficient_layout_matches_textbook_step():
 
 
 def test_coefficients_defaults_and_edge_cases():
-    sigmas = torch.tensor([2.0, 1.0, 0.0])
-    c = linear_coefficients(sigmas)  # plain LCM: sigma_s = 0, no boundary
+    sigmas = torch.tensor([2.0, 1.0, 0.0], dtype=torch.float64)
+    c = coefficient_table(step_coefficients(sigmas, VP, Step(1.0, False, True)), "cpu")  # LCM, no boundary: x = D
     torch.testing.assert_close(c, torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0, 1.0]]))
-    c = linear_coefficients(torch.tensor([0.0, 0.0]), 0.5)  # sigma_i == 0 -> r = 0, no NaN
     assert torch.isfinite(c).all()
-    c = linear_coefficients(torch.tensor([2.0, 1.0, 0.0]), 1.5)  # sigma_s > sigma_{i+1}: clamp -> a_z = 0
-    assert c[0, 2] == 0
+    c = step_coefficients(sigmas, VP, Step(0.0))  # gamma 0: sigma_s is sigma_{i+1} itself, so no re-noise
+    assert c.a_z.tolist() == [0.0, 0.0] and c.sigma_s[0] == 1.0
     with pytest.raises(ValueError):
-        linear_coefficients(torch.tensor([1.0, 0.0]), torch.zeros(3))
+        step_coefficients(torch.tensor([1.0, 2.0]), VP, Step())
     with pytest.raises(ValueError):
-        linear_coefficients(torch.tensor([1.0]))
+        step_coefficients(torch.tensor([1.0]), VP, Step())
+    with pytest.raises(AttributeError):
+        coefficient_table(object(), "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------- interpreter
@@ -129,7 +144,7 @@ def test_kernel_bit_exact_fp32_on_cpu():
 
 
 @needs_triton
-def test_kernel_mixed_dtypes_out_alias_and_noncontiguous():
+def test_kernel_mixed_dtypes_and_noncontiguous():
     coeffs, _ = _coeffs()
     x, d, z = _inputs((2, 4, 8, 6), torch.float16)
     d32 = d.float()  # model output in fp32, latent in fp16
@@ -138,18 +153,11 @@ def test_kernel_mixed_dtypes_out_alias_and_noncontiguous():
     for g, r in zip(got, ref):
         assert g.dtype == torch.float16
         torch.testing.assert_close(g, r, atol=1e-3, rtol=1e-3)
-    # out aliasing x (in-place update) and an explicit x0 buffer
-    xa, x0_buf = x.clone(), torch.empty_like(x)
-    xn, x0 = consistency_step(xa, d32, z, coeffs, 1, out=xa, x0_out=x0_buf)
-    assert xn is xa and x0 is x0_buf
-    torch.testing.assert_close(xn, ref[0], atol=1e-3, rtol=1e-3)
-    # non-contiguous inputs and outputs
+    # non-contiguous inputs
     xt, dt, zt = (t.float().transpose(1, 3) for t in (x, d, z))
-    out = torch.empty(xt.shape[::-1]).permute(3, 2, 1, 0)
-    assert not xt.is_contiguous() and not out.is_contiguous()
-    got = consistency_step(xt, dt, zt, coeffs, 0, out=out)
+    assert not xt.is_contiguous()
+    got = consistency_step(xt, dt, zt, coeffs, 0)
     ref = consistency_step_reference(xt, dt, zt, coeffs, 0)
-    assert got[0] is out
     torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got[1], ref[1], atol=1e-6, rtol=1e-6)
 
@@ -223,7 +231,7 @@ def test_interpreter_works_when_triton_was_imported_first():
     """Other test modules or the host may import triton before TRITON_INTERPRET=1 is set."""
     code = ("import os, torch, triton; os.environ['TRITON_INTERPRET'] = '1'; "
             "from kernels.consistency_step import consistency_step as f, consistency_step_reference as r; "
-            "from kernels import linear_coefficients as lc; c = lc(torch.tensor([2.0, 1.0, 0.0]), 0.5); "
+            "c = torch.tensor([[0.25, 0.75, 0.866, 0.01, 0.99], [0.0, 1.0, 0.0, 0.0, 1.0]]); "
             "x = torch.randn(1500); a = f(x, x * 2, x * 3, c, 0); b = r(x, x * 2, x * 3, c, 0); "
             "assert all(torch.equal(u, v) for u, v in zip(a, b))")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -284,25 +292,6 @@ def test_cuda_kernel_no_sync():
     torch.cuda.synchronize()
 
 
-@needs_triton
-def test_partially_overlapping_out_goes_through_a_temporary():
-    """An `out` that is a shifted view of `x` would be read after other blocks wrote it (a race on a GPU): it is
-    filled through a temporary. Exact aliasing (out=x) still writes in place."""
-    coeffs, _ = _coeffs()
-    n = 2 * 1024 + 5
-    buf = torch.randn(n + 37, generator=torch.Generator().manual_seed(4))
-    x, out = buf[:n], buf[37:]
-    _, d, z = _inputs((n,), torch.float32)
-    ref = consistency_step_reference(x.clone(), d, z, coeffs, 0)
-    got = consistency_step(x, d, z, coeffs, 0, out=out)
-    assert got[0] is out
-    torch.testing.assert_close(got[0], ref[0], atol=1e-6, rtol=1e-6)
-    x2 = buf.clone()[:n]
-    ref2 = consistency_step_reference(x2.clone(), d, z, coeffs, 1)
-    got2 = consistency_step(x2, d, z, coeffs, 1, out=x2)
-    assert got2[0] is x2 and torch.equal(got2[0], ref2[0])
-
-
 class FakeCuda(torch.Tensor):
     """A CPU tensor that reports is_cuda, to reach fused_step's CUDA-only branches on a machine without a GPU."""
 
@@ -353,3 +342,15 @@ def test_triton_value_error_falls_back_but_argument_errors_raise(monkeypatch):
     with pytest.raises(ValueError, match="coeffs must be float32"):
         fused_step(x.as_subclass(FakeCuda), d, z, coeffs.double(), 0, backend="triton")
     assert cs._TRITON_BROKEN is None
+
+
+def test_fused_on_says_which_requirement_is_missing(monkeypatch):
+    """fused=on on a CPU latent names the latent's device; on a GPU latent without triton it names triton."""
+    with pytest.raises(ValueError, match=r"fused=on, but the latent is on cpu, and the fused kernel runs on CUDA"):
+        use_fused("on", torch.zeros(1))
+    assert use_fused("auto", torch.zeros(1)) is False and use_fused("off", torch.zeros(1)) is False
+
+    monkeypatch.setattr(cs, "triton_available", lambda: False)
+    with pytest.raises(ValueError, match=r"triton cannot be imported"):
+        use_fused("on", torch.zeros(1).as_subclass(FakeCuda))
+    assert use_fused("auto", torch.zeros(1).as_subclass(FakeCuda)) is False

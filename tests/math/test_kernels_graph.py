@@ -1,11 +1,12 @@
 """CUDA-graph helper: keys, LRU, fallbacks and one-line logging on the CPU (fake capturer); real capture on GPU."""
+from __future__ import annotations
 
 import logging
 
 import pytest
 import torch
 
-from kernels import GraphCache, GraphKey, allocator_backend, capture_allowed
+from fewstep.kernels import GraphCache, GraphKey, allocator_backend, capture_allowed
 
 needs_cuda = lambda f: pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: real CUDA graph capture/replay")(f))  # noqa: E731
 

@@ -1,10 +1,15 @@
-"""Sync-free fused loop == the straightforward unfused loop; no host reads per step."""
+"""Sync-free fused loop == the straightforward unfused loop; no host reads per step; the switch that picks it."""
+from __future__ import annotations
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import consistency_step_reference, linear_coefficients, sample_fused, triton_available
+from fewstep.kernels import coefficient_table, consistency_step_reference, sample_fused, triton_available
+from fewstep.samplers.discrete import DiscreteSchedule
+from fewstep.samplers.parametrisation import parametrisation
+from fewstep.samplers.schedules import tcd_timesteps, timesteps_to_sigmas
+from fewstep.samplers.step import Step, step_coefficients
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not importable")
 needs_cuda = lambda f: pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: compiled kernel, sync debug mode")(f))  # noqa: E731
@@ -29,12 +34,20 @@ class ToyDenoiser:
         return (x / (1 + s * s) + 0.1 * torch.tanh(x) * extra.get("scale", 1.0)).to(x.dtype)
 
 
+SCHED = DiscreteSchedule(dtype=torch.float64)
+
+
+def _record(n=4):
+    """The one builder's coefficients for TCD gamma 0.3 with the boundary condition (every column varies)."""
+    sigmas = timesteps_to_sigmas(tcd_timesteps(n), SCHED)
+    return sigmas, step_coefficients(sigmas, parametrisation(SCHED), Step(gamma=0.3, boundary=True))
+
+
 def _setup(device="cpu", dtype=torch.float32, n=4, shape=(2, 4, 8, 8)):
-    sigmas = torch.tensor([14.6, 3.0, 1.2, 0.3, 0.0], dtype=torch.float64)[: n + 1]
-    sigma_s = sigmas[1:] * 0.2
-    c_skipv = 0.25 / (1 + sigmas[:-1] ** 2) ** 0.5 * 0.1
-    c_out = 1 - 0.05 * sigmas[:-1] / sigmas[0]
-    coeffs = linear_coefficients(sigmas, sigma_s, c_skipv, c_out, device=device)
+    sigmas, c = _record(n)
+    sigma_s, c_out = c.sigma_s, c.c_out
+    c_skipv = c.c_skip / (1 + c.sigma**2).sqrt()
+    coeffs = coefficient_table(c, device)
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=g) * sigmas[0].float()).to(device, dtype)
     noise = torch.randn((n - 1, *shape), generator=g).to(device, dtype)  # a run to sigma 0: last step none
@@ -139,6 +152,14 @@ def test_no_host_reads_and_op_count_per_step():
         counts[n] = len(c.ops)
     per_step = (counts[4] - counts[2]) / 2
     assert per_step <= 20, per_step  # torch fallback: a handful of elementwise ops; the Triton path is 1 launch
+
+
+def test_the_builders_record_runs_as_its_table():
+    """The sampler hands the loop the one builder's record; the loop puts it on the device itself."""
+    sigmas, c = _record()
+    _, coeffs, x, noise, _ = _setup()
+    got = sample_fused(ToyDenoiser(), x, sigmas.float(), c, noise, disable=True, backend="torch")
+    assert torch.equal(got, sample_fused(ToyDenoiser(), x, sigmas.float(), coeffs, noise, disable=True, backend="torch"))
 
 
 def test_argument_checks():

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora.adapters import GloraModule, Ia3Module, OftModule
-from lora.formats import parse_state_dict
-from lora.fuse import check_key_shapes, key_delta
-from lora.keys import canonical
+from fewstep.lora.adapters import GloraModule, Ia3Module, OftModule
+from fewstep.lora.formats import parse_state_dict
+from fewstep.lora.fuse import check_key_shapes, key_delta
+from fewstep.lora.keys import canonical
 
 F = "style.safetensors"
 

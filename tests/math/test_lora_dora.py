@@ -6,11 +6,12 @@ row, LyCORIS' default since 2025; [1, in, …]: per input column), D = W'·dora_
 fuse gives W + s·(D − W) (ComfyUI's convention), LyCORIS' multiplier W' + s·(D − W'), PEFT's weight
 m·(W + sΔW)/‖W + sΔW‖ -- all D at s = 1.
 """
+from __future__ import annotations
 import pytest
 import torch
 
-from lora.adapters import LoraModule
-from lora.fuse import DORA_CONVENTIONS, check_key_shapes, dora_weight, key_delta
+from fewstep.lora.adapters import LoraModule
+from fewstep.lora.fuse import DORA_CONVENTIONS, check_key_shapes, dora_weight, key_delta
 
 EPS = torch.finfo(torch.float32).eps
 

@@ -1,4 +1,5 @@
 """lora.formats + lora.keys: every key style gives the same deltas; bad inputs name file and key."""
+from __future__ import annotations
 import json
 import os
 import sys
@@ -9,9 +10,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _unet_keys import STYLES, ldm_to_diffusers, node_deltas, save, tiny_sd15, write_lora  # noqa: E402
 
-from lora.adapters import LoraModule  # noqa: E402
-from lora.formats import read_adapter  # noqa: E402
-from lora.keys import KeyMapper, canonical, require_all_matched  # noqa: E402
+from fewstep.lora.adapters import LoraModule  # noqa: E402
+from fewstep.lora.formats import read_adapter  # noqa: E402
+from fewstep.lora.keys import KeyMapper, canonical, require_all_matched  # noqa: E402
 
 U = tiny_sd15()
 TARGETS = [
@@ -308,7 +309,7 @@ def test_onetrainer_omi_text_encoder_and_embedding_keys(tmp_path):
     """OneTrainer's OMI format names the encoders clip_l./clip_g. and bundles embeddings under bundle_emb.: they
     are text-encoder keys and embeddings, not UNet modules that match nothing; te_state_dict renames the encoder
     keys to spellings core ComfyUI's CLIP key map knows, keeping their alpha tensors."""
-    from lora.formats import te_state_dict
+    from fewstep.lora.formats import te_state_dict
     f = make_factors()
     te = "clip_l.text_model.encoder.layers.0.self_attn.q_proj"
     te_g = "clip_g.text_model.encoder.layers.3.mlp.fc1"
@@ -334,7 +335,7 @@ def test_onetrainer_omi_text_encoder_and_embedding_keys(tmp_path):
 def test_peft_clip_adapter_is_a_text_encoder_adapter(tmp_path, width, prefix):
     """A PEFT adapter saved from a CLIPTextModel (base_model.model.text_model.*) is a text-encoder adapter; it goes
     to the encoder its attention width names (1280: SDXL's CLIP-G)."""
-    from lora.formats import te_state_dict
+    from fewstep.lora.formats import te_state_dict
     m = "base_model.model.text_model.encoder.layers.0.self_attn.q_proj"
     sd = {f"{m}.lora_A.weight": torch.ones(4, width), f"{m}.lora_B.weight": torch.ones(width, 4)}
     p = save(str(tmp_path / "peft-te.safetensors"), sd)
@@ -349,7 +350,7 @@ def test_text_encoder_alpha_from_the_header_becomes_a_tensor(tmp_path):
     """Core's CLIP loader reads only .alpha tensors; header alphas (kohya ss_network_alpha, diffusers
     lora_adapter_metadata per encoder, alpha_pattern, rsLoRA) become tensors so the text encoder is scaled like the
     UNet side. An existing .alpha tensor is kept."""
-    from lora.formats import te_state_dict
+    from fewstep.lora.formats import te_state_dict
     q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
     k = "text_encoder.text_model.encoder.layers.0.self_attn.k_proj"
     q2 = "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj"
@@ -394,7 +395,7 @@ def test_rslora_scale_from_peft_metadata(tmp_path):
 def test_lycoris_norm_training_and_ai_toolkit_dora(tmp_path):
     """LyCORIS train_norm writes <m>.w_norm / <m>.b_norm: diffs of the norm weight and bias (as core applies
     them). ai-toolkit's DoRA magnitude <m>.magnitude is read as a PEFT-convention magnitude."""
-    from lora.adapters import DORA_NORM_PEFT, BiasDiffModule, DiffModule
+    from fewstep.lora.adapters import DORA_NORM_PEFT, BiasDiffModule, DiffModule
     m = "lora_unet_down_blocks_0_attentions_0_norm"
     q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     sd = {f"{m}.w_norm": torch.full((320,), 0.01), f"{m}.b_norm": torch.full((320,), 0.02),
@@ -417,7 +418,7 @@ def test_lycoris_norm_training_and_ai_toolkit_dora(tmp_path):
 def test_lora_package_never_imports_comfy():
     """lora/ (adapter kinds included) gets every host fact as a value from the node layer."""
     import pathlib
-    import lora
+    import fewstep.lora as lora
     files = sorted(pathlib.Path(lora.__file__).parent.rglob("*.py"))
     assert any(p.parent.name == "adapters" for p in files), files
     for path in files:
@@ -429,10 +430,10 @@ def test_every_adapter_kind_is_registered_and_named_in_the_tensor_table():
     """Each module of lora/adapters with a KIND is in ADAPTERS, and formats reads every suffix a kind declares."""
     import importlib
     import pathlib
-    from lora import adapters, formats
+    from fewstep.lora import adapters, formats
     mods = [p.stem for p in pathlib.Path(adapters.__file__).parent.glob("*.py") if p.stem not in ("__init__", "base")]
-    kinds = [importlib.import_module(f"lora.adapters.{m}").KIND for m in mods]
+    kinds = [importlib.import_module(f"fewstep.lora.adapters.{m}").KIND for m in mods]
     assert sorted(k.name for k in kinds) == sorted(k.name for k in adapters.ADAPTERS)
     for kind in adapters.ADAPTERS:
         for s in kind.suffixes:
-            assert formats.split_key("lora_unet_x" + s.suffix) == ("lora_unet_x", s.role, s.style), s
+            assert formats.split_key("lora_unet_x" + s.suffix) == ("lora_unet_x" + s.module_tail, s.role, s.style), s

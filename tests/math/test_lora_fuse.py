@@ -1,4 +1,5 @@
 """lora.fuse: one-GEMM fusion, conv/LoCon, LoHa/LoKr/DoRA against independent formulas, one rounding."""
+from __future__ import annotations
 import os
 import sys
 
@@ -8,8 +9,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from _unet_keys import node_deltas  # noqa: E402
 
-from lora.adapters import BiasDiffModule, DiffModule, LohaModule, LokrModule, LoraModule  # noqa: E402
-from lora.fuse import key_delta  # noqa: E402
+from fewstep.lora.adapters import BiasDiffModule, DiffModule, LohaModule, LokrModule, LoraModule  # noqa: E402
+from fewstep.lora.fuse import key_delta  # noqa: E402
 
 G = torch.Generator().manual_seed(1234)
 
@@ -134,7 +135,7 @@ def test_diff_and_bias_and_plan():
 
 
 def test_key_scale_and_one_rounding():
-    from lora.merge import merged_key_delta, plan_merge
+    from fewstep.lora.merge import merged_key_delta, plan_merge
     shape = (32, 24)
     base = rn(*shape).to(torch.float16)
     items = [(lora(f"x{i}", rn(4, 24) * 0.01, rn(32, 4) * 0.01), 1.0) for i in range(3)]
@@ -171,7 +172,7 @@ def _outcome(fn):
 def test_fast_shape_check_agrees_with_computing():
     """check_key_shapes (tensor shapes only) accepts exactly what key_delta can compute and rejects the rest with
     a ValueError naming the file and the source key (key_delta itself may fail later with a bare RuntimeError)."""
-    from lora.fuse import check_key_shapes
+    from fewstep.lora.fuse import check_key_shapes
     cases = [
         ([lora("a", rn(4, 48), rn(64, 4))], (64, 48)),                                   # fits
         ([lora("a", rn(4, 48), rn(64, 4))], (64, 47)),                                   # wrong in
@@ -260,7 +261,7 @@ def test_peft_dora_at_alpha_equal_rank():
 
 
 def test_peft_dora_magnitude_shapes_and_wrong_length():
-    from lora.fuse import check_key_shapes
+    from fewstep.lora.fuse import check_key_shapes
     key, W, d, u, m = _peft_cases()[1]  # conv, 16 output channels
     ref = key_delta([(peft_dora("p", d, u, 4.0, m), 1.0)], key, W.shape, base_weight_fn=lambda k: W)
     for form in (m.reshape(16), m.reshape(16, 1, 1, 1)):  # all accepted stored forms give the same delta

@@ -1,4 +1,5 @@
 """lora.merge (block weights, LiNeS, TIES, DARE), lora.export (randomized SVD), lora.detect."""
+from __future__ import annotations
 import json
 import os
 import sys
@@ -9,13 +10,13 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _unet_keys import save  # noqa: E402
 
-from lora.detect import detect, match_name  # noqa: E402
-from lora.export import export_lora, full_svd_export, save_lora  # noqa: E402
-from lora.adapters import LoraModule  # noqa: E402
-from lora.formats import read_adapter  # noqa: E402
-from lora.fuse import key_delta  # noqa: E402
-from lora.families import FAMILIES  # noqa: E402
-from lora.merge import (block_of, depth_count, lines_scale, merge_deltas, merged_key_delta, plan_merge,  # noqa: E402
+from fewstep.lora.detect import detect, match_name  # noqa: E402
+from fewstep.lora.export import export_lora, full_svd_export, save_lora  # noqa: E402
+from fewstep.lora.adapters import LoraModule  # noqa: E402
+from fewstep.lora.formats import read_adapter  # noqa: E402
+from fewstep.lora.fuse import key_delta  # noqa: E402
+from fewstep.lora.families import FAMILIES  # noqa: E402
+from fewstep.lora.merge import (block_of, depth_count, lines_scale, merge_deltas, merged_key_delta, plan_merge,  # noqa: E402
                         parse_block_weights, ties_combine, trim_top_k)
 
 LAYOUTS = {f.blocks.name: f.blocks for f in FAMILIES.values()  # the block layouts (SD2 shares SD1.5's, SSD-1B SDXL's)
@@ -257,7 +258,7 @@ def test_detect_folder_metadata_structure(tmp_path):
 def test_ties_details_follow_peft():
     """TIES keeps int(density*n) entries per key and a zero sum elects +1 (PEFT / mergekit); dare_ties is DARE then
     TIES election without a magnitude trim, so density does not change it."""
-    from lora.merge import trim_top_k, ties_combine
+    from fewstep.lora.merge import trim_top_k, ties_combine
     t = torch.tensor([5.0, -4.0, 3.0, 2.0, 1.0])
     assert torch.equal(trim_top_k(t, 0.5), torch.tensor([5.0, -4.0, 0.0, 0.0, 0.0]))  # int(2.5) = 2
     assert torch.equal(trim_top_k(t, 0.01), torch.tensor([5.0, 0, 0, 0, 0]))  # at least one
@@ -272,8 +273,8 @@ def test_ties_details_follow_peft():
 def test_lokr_tucker_conv_entry():
     """LyCORIS writes LoKr 3x3 convs with a Tucker core (lokr_t2) by default: the rebuilt w2 is a permuted view, which
     torch.kron refused; the delta equals LyCORIS' make_kron (kron of w1 with the contiguous Tucker rebuild)."""
-    from lora.adapters import LokrModule
-    from lora.fuse import check_key_shapes
+    from fewstep.lora.adapters import LokrModule
+    from fewstep.lora.fuse import check_key_shapes
     g = torch.Generator().manual_seed(0)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     w1 = r(4, 4)
@@ -343,7 +344,7 @@ def test_names_seen_in_the_wild_need_the_structure(tmp_path, name, preset, ctx):
 def test_base_sd2_ssd1b_and_hash_fallback(tmp_path, monkeypatch):
     """SD1.x vs SD2.x without cross-attention k/v: proj_in's layer type; SSD-1B (no mid-block attention, 4 deep
     transformer blocks) is not SDXL; an unnamed acceleration-shaped file is looked up by its payload hash."""
-    import lora.detect as D
+    import fewstep.lora.detect as D
     g = torch.Generator().manual_seed(2)
 
     def lora(sd, name, down_shape, out=8):
@@ -379,7 +380,7 @@ def test_base_sd2_ssd1b_and_hash_fallback(tmp_path, monkeypatch):
 def test_dare_mask_follows_the_style_position_not_the_keys_style_count():
     """A key only the second style touches draws that style's DARE mask (index 1), so adding or removing the first
     style elsewhere never changes it; merge_deltas with the styles' indices is the one DARE combine the node runs."""
-    from lora.merge import dare_drop
+    from fewstep.lora.merge import dare_drop
     shapes = {"w1": (6, 5), "w2": (6, 5)}
     s1 = [(_lm("a1", seed=3), 0.8)]
     s2 = [(_lm("a2", seed=5), 0.5)]
@@ -398,8 +399,8 @@ def test_family_records():
     Wan 2.1 and Wan 2.2 5B theirs; every family the host loads has one; an unknown family is named in the error; a
     Stack-style syntax check accepts a preset or numbers of any length (the fuse checks the length against the
     model's layout)."""
-    from lora.families import family
-    from lora.merge import check_block_weights
+    from fewstep.lora.families import family
+    from fewstep.lora.merge import check_block_weights
     assert family("sd2").blocks is family("sd15").blocks and family("ssd1b").blocks is family("sdxl").blocks
     assert family("wan22_5b").keys is family("wan").keys
     assert set(FAMILIES) == {"sd15", "sd2", "sdxl", "ssd1b", "sd3", "flux", "wan", "wan22_5b", "qwen_image",

@@ -1,9 +1,10 @@
 """Per-(seed, batch index) noise: batch-size independence, pre_draw equality, CPU determinism."""
+from __future__ import annotations
 
 import pytest
 import torch
 
-from samplers.noise import BatchStepNoise, batch_seed, default_noise_sampler, initial_noise
+from fewstep.samplers.noise import BatchStepNoise, batch_seed, default_noise_sampler, initial_noise
 
 
 def test_batch_seed_stable_and_in_range():

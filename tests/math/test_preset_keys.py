@@ -1,8 +1,10 @@
 """The LoRA detector and the sampler preset table speak one preset vocabulary: ``Preset.name``."""
+from __future__ import annotations
+
 import pytest
 
-from lora import detect
-from samplers import presets
+from fewstep.lora import detect
+from fewstep.samplers import presets
 
 
 def test_every_detected_unet_preset_exists_in_the_sampler_table():
@@ -19,8 +21,3 @@ def test_every_detected_flow_preset_exists_in_the_sampler_table():
         pytest.skip("this checkout's preset table has no flow-matching presets yet (they arrive with the "
                     "flow-matching samplers); the names detection reports are the agreed Preset.name strings")
     assert detect.FLOW_PRESET_NAMES <= set(presets.PRESET_NAMES), sorted(detect.FLOW_PRESET_NAMES - have)
-
-
-def test_preset_keys_round_trip():
-    for p in presets.PRESETS:
-        assert presets.get_preset_by_key(presets.preset_key(p.name)) is p

@@ -1,4 +1,5 @@
-"""sample_consistency mechanics: callback x0, precomputed coefficients == loop, model_sampling lookup, errors."""
+"""The sampling run: callback x0, the coefficient table == the loop, model_sampling lookup, errors."""
+from __future__ import annotations
 
 import dataclasses
 import math
@@ -7,23 +8,20 @@ import types
 import pytest
 import torch
 
-from samplers import consistency
-from samplers.consistency import (
-    COEFF_FIELDS,
-    linear_step_coefficients,
-    resolve_model_sampling,
-    sample_consistency,
-    step_coefficients,
-)
-from samplers.discrete import DiscreteSchedule
-from samplers.lcm import sample_lcm_exact
-from samplers.noise import BatchStepNoise
-from samplers.pcm import sample_pcm
-from samplers.presets import PRESET_NAMES, PRESETS, get_preset
-from samplers.schedules import lcm_timesteps, pcm_phase_timesteps, tcd_timesteps, timesteps_to_sigmas
-from samplers.tcd import sample_tcd
+from fewstep.samplers import SAMPLERS, consistency
+from fewstep.samplers.consistency import sample_consistency
+from fewstep.samplers.discrete import DiscreteSchedule
+from fewstep.samplers.lcm import sample_lcm
+from fewstep.samplers.noise import BatchStepNoise
+from fewstep.samplers.parametrisation import parametrisation, resolve_model_sampling
+from fewstep.samplers.pcm import sample_pcm
+from fewstep.samplers.presets import PRESET_NAMES, PRESETS, get_preset
+from fewstep.samplers.schedules import lcm_timesteps, pcm_phase_timesteps, tcd_timesteps, timesteps_to_sigmas
+from fewstep.samplers.step import Step, step_coefficients
+from fewstep.samplers.tcd import sample_tcd
 
 SCHED = DiscreteSchedule(dtype=torch.float64)
+VP = parametrisation(SCHED)
 
 
 def denoiser(x, sigma, **_):
@@ -46,7 +44,7 @@ def _x(sigma0, shape=(2, 4, 6, 6), seed=0):
 
 @pytest.mark.parametrize(
     "sampler, kwargs, boundary",
-    [(sample_lcm_exact, {}, True), (sample_tcd, {"gamma": 0.3}, False), (sample_pcm, {}, False)],
+    [(sample_lcm, {}, True), (sample_tcd, {"gamma": 0.3}, False), (sample_pcm, {}, False)],
 )
 def test_callback_denoised_is_x0_every_step(sampler, kwargs, boundary):
     sigmas = timesteps_to_sigmas(lcm_timesteps(4), SCHED)
@@ -71,18 +69,20 @@ def test_callback_denoised_is_x0_every_step(sampler, kwargs, boundary):
     (0.3, False, False, "x0"), (0.3, False, False, "diffusers"), (1.0, True, True, "x0"),
     (0.0, False, False, "diffusers"), (0.7, True, False, "diffusers"),
 ])
-def test_linear_coefficients_equal_loop_and_textbook_formula(gamma, boundary, clean, final_step):
+def test_coefficients_equal_loop_and_textbook_formula(gamma, boundary, clean, final_step):
     sigmas = timesteps_to_sigmas(tcd_timesteps(5), SCHED)
     record = []
 
     class Recorder:
+        """Records each draw under the step it is for (the sampler names the step's sigmas)."""
+
         def __init__(self):
             self.noise = BatchStepNoise(torch.zeros(2, 4, 6, 6, dtype=torch.float64), 9)
             self.z = {}
 
         def __call__(self, s, sn):
             z = self.noise(s, sn)
-            self.z[len(record) - 1] = z
+            self.z[sigmas.tolist().index(float(s))] = z
             return z
 
     def model(x, sigma, **_):
@@ -93,8 +93,8 @@ def test_linear_coefficients_equal_loop_and_textbook_formula(gamma, boundary, cl
     rec = Recorder()
     out = sample_consistency(model, _x(sigmas[0]), sigmas, None, None, True, gamma=gamma, boundary=boundary,
                              final_step=final_step, clean_intermediate=clean, noise_sampler=rec, model_sampling=SCHED)
-    c = step_coefficients(sigmas, SCHED, gamma, boundary, clean, final_step)
-    lin = linear_step_coefficients(c)
+    c = step_coefficients(sigmas, VP, Step(gamma, boundary, clean), final_step)
+    lin = c
     xs = [x for x, _ in record] + [out]
     for i, (x, d_raw) in enumerate(record):
         z = rec.z.get(i, torch.zeros_like(x))
@@ -116,15 +116,13 @@ def test_linear_coefficients_equal_loop_and_textbook_formula(gamma, boundary, cl
             ref = (d + sigma_s * eps) / math.sqrt(1 + sigma_s**2)
         torch.testing.assert_close(ref, xs[i + 1], rtol=0, atol=1e-10)
     assert set(rec.z) == {i for i in range(5) if lin.a_z[i] > 0}
-    table = lin.as_tensor(dtype=torch.float64)
-    assert table.shape == (5, 5) and COEFF_FIELDS == ("a_x", "a_d", "a_z", "b_x", "b_d")
-    assert torch.equal(table[:, 2], lin.a_z)
+    assert torch.equal(lin.b_d, c.c_out) and torch.equal(lin.b_x, c.c_skip / (1 + c.sigma**2).sqrt())
 
 
 def test_reference_tcd_s_values_and_gamma_zero_is_euler_off_grid():
-    c = step_coefficients(timesteps_to_sigmas(lcm_timesteps(4), SCHED), SCHED, gamma=0.3)
+    c = step_coefficients(timesteps_to_sigmas(lcm_timesteps(4), SCHED), VP, Step(gamma=0.3))
     assert c.t.tolist() == [999, 759, 499, 259] and c.s.tolist() == [531, 349, 181, 0]
-    assert c.noise[-1] == 0 and c.sigma_s[-1] == 0  # final_step x0
+    assert c.a_z[-1] == 0 and c.sigma_s[-1] == 0  # final_step x0
     # karras-like off-grid sigmas: gamma 0 is exactly deterministic Euler
     sigmas = torch.tensor([14.0, 6.1, 2.3, 0.9, 0.31, 0.0], dtype=torch.float64)
     x = _x(sigmas[0])
@@ -137,7 +135,7 @@ def test_reference_tcd_s_values_and_gamma_zero_is_euler_off_grid():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
-def test_default_noise_uses_seed_and_factory_hook():
+def test_default_noise_uses_seed_and_the_one_noise_input():
     sigmas = timesteps_to_sigmas(lcm_timesteps(4), SCHED)
     x = _x(sigmas[0])
     a = sample_tcd(HostModel(SCHED), x, sigmas, {"seed": 5}, disable=True)
@@ -146,12 +144,18 @@ def test_default_noise_uses_seed_and_factory_hook():
     assert torch.equal(a, b) and not torch.equal(a, c)
     calls = []
 
-    def factory(x_like, seed):
-        calls.append(seed)
-        return BatchStepNoise(x_like, seed)
+    class Given:
+        def __init__(self, x_like, seed):
+            self.noise = BatchStepNoise(x_like, seed)
 
-    d = sample_tcd(HostModel(SCHED), x, sigmas, {"seed": 5}, disable=True, noise_sampler_factory=factory)
-    assert calls == [5] and torch.equal(a, d)
+        def __call__(self, sigma, sigma_next):
+            calls.append(float(sigma))
+            return self.noise(sigma, sigma_next)
+
+    # a given noise_sampler is the one noise input: it replaces the default (per-seed) noise, called once per
+    # stochastic step with that step's sigmas, in step order
+    d = sample_tcd(HostModel(SCHED), x, sigmas, {"seed": 99}, disable=True, noise_sampler=Given(x, 5))
+    assert calls == sigmas[:3].tolist() and torch.equal(a, d)
     sample_pcm(HostModel(SCHED), x, timesteps_to_sigmas(pcm_phase_timesteps(4), SCHED), {"seed": 5}, disable=True)
     # image k of a batch equals that image alone only with batch_offset; the default uses offset 0 for x[0]
     solo = sample_tcd(HostModel(SCHED), x[:1], sigmas, {"seed": 5}, disable=True)
@@ -189,11 +193,15 @@ def test_argument_errors():
     for bad in (sigmas.flip(0), torch.tensor([3.0, 3.0, 0.0]), torch.tensor([2.0, 0.0, -1.0]), torch.tensor([1.0, float("nan")])):
         with pytest.raises(ValueError, match="sigmas"):
             sample_consistency(denoiser, x, bad.double(), **kw)
-    assert sample_consistency(denoiser, x, sigmas[:1], **kw) is x
+    # one sigma is no step: said plainly (a SplitSigmas at the end), instead of returning x untouched
+    with pytest.raises(ValueError, match=r"fewstep consistency sampler: the sigmas input has 1 value"):
+        sample_consistency(denoiser, x, sigmas[:1], **kw)
+    with pytest.raises(ValueError, match="gamma must be in"):
+        Step(gamma=-0.1)
 
 
 def test_coefficient_shapes_and_dataclass():
-    c = step_coefficients(timesteps_to_sigmas(lcm_timesteps(8), SCHED), SCHED, 0.5, True)
+    c = step_coefficients(timesteps_to_sigmas(lcm_timesteps(8), SCHED), VP, Step(0.5, True))
     for f in dataclasses.fields(c):
         v = getattr(c, f.name)
         assert v.dtype == torch.float64 and v.device.type == "cpu" and v.shape == (8,)
@@ -210,6 +218,7 @@ def test_presets_table():
     assert get_preset("Hyper-SD CFG 12-step").cfg == 5.0
     for p in PRESETS:
         assert p.sampler in ("lcm", "tcd", "pcm", "euler") and p.schedule in ("lcm", "tcd", "pcm", "trailing", "fixed")
+        assert p.sampler in SAMPLERS  # one name for one step: the preset names the sampler that runs it
         assert 0.0 <= p.gamma <= 1.0 and p.steps >= 1
         assert p.schedule != "pcm" or p.phases == p.steps
     with pytest.raises(ValueError, match="valid names: LCM-LoRA"):

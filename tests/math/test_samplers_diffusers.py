@@ -4,16 +4,17 @@ Both sides use the same float64 abar table (diffusers' ``alphas_cumprod`` is ove
 our ``DiscreteSchedule``) and the same analytic model written in diffusers' convention (eps, v or sample as a
 function of the VP sample and the timestep). Our side wraps it into a k-diffusion VE denoiser.
 """
+from __future__ import annotations
 
 import math
 
 import pytest
 import torch
 
-from samplers.discrete import DiscreteSchedule
-from samplers.lcm import sample_lcm_exact
-from samplers.schedules import lcm_timesteps, tcd_timesteps, timesteps_to_sigmas
-from samplers.tcd import sample_tcd
+from fewstep.samplers.discrete import DiscreteSchedule
+from fewstep.samplers.lcm import sample_lcm
+from fewstep.samplers.schedules import lcm_timesteps, tcd_timesteps, timesteps_to_sigmas
+from fewstep.samplers.tcd import sample_tcd
 
 diffusers = pytest.importorskip("diffusers")
 import diffusers.schedulers.scheduling_lcm as d_lcm  # noqa: E402
@@ -116,7 +117,7 @@ def test_lcm_matches_diffusers(steps, strength, pred, monkeypatch):
     assert timesteps == sch.timesteps.tolist()
     x_vp, noises = _inputs(steps)
     theirs = _run_diffusers(sch, pred, x_vp, noises, monkeypatch, d_lcm)
-    ours = _run_ours(sample_lcm_exact, pred, x_vp, timesteps, noises)
+    ours = _run_ours(sample_lcm, pred, x_vp, timesteps, noises)
     _assert_same(ours, theirs)
 
 

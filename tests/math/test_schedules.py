@@ -1,10 +1,11 @@
 """Timestep grids: reference-doc numbers, diffusers parity, and loud errors on impossible requests."""
+from __future__ import annotations
 
 import pytest
 import torch
 
-from samplers.discrete import DiscreteSchedule
-from samplers.schedules import (
+from fewstep.samplers.discrete import DiscreteSchedule
+from fewstep.samplers.schedules import (
     fixed_timesteps,
     lcm_timesteps,
     pcm_phase_timesteps,
@@ -149,7 +150,7 @@ def test_timesteps_to_sigmas():
 @pytest.mark.parametrize("strength", [0.2, 0.5, 0.74, 0.75, 1.0])
 def test_strength_tail_is_diffusers_img2img_on_trailing_grids(steps, strength):
     """StableDiffusionImg2ImgPipeline.get_timesteps on Euler/DDIM 'trailing' keeps the last int(n*strength)."""
-    from samplers.schedules import strength_tail, trailing_timesteps
+    from fewstep.samplers.schedules import strength_tail, trailing_timesteps
     sch = diffusers.EulerDiscreteScheduler(timestep_spacing="trailing", beta_schedule="scaled_linear",
                                            beta_start=0.00085, beta_end=0.012)
     sch.set_timesteps(steps)

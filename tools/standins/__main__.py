@@ -1,4 +1,5 @@
 """``python -m tools.standins [kind ...]``: build the stand-ins of each kind (default sd15; "all" = every kind)."""
+from __future__ import annotations
 import logging
 import sys
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -27,7 +27,7 @@ from tools import hostenv
 
 from .common import SEED, gen, save
 
-log = logging.getLogger("fewstep.standins")
+log = logging.getLogger("fewstep")
 
 FOLDERS = ("diffusion_models", "vae", "loras")
 

@@ -66,7 +66,7 @@ VAE = VaeFile(
 # * musubi-tuner (kohya-ss/musubi-tuner networks/lora.py for HunyuanVideo): lora_unet_double_blocks_N_img_mlp_fc1
 #   + alpha.  Core maps the names that happen to match its own (img_attn_qkv, img_attn_proj, linear1, linear2) and
 #   leaves the rest (img_mod_linear, img_mlp_fc1/fc2, modulation_linear) unloaded: musubi's
-#   convert_lora.py must be run first (musubi-tuner issue 26).
+#   convert_lora.py must be run first (kohya-ss/musubi-tuner#26).
 # * diffusion-pipe (tdrussell/diffusion-pipe): transformer.double_blocks.N.img_attn_qkv.lora_A.weight, which core's
 #   HunyuanVideo branch reads.  (diffusers' HunyuanVideo converter reads it too, but splits single-block linear1 at
 #   the release width 3072, so it cannot check the 256-wide stand-in.)

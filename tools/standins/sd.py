@@ -23,7 +23,7 @@ from tools import hostenv
 
 from .common import SEED, gen, save
 
-log = logging.getLogger("fewstep.standins")
+log = logging.getLogger("fewstep")
 
 KINDS = ("sd15", "sdxl")
 

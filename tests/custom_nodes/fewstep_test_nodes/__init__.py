@@ -4,6 +4,7 @@
 ``conditioning.py``).  ``tools.hostenv.Server(test_nodes=True)`` adds this folder's parent to the host's
 custom-node search path for that one server.
 """
+from __future__ import annotations
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from .conditioning import DEFAULT_TOKENS, FAMILIES, make_conditioning
