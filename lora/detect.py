@@ -34,7 +34,8 @@ import re
 import struct
 from dataclasses import dataclass, field
 
-from .detect_dit import DIT_FAMILIES, dit_shape, match_release, preset_names, release_preset, release_problems
+from .detect_dit import (DIT_FAMILIES, dit_shape, expert_in, match_release, preset_names, release_preset,
+                         release_problems)
 from .detect_unet import (KNOWN_HASHES, NEW_PRESET_NAMES, Shape, analyse_structure, base_from_text, match_name,
                           unet_shape)
 from .detect_unet import PRESET_NAMES as UNET_PRESET_NAMES
@@ -231,6 +232,8 @@ def detect(source: Adapter | str | os.PathLike, *, compute_hash: bool = False,
                 ev.append("the structure does not show a distillation LoRA's coverage; relying on the name")
             if preset is None:
                 ev.append(f"no sampler preset for {kind}" + (f" with {steps} steps" if steps else ""))
+            if release is not None and release.experts and not expert:  # e.g. the folder names the release
+                expert = next((e for _, t in candidates if (e := expert_in(os.path.basename(t)))), "")
             return finish(kind, preset, steps, base or folder_base, "high" if fits else "medium", expert)
     if accel and short is None:
         short = addnet_hash(adapter.path)[:12]

@@ -2,7 +2,7 @@
 LoRA, and the families' release names.
 
 Family, from module names (canonical form, the DiT prefixes stripped): the families whose naming scheme
-(``Family.scheme``) covers at least half the modules; where several share a scheme (Flux, SD3, HunyuanVideo and
+(``Family.scheme``) covers the most modules (at least half); where several share a scheme (Flux, SD3, HunyuanVideo and
 Qwen-Image in diffusers names), the ones with names only they have (``Family.only``); same names, another width
 (Wan 2.2 5B) by the width of the blocks' LoRA inputs; else no family (the candidates are listed) and the key
 matching against the loaded model decides.
@@ -56,7 +56,9 @@ def identify(adapter: Adapter, names: list[str] | None = None) -> tuple[str | No
     uniq = sorted(set(names))
     if not uniq:
         return None, "", ()
-    cands = [f for f in DIT_FAMILIES if sum(bool(re.match(f.scheme, n)) for n in uniq) >= 0.5 * len(uniq)]
+    cover = {f.name: sum(bool(re.match(f.scheme, n)) for n in uniq) for f in DIT_FAMILIES}
+    best = max(cover.values())
+    cands = [f for f in DIT_FAMILIES if cover[f.name] == best and best >= 0.5 * len(uniq)]
     if len(cands) > 1:
         only = [f for f in cands if any(re.match(f.only, n) for n in uniq)]
         cands = only or cands
@@ -174,6 +176,12 @@ def release_problems(r: Release, f: DitFacts) -> list[str]:
     if f.ranks and min(f.ranks) < r.min_rank:
         out.append(f"rank {min(f.ranks)} is below {r.label}'s ({r.min_rank} or more)")
     return out
+
+
+def expert_in(text: str) -> str:
+    """"high" / "low" when ``text`` names a Wan 2.2 expert (``high_noise``, ``_HIGH``), else ""."""
+    m = _EXPERT.search(text.lower())
+    return m.group(1) if m else ""
 
 
 def match_release(text: str, families: tuple[Family, ...]) -> tuple[Family, Release, int | None, str] | None:

@@ -83,9 +83,10 @@ def load_adapter(node: str, facts: HostFacts, role: str, name: str, strength: fl
     from ..lora import detect as lora_detect
     det = checked(node, lora_detect.detect, adapter, blocks=facts.blocks)
     model_label = families.label(facts.base)
-    if det.base_model and det.base_model != facts.base:
-        raise ValueError(f"{node}: {path} was made for {families.label(det.base_model)} but the model is "
-                         f"{model_label} ({'; '.join(det.evidence[:1])}). Use a LoRA for {model_label}.")
+    made_for = ([det.base_model] if det.base_model else list(det.candidates))
+    if made_for and facts.base not in made_for:
+        raise ValueError(f"{node}: {path} was made for {' or '.join(map(families.label, made_for))} but the model "
+                         f"is {model_label} ({'; '.join(det.evidence[:1])}). Use a LoRA for {model_label}.")
     matched, unmatched = facts.mapper.match(modules)
     unmatched, variant = facts.mapper.split_variant_only(unmatched)
     n_own = len(modules) - sum(len(v) for v in variant.values())

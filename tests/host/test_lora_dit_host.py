@@ -302,3 +302,45 @@ def test_bad_dora_shape_refused_at_the_fuse_node(L, loras):
                                          r"attn\.q\.dora_scale' \(DoRA magnitude\) has shape \(65, 1\)"):
         L.fuse(m0, L.NONE, 1.0, [("bad-dora.safetensors", 1.0)])
     assert not m0.patches and not m0.backup
+
+
+def _wan_accel_entries():
+    """Every linear of the small Wan model's blocks plus its embeddings and head (lightx2v / CausVid coverage)."""
+    out = [(f"diffusion_model.blocks.{b}.{a}.{p}", f"blocks.{b}.{a}.{p}", None)
+           for b in range(2) for a in ("self_attn", "cross_attn") for p in "qkvo"]
+    out += [(f"diffusion_model.blocks.{b}.ffn.{i}", f"blocks.{b}.ffn.{i}", None) for b in range(2) for i in (0, 2)]
+    out += [(f"diffusion_model.{p}", p, None) for p in ("text_embedding.0", "time_embedding.0", "head.head")]
+    return out
+
+
+def test_wan22_expert_called_out_and_acceleration_shaped_headline(L, loras):
+    m0 = model("wan")
+    sh = shapes_of(m0)
+    high = "Wan2.2-Lightning_T2V-v1.1-A14B-4steps-lora_HIGH_fp16.safetensors"
+    _dit.write_lora(loras / high, "wan", "native", sh, rank=64, entries=_wan_accel_entries())
+    _, report, preset = L.fuse(m0, high, 1.0, [], model_file="wan2.2_t2v_low_noise_14B_fp16.safetensors")
+    assert preset == "Wan 2.2 Lightning 4-step" and "(high-noise expert)" in report, report
+    assert ("WARNING: this is the Wan 2.2 high-noise expert's LoRA, but the model is the low-noise expert "
+            "(wan2.2_t2v_low_noise_14B_fp16.safetensors): fuse it into the high-noise model") in report, report
+    _, report, _ = L.fuse(m0, high, 1.0, [], model_file="wan2.2_t2v_high_noise_14B_fp16.safetensors")
+    assert "WARNING" not in report, report
+    _, report, _ = L.fuse(m0, high, 1.0, [])
+    assert "the model's expert cannot be told from the workflow" in report, report
+    _dit.write_lora(loras / "renamed_distill.safetensors", "wan", "native", sh, rank=64,
+                    entries=_wan_accel_entries())
+    _, report, preset = L.fuse(m0, "renamed_distill.safetensors", 1.0, [])
+    assert preset == L.NONE
+    assert "detected: acceleration-shaped LoRA of an unknown release" in report, report
+    assert "not a recognised acceleration LoRA" not in report, report
+
+
+def test_model_file_from_the_workflow(host):
+    from fewstep.nodes.lora_host import model_file_from_prompt
+    prompt = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "wan2.2_low_noise.safetensors"}},
+              "2": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["1", 0], "lora_name": "x"}},
+              "3": {"class_type": "ModelSamplingSD3", "inputs": {"model": ["2", 0], "shift": 5.0}},
+              "4": {"class_type": "FewStepLoraFuse", "inputs": {"model": ["3", 0]}}}
+    assert model_file_from_prompt(prompt, "4") == "wan2.2_low_noise.safetensors"
+    assert model_file_from_prompt(prompt, 4) == "wan2.2_low_noise.safetensors"
+    assert model_file_from_prompt({"4": {"inputs": {"model": ["9", 0]}}}, "4") == ""
+    assert model_file_from_prompt(None, None) == ""
