@@ -1,7 +1,15 @@
 """Benchmark: FewStep LoRA Fuse vs core chained LoraLoaderModelOnly, and randomized vs full SVD export.
 
-    python bench/bench_lora.py [--base sd15|sdxl] [--styles attn|transformer] [--style-rank 32] [--svd-keys 4]
+    python bench/bench_lora.py [--base sd15|sdxl|wan] [--styles attn|transformer] [--style-rank 32] [--svd-keys 4]
                                [--rank 64] [--runs 3] [--device cpu|cuda] [--memory-only fewstep|core]
+                               [--dtype bf16|fp16|fp8_e4m3fn] [--dim 1536] [--blocks 30]
+
+DiT mode (``--base wan``): a Wan 2.1 T2V model at full width built by the host's own classes (1.3B: dim 1536, 30
+blocks, FFN 8960, 12 heads; ``--dim 5120 --blocks 40`` is the 14B layout), its weights seeded in ``--dtype`` (fp8 as
+UNETLoader's fp8 weight_dtype stores them; the host then rounds patched weights stochastically); an acceleration
+LoRA shaped like lightx2v (rank 64 on every linear of every block, the text / time embeddings and the head, bias
+diffs) and two style LoRAs core also loads fully (musubi-tuner rank 16 on the blocks' attention and FFN, Kijai-style
+``diffusion_model.*`` rank 8 on the cross-attention), written into a temporary folder.
 
 Fuse: LCM-LoRA-shaped stand-in (full UNet, rank 64) + 2 style LoRAs into the stand-in checkpoint. Times include
 patching the weights (``patch_model``), so both sides do the same work; peak RSS is sampled every 10 ms and given
@@ -60,6 +68,71 @@ def write_transformer_styles(kind: str, rank: int, folder: Path) -> list[str]:
     return names
 
 
+DIT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8_e4m3fn": torch.float8_e4m3fn}
+
+
+def dit_model(dim: int, blocks: int, dtype: torch.dtype):
+    """A Wan 2.1 T2V model at ``dim`` / ``blocks`` from the host's own classes, weights N(0, 1/fan_in) in ``dtype``
+    (fp8: stored fp8, computed in bf16, as UNETLoader's fp8 weight_dtype loads it)."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    cfg = sm.WAN21_T2V({**sm.WAN21_T2V.unet_config, "dim": dim, "ffn_dim": {1536: 8960, 5120: 13824}.get(dim, 4 * dim),
+                        "num_heads": dim // 128, "num_layers": blocks, "text_dim": 4096, "freq_dim": 256,
+                        "in_dim": 16, "out_dim": 16})
+    fp8 = dtype == torch.float8_e4m3fn
+    cfg.set_inference_dtype(dtype, torch.bfloat16 if fp8 else None)
+    model = cfg.get_model({})
+    model.requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if p.ndim < 2 or name.endswith("bias"):
+                p.copy_(torch.zeros(p.shape) if name.endswith("bias") else torch.ones(p.shape))
+                continue
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            for i in range(0, p.shape[0], 1024):  # in slices: no full-size fp32 temporary
+                rows = p[i:i + 1024]
+                rows.copy_((torch.randn(rows.shape, generator=g) / fan_in ** 0.5).to(p.dtype))
+    return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
+
+
+def write_dit_loras(model, folder: Path) -> tuple[str, list[str]]:
+    """A lightx2v-shaped acceleration LoRA and two style LoRAs (module doc) for ``model``; their file names."""
+    import re
+    from safetensors.torch import save_file
+    shapes = {k[len("diffusion_model."):]: tuple(v.shape) for k, v in model.model.state_dict().items()
+              if k.startswith("diffusion_model.")}
+    g = torch.Generator().manual_seed(1)
+
+    def factors(shape, rank):
+        return ((torch.randn(rank, shape[1], generator=g) / shape[1] ** 0.5).half(),
+                (torch.randn(shape[0], rank, generator=g) * 0.01).half())
+
+    linears = [k[: -len(".weight")] for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2]
+    block = [m for m in linears if re.match(r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]$|blocks\.\d+\.ffn\.[02]$", m)]
+    outside = [m for m in linears if re.match(r"(text_embedding|time_embedding)\.[02]$|time_projection\.1$|"
+                                              r"head\.head$", m)]
+    files = {"bench-wan-lightx2v-shaped.safetensors": {}, "bench-wan-style-musubi.safetensors": {},
+             "bench-wan-style-kijai.safetensors": {}}
+    acc, musubi, kijai = files.values()
+    for m in block + outside:
+        acc[f"diffusion_model.{m}.lora_down.weight"], acc[f"diffusion_model.{m}.lora_up.weight"] = factors(
+            shapes[m + ".weight"], 64)
+        if m + ".bias" in shapes:
+            acc[f"diffusion_model.{m}.diff_b"] = (torch.randn(shapes[m + ".bias"], generator=g) * 1e-3).half()
+    for m in block:
+        k = "lora_unet_" + m.replace(".", "_")
+        musubi[k + ".lora_down.weight"], musubi[k + ".lora_up.weight"] = factors(shapes[m + ".weight"], 16)
+        musubi[k + ".alpha"] = torch.tensor(8.0)
+        if ".cross_attn." in m:
+            kijai[f"diffusion_model.{m}.lora_down.weight"], kijai[f"diffusion_model.{m}.lora_up.weight"] = factors(
+                shapes[m + ".weight"], 8)
+    for name, sd in files.items():
+        save_file(sd, str(folder / name))
+    names = list(files)
+    return names[0], names[1:]
+
+
 class Peak:
     """Peak RSS (bytes) while the block runs, sampled on a thread."""
 
@@ -91,7 +164,10 @@ class Peak:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--base", choices=["sd15", "sdxl"], default="sdxl")
+    ap.add_argument("--base", choices=["sd15", "sdxl", "wan"], default="sdxl")
+    ap.add_argument("--dtype", choices=list(DIT_DTYPES), default="bf16", help="--base wan: weight storage dtype")
+    ap.add_argument("--dim", type=int, default=1536, help="--base wan: model width (1536 = 1.3B, 5120 = 14B)")
+    ap.add_argument("--blocks", type=int, default=30, help="--base wan: number of blocks (30 = 1.3B, 40 = 14B)")
     ap.add_argument("--svd-keys", type=int, default=4)
     ap.add_argument("--rank", type=int, default=64, help="SVD export rank")
     ap.add_argument("--styles", choices=["attn", "transformer"], default="attn")
@@ -106,31 +182,37 @@ def main():
     args = ap.parse_args()
 
     from tools import hostenv, standins
-    d = standins.ensure((args.base,))
     hostenv.import_host()
     import comfy.model_management  # noqa: F401
     import comfy.sd
     import folder_paths
     import nodes
-    folder_paths.add_model_folder_path("loras", str(d / "loras"))
     from fewstep.lora import export as lx
     from fewstep.nodes import lora as L
 
-    tag = "sd15" if args.base == "sd15" else "sdxl"
-    accel = f"lcm-lora-{tag}-standin.safetensors"
-    # Two kohya-format styles: core loads both fully, so both paths patch the same weights (core would silently
-    # drop a PEFT file's attention keys and do less work).
-    styles = [f"style-{tag}-kohya.safetensors", f"style-{tag}-kohya-ldm.safetensors"]
-    if args.styles == "transformer":
-        tmp = Path(tempfile.mkdtemp(prefix="fewstep-bench-"))
-        styles = write_transformer_styles(args.base, args.style_rank, tmp)
-        folder_paths.add_model_folder_path("loras", str(tmp))
     proc = psutil.Process(os.getpid())
-    # SDXL in fp32 plus the host's backup copy does not fit 24 GiB of RAM: keep the UNet weights in fp16 there
-    # (the host computes in fp32 via manual cast; patching works on an fp32 copy of each weight either way).
-    opts = {"dtype": torch.float16} if args.base == "sdxl" else {}
-    model = comfy.sd.load_checkpoint_guess_config(str(d / "checkpoints" / standins.checkpoint_name(args.base)),
-                                                  output_clip=False, output_vae=False, model_options=opts)[0]
+    if args.base == "wan":
+        tmp = Path(tempfile.mkdtemp(prefix="fewstep-bench-"))
+        model = dit_model(args.dim, args.blocks, DIT_DTYPES[args.dtype])
+        accel, styles = write_dit_loras(model, tmp)
+        folder_paths.add_model_folder_path("loras", str(tmp))
+    else:
+        d = standins.ensure((args.base,))
+        folder_paths.add_model_folder_path("loras", str(d / "loras"))
+        tag = "sd15" if args.base == "sd15" else "sdxl"
+        accel = f"lcm-lora-{tag}-standin.safetensors"
+        # Two kohya-format styles: core loads both fully, so both paths patch the same weights (core would silently
+        # drop a PEFT file's attention keys and do less work).
+        styles = [f"style-{tag}-kohya.safetensors", f"style-{tag}-kohya-ldm.safetensors"]
+        if args.styles == "transformer":
+            tmp = Path(tempfile.mkdtemp(prefix="fewstep-bench-"))
+            styles = write_transformer_styles(args.base, args.style_rank, tmp)
+            folder_paths.add_model_folder_path("loras", str(tmp))
+        # SDXL in fp32 plus the host's backup copy does not fit 24 GiB of RAM: keep the UNet weights in fp16 there
+        # (the host computes in fp32 via manual cast; patching works on an fp32 copy of each weight either way).
+        opts = {"dtype": torch.float16} if args.base == "sdxl" else {}
+        model = comfy.sd.load_checkpoint_guess_config(str(d / "checkpoints" / standins.checkpoint_name(args.base)),
+                                                      output_clip=False, output_vae=False, model_options=opts)[0]
     gc.collect()
     trim()
     base_rss = proc.memory_info().rss
@@ -209,10 +291,14 @@ def main():
     print(f"fewstep/core time ratio (fuse+patch): {c[1] / f[2]:.2f}x faster" if f[2] < c[1]
           else f"fewstep/core time ratio (fuse+patch): {f[2] / c[1]:.2f}x slower")
 
-    style_desc = ("2 rank-8 attention styles" if args.styles == "attn" else
-                  f"2 rank-{args.style_rank} transformer-block styles (kohya default targets)")
-    print(f"\nFuse ({args.base} stand-in; LCM-shaped rank-64 full-UNet + {style_desc}; "
-          f"keys patched: fewstep {n_ours}, core {n_core})")
+    if args.base == "wan":
+        desc = (f"Wan 2.1 T2V dim {args.dim}, {args.blocks} blocks, {args.dtype}; lightx2v-shaped rank 64 on every "
+                f"linear + musubi rank-16 and Kijai rank-8 styles")
+    else:
+        style_desc = ("2 rank-8 attention styles" if args.styles == "attn" else
+                      f"2 rank-{args.style_rank} transformer-block styles (kohya default targets)")
+        desc = f"{args.base} stand-in; LCM-shaped rank-64 full-UNet + {style_desc}"
+    print(f"\nFuse ({desc}; keys patched: fewstep {n_ours}, core {n_core})")
     print(f"{'what':45s} {'seconds':>9s} {'peak RSS over base':>20s}")
     for what, s, mem in rows:
         print(f"{what:45s} {s:9.2f} {('-' if mem is None else f'{mem / 2**30:.2f} GiB'):>20s}")

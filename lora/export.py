@@ -5,11 +5,13 @@ randomized SVD (Halko, Martinsson & Tropp 2011: Gaussian sketch of k + 8
 columns, 2 power iterations with QR re-orthonormalisation, exact SVD of the
 small projected matrix) gives M ≈ U_k Σ_k V_kᵀ. The factors are split
 balanced, up = U_k √Σ_k and down = √Σ_k V_kᵀ, written as
-``lora_unet_<ldm path with _>.lora_up.weight / .lora_down.weight`` (other keys, e.g. text-encoder
+``lora_unet_<model path with _>.lora_up.weight / .lora_down.weight`` -- the kohya name core ComfyUI maps for every
+family, UNet or DiT (musubi-tuner's and sd-scripts' spelling for Wan / Flux) -- (other keys, e.g. text-encoder
 weights, get their names from ``lora_names``; conv:
-down [r, in, kh, kw], up [out, r, 1, 1]) with ``.alpha`` = r, so ComfyUI's
-scale alpha/rank is 1. 1-D deltas (biases, norms) are written exactly as
-``.diff_b`` / ``.diff``.
+down [r, in, kh, kw], up [out, r, 1, 1]; 3-D conv down [r, in, kt, kh, kw], up [out, r]) with ``.alpha`` = r, so
+ComfyUI's scale alpha/rank is 1. 1-D deltas (biases, norms) are written exactly as
+``.diff_b`` / ``.diff``; so is a parameter that is not a ``.weight`` (Wan's ``blocks.N.modulation``), under its own
+name ``diffusion_model.<path>.diff``, which is how the host's key map names such parameters.
 
 Rank choice: a fixed ``rank`` (capped at min(out, in·kh·kw)), or an
 ``energy`` threshold e ∈ (0, 1]: the smallest r with
@@ -138,11 +140,14 @@ def _export(deltas: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tenso
         if not bool(torch.isfinite(d).all()):
             raise ValueError(f"export: delta for '{key}' contains NaN/Inf")
         name = lora_names[key] if lora_names and key in lora_names else lora_name_for(key)
+        plain = not key.endswith((".weight", ".bias")) and not (lora_names and key in lora_names)
+        if plain:  # a parameter that is not a weight (Wan's modulation): the host names it by its key
+            name = key
         ref2 = float(d.double().pow(2).sum())
         if ref2 == 0.0:
             rep.skipped_zero.append(key)
             continue
-        if d.ndim <= 1:
+        if d.ndim <= 1 or plain:
             suffix = ".diff_b" if key.endswith(".bias") else ".diff"
             stored = d.to(dtype)
             sd[name + suffix] = stored.contiguous().cpu()

@@ -120,7 +120,7 @@ def split_key(key: str) -> tuple[str, str, str]:
     """Split a tensor name into (module prefix, role, style); role "" when the suffix is unknown."""
     for s in _SUFFIXES:
         if key.endswith(s.suffix) and len(key) > len(s.suffix):
-            return key[: -len(s.suffix)], s.role, s.style
+            return key[: -len(s.suffix)] + s.module_tail, s.role, s.style
     return key, "", ""
 
 

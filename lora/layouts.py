@@ -1,27 +1,48 @@
-"""Model families as the LoRA code sees them: one key layout and one block layout per family, in one list.
+"""The records a model family is made of, as the LoRA code sees it: one key layout and one block layout.
 
 * ``KeyLayout`` -- how LoRA module names map onto the model's weight keys (``lora.keys``): the prefixes trainers put
-  in front of the model path, the host's key prefix, which host table gives the diffusers -> model names, and how
-  to name a module's block in a report.
+  in front of the model path, the host's key prefix, which host table gives the diffusers -> model names, other
+  spellings of the model's modules (``Alias``: diffusers names the host does not map, with the rows of a fused qkv
+  weight they cover), modules only some variants of the family have (``VariantOnly``: Wan's image cross-attention on a
+  text-to-video model), and how to name a module's block in a report.
 * ``BlockLayout`` -- the block-weight slots and LiNeS depth order (``lora.merge``): the block-stack regions in depth
   order, the LoRA-Block-Weight vector lengths and their slots, where weights outside the stack go, and the
-  shallow/deep split of the LBW presets.
+  shallow/deep split of the LBW presets. A DiT's depth differs between model sizes (Wan 1.3B 30 blocks, 14B 40), so
+  its regions have ``count`` 0 until ``bind`` reads the depth off the loaded model's weight names.
 
-UNet families (sd-scripts ``svd_merge_lora.get_lbw_block_index`` / LoRA-Block-Weight)::
-
-    26-slot grid: BASE, IN00..IN11, MID, OUT00..OUT11
-    SD1.5 17: BASE, IN01, IN02, IN04, IN05, IN07, IN08, MID, OUT03..OUT11
-    SD1.5 26: the full grid
-    SDXL  12: BASE, IN04, IN05, IN07, IN08, MID, OUT00..OUT05
-    SDXL  20: BASE, IN00..IN08, MID, OUT00..OUT08
-
-SD1.x and SD2.x share the SD1.5 layout, SSD-1B the SDXL one (same block indices). Adding a family (e.g. a DiT:
-Flux ``double_blocks``/``single_blocks``) = its ``KeyLayout`` and ``BlockLayout`` records plus one ``FAMILIES``
-entry; ``NOT_YET`` names the families the host loads that no record covers yet.
+The families themselves (one module each) and their list are in ``lora.families``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from collections.abc import Iterable
+
+
+@dataclass(frozen=True)
+class Alias:
+    """Another spelling of a model module, in canonical (underscore) form.
+
+    ``pattern`` matches the canonical name of a model weight (``blocks_3_self_attn_q``); ``template`` (a
+    ``re.sub`` replacement) gives the other spelling (``blocks_3_attn1_to_q``). ``rows`` = (start, size) in units of
+    the weight's input width when the other spelling names only some rows of the weight (diffusers' separate
+    to_q/to_k/to_v of a fused qkv projection); size -1 = to the last row. ``swap_halves``: the other spelling
+    orders the two row halves the other way (diffusers' (scale, shift) modulation vs the original (shift, scale)),
+    as ComfyUI's ``swap_scale_shift``."""
+
+    pattern: str
+    template: str
+    rows: tuple[int, int] | None = None
+    swap_halves: bool = False
+
+
+@dataclass(frozen=True)
+class VariantOnly:
+    """Modules that only some variants of a family have (``pattern`` on the canonical name), reported in one line
+    (``what``) instead of as unmatched when the loaded model lacks them."""
+
+    pattern: str
+    what: str
 
 
 @dataclass(frozen=True)
@@ -31,11 +52,14 @@ class KeyLayout:
     Attributes:
         name: layout name (messages).
         prefixes: module-name prefixes trainers write in front of the model path (kohya ``lora_unet_``, PEFT
-            ``unet.``/``base_model.model.``, ...), stripped repeatedly before lookup; longer first.
+            ``unet.``/``base_model.model.``, diffusers ``transformer.``, ...), stripped repeatedly before lookup.
         host_prefix: prefix of the host's weight keys in front of the model path.
         diffusers_map: which host table maps diffusers weight names onto the model's ("unet": ComfyUI
-            ``comfy.utils.unet_to_diffusers``; "" none); the node layer fetches it.
+            ``comfy.utils.unet_to_diffusers``; "" none -- the DiT tables the host has are already in its LoRA key
+            map); the node layer fetches it.
         block_re: regex whose group 1 names the block of a canonical module name (grouping unmatched modules).
+        aliases: other spellings of the model's modules the host's key map lacks.
+        optional: modules some variants of the family lack (reported once, not counted as unmatched).
     """
 
     name: str
@@ -43,12 +67,15 @@ class KeyLayout:
     host_prefix: str = "diffusion_model."
     diffusers_map: str = ""
     block_re: str = r"^([a-z]+(?:_\d+)?)"
+    aliases: tuple[Alias, ...] = ()
+    optional: tuple[VariantOnly, ...] = ()
 
 
 @dataclass(frozen=True)
 class Region:
     """One stretch of the block stack: slots ``<name><nn>`` (``<name>`` alone when ``count`` is 1 and the
-    pattern has no index group), matched on the canonical weight name plus a trailing ``_``."""
+    pattern has no index group), matched on the canonical weight name plus a trailing ``_``. ``count`` 0: the
+    model's depth, read by ``BlockLayout.bind``."""
 
     name: str
     pattern: str
@@ -64,17 +91,24 @@ class BlockLayout:
         name: layout name (messages: "sd15 block weights need 17 or 26 values").
         regions: the block stack in depth order (LiNeS l = 1..L along it).
         vectors: (vector length, slots) pairs a block-weight vector may have; the longest is what presets fill.
+            Empty for a DiT until ``bind``: then (te + IN + every block + OUT) and (every block alone).
         outside: (canonical-name prefix, slot) for weights outside the stack that a slot scales (sd-scripts);
             others have no slot (weight 1; LiNeS gives them α).
         lbw_split: last index of the shallow input blocks (INS) and of the deep output blocks (OUTD) for the
-            LoRA-Block-Weight presets.
+            LoRA-Block-Weight presets; None for a layout without input/output blocks (the DiTs: only ALL, NONE and
+            ALL0.5 apply).
+        te_slots: the text-encoder slots at the head of the long vector (BASE; Flux follows LoRA-Block-Weight's
+            CLIP, T5). The first one scales the LoRAs' text-encoder parts.
+        from_model: the region counts are the model's (a DiT template until ``bind``).
     """
 
     name: str
     regions: tuple[Region, ...]
-    vectors: tuple[tuple[int, tuple[str, ...]], ...]
+    vectors: tuple[tuple[int, tuple[str, ...]], ...] = ()
     outside: tuple[tuple[str, str], ...] = ()
-    lbw_split: tuple[int, int] = (0, 0)
+    lbw_split: tuple[int, int] | None = (0, 0)
+    te_slots: tuple[str, ...] = ("BASE",)
+    from_model: bool = False
 
     def slots(self, count: int) -> tuple[str, ...] | None:
         return dict(self.vectors).get(count)
@@ -85,73 +119,60 @@ class BlockLayout:
 
     @property
     def depth_count(self) -> int:
-        """L: number of depth slots (SD1.5 25, SDXL 19)."""
+        """L: number of depth slots (SD1.5 25, SDXL 19; a bound DiT its number of blocks)."""
         return sum(r.count for r in self.regions)
+
+    def bind(self, keys: Iterable[str]) -> BlockLayout:
+        """This layout with every region's ``count`` read off the model's canonical weight names (its highest block
+        index + 1) and the DiT vectors built; a UNet layout (fixed counts) comes back unchanged."""
+        if not self.from_model:
+            return self
+        names = [k + "_" for k in keys]
+        regions = []
+        for r in self.regions:
+            idx = [int(m.group(1)) for n in names for m in [re.match(r.pattern, n)] if m]
+            regions.append(replace(r, count=max(idx) + 1 if idx else 0))
+        stack = tuple(f"{r.name}{i:02d}" for r in regions for i in range(r.count))
+        longest = (*self.te_slots, "IN", *stack, "OUT")
+        return replace(self, regions=tuple(regions), vectors=((len(stack), stack), (len(longest), longest)),
+                       from_model=False)
+
+
+@dataclass(frozen=True)
+class Release:
+    """An acceleration LoRA release of a family, told by name (``lora.detect``).
+
+    ``pattern`` is searched in the lower-cased file name, the folders above a generic file name and the header's
+    titles; a named group ``steps`` gives the step count. ``preset`` is the sampler preset's ``Preset.name``
+    (``{steps}`` filled in), given only for the step counts in ``steps`` (() = any); "" = no preset.
+
+    What the release's file is like, which a file must show for its name to count (structure outranks names):
+    ``targets`` "attn+mlp" (every block's attention and MLP / FFN linears) or "attn" (every block's attention), and
+    a rank of at least ``min_rank``."""
+
+    pattern: str
+    kind: str
+    label: str
+    preset: str = ""
+    steps: tuple[int, ...] = ()
+    default_steps: int | None = None
+    experts: bool = False  # a two-expert release (Wan 2.2): the name says which expert (high / low noise) it is for
+    targets: str = "attn+mlp"
+    min_rank: int = 32
 
 
 @dataclass(frozen=True)
 class Family:
-    """One model family: its name (``model_base`` strings), a label for messages, and its two layouts."""
+    """One model family: its name (``model_base`` strings), a label for messages, its two layouts, and what tells
+    its LoRAs apart (``lora.detect``): ``scheme`` matches the module names of its naming schemes (canonical form;
+    families may share one, e.g. Flux and HunyuanVideo in diffusers names), ``only`` names only it has, and its
+    acceleration ``releases``. The UNet families are told apart by ``lora.detect``'s own structure analysis."""
 
     name: str
     label: str
     keys: KeyLayout
     blocks: BlockLayout
-
-
-def _grid(n: int) -> tuple[Region, ...]:
-    return (Region("IN", r"^input_blocks_(\d+)_", n, "input block"),
-            Region("MID", r"^middle_block_", 1, "middle block"),
-            Region("OUT", r"^output_blocks_(\d+)_", n, "output block"))
-
-
-UNET_KEYS = KeyLayout(
-    name="unet",
-    prefixes=("unet.base_model.model.", "base_model.model.unet.", "base_model.model.", "model.diffusion_model.",
-              "diffusion_model.", "lora_unet_", "oft_unet_", "lycoris_", "unet."),
-    diffusers_map="unet",
-    block_re=r"(input_blocks_\d+|middle_block|output_blocks_\d+|(?:down|up)_blocks_\d+|mid_block|time_embed|"
-             r"label_emb|add_embedding|conv_in|conv_out|out)")
-
-_IN, _OUT = (lambda *i: tuple(f"IN{n:02d}" for n in i)), (lambda *i: tuple(f"OUT{n:02d}" for n in i))
-
-SD15_BLOCKS = BlockLayout(
-    name="sd15", regions=_grid(12),
-    vectors=((17, ("BASE", *_IN(1, 2, 4, 5, 7, 8), "MID", *_OUT(*range(3, 12)))),
-             (26, ("BASE", *_IN(*range(12)), "MID", *_OUT(*range(12))))),
-    lbw_split=(4, 6))
-
-SDXL_BLOCKS = BlockLayout(
-    name="sdxl", regions=_grid(9),
-    vectors=((12, ("BASE", *_IN(4, 5, 7, 8), "MID", *_OUT(*range(6)))),
-             (20, ("BASE", *_IN(*range(9)), "MID", *_OUT(*range(9))))),
-    outside=(("time_embed_", "IN00"), ("label_emb_", "IN00"), ("out_", "OUT09")),
-    lbw_split=(5, 2))
-
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("sd15", "SD1.5", UNET_KEYS, SD15_BLOCKS),
-    Family("sd2", "SD2", UNET_KEYS, SD15_BLOCKS),
-    Family("sdxl", "SDXL", UNET_KEYS, SDXL_BLOCKS),
-    Family("ssd1b", "SSD-1B", UNET_KEYS, SDXL_BLOCKS),
-)}
-
-NOT_YET = ("sd3", "flux", "wan", "wan22_5b", "qwen_image", "hunyuan_video")
-"""Families the host loads (``nodes.common.model_base``) that have no LoRA layout record yet."""
-
-
-def family(name: str) -> Family:
-    """The family record of a ``model_base`` name; ValueError naming the family when no record covers it."""
-    f = FAMILIES.get(name)
-    if f is not None:
-        return f
-    supported = ", ".join(FAMILIES)
-    if name in NOT_YET:
-        raise ValueError(f"the model is a {name} model; LoRA fusing does not support the {name} family yet "
-                         f"(supported: {supported})")
-    raise ValueError(f"the model's family ({name!r}) is not one LoRA fusing knows (supported: {supported})")
-
-
-def block_layout(name: str) -> BlockLayout:
-    """The block layout of family ``name`` (ValueError for a family without one)."""
-    return family(name).blocks
-
+    scheme: str = ""
+    only: str = ""
+    releases: tuple[Release, ...] = ()
+    widths: tuple[int, ...] = ()  # model widths that tell it from a family with the same names (Wan 2.2 5B: 3072)

@@ -44,14 +44,28 @@ import torch
 
 from .adapters import Entry
 from .fuse import BaseWeightFn, KeyScaleFn, group_by_key, key_delta
+from .families import block_layout
 from .keys import canonical
-from .layouts import FAMILIES, BlockLayout, block_layout
+from .layouts import BlockLayout
 from .seeds import seed_for
 
 LOG = logging.getLogger("fewstep")
 
 MERGE_MODES = ("linear", "ties", "dare", "dare_ties")
 PRESETS = ("NONE", "ALL", "ALL0.5", "INS", "IND", "INALL", "MIDD", "OUTD", "OUTS", "OUTALL", "MIDALL")
+DIT_PRESETS = ("NONE", "ALL", "ALL0.5")  # a DiT has no input/output blocks for the others
+
+Layout = str | BlockLayout
+
+
+def layout_of(arch: Layout) -> BlockLayout:
+    """The block layout ``arch`` names (a family name) or is; ValueError for a DiT layout not yet bound to a model's
+    depth (``BlockLayout.bind``)."""
+    layout = block_layout(arch) if isinstance(arch, str) else arch
+    if layout.from_model:
+        raise ValueError(f"the {layout.name} block layout takes its depth from the loaded model; bind it to the "
+                         f"model's weight names first")
+    return layout
 
 
 def _slot_index(slot: str) -> tuple[str, int]:
@@ -62,13 +76,16 @@ def _slot_index(slot: str) -> tuple[str, int]:
 
 def _preset_value(name: str, slot: str, layout: BlockLayout) -> float:
     region, i = _slot_index(slot)
-    ins_max, outd_max = layout.lbw_split
     if name == "NONE":
         return 0.0
     if name == "ALL":
         return 1.0
     if name == "ALL0.5":
         return 0.5
+    if layout.lbw_split is None:
+        raise ValueError(f"block-weight preset {name} needs input and output blocks; the {layout.name} layout has "
+                         f"none (presets for it: {', '.join(DIT_PRESETS)})")
+    ins_max, outd_max = layout.lbw_split
     if region == "BASE":
         return 1.0
     ins = region == "IN" and i <= ins_max
@@ -84,9 +101,10 @@ def _preset_value(name: str, slot: str, layout: BlockLayout) -> float:
 
 @dataclass(frozen=True)
 class BlockWeights:
-    """Per-slot multipliers. ``weight(slot)`` is 1.0 for slots not in ``slots``."""
+    """Per-slot multipliers. ``weight(slot)`` is 1.0 for slots not in ``slots``; ``te_weight`` scales the
+    text-encoder parts (the layout's first text-encoder slot: BASE, Flux's CLIP)."""
 
-    arch: str
+    arch: Layout
     slots: tuple[str, ...]
     values: tuple[float, ...]
 
@@ -95,6 +113,10 @@ class BlockWeights:
             return self.values[self.slots.index(slot)]
         except ValueError:
             return 1.0
+
+    @property
+    def te_weight(self) -> float:
+        return self.weight(layout_of(self.arch).te_slots[0])
 
     def for_key(self, host_key: str) -> float:
         """Multiplier of the block holding ``host_key``."""
@@ -105,25 +127,41 @@ class BlockWeights:
         return lambda entry, key: self.for_key(key)
 
 
-def parse_block_weights(text: str, arch: str) -> BlockWeights:
-    """Parse a LBW vector ("1,0,0.5,…") or a preset name for family ``arch``.
+def parse_block_weights(text: str, arch: Layout) -> BlockWeights:
+    """Parse a LBW vector ("1,0,0.5,…") or a preset name for family ``arch`` (a name, or a layout bound to the
+    model).
 
-    Accepted counts: the layout's vector lengths (SD1.5/SD2 17 or 26; SDXL 12 or 20). Presets expand to the full
-    layout (26 / 20 slots).
+    Accepted counts: the layout's vector lengths (SD1.5/SD2 17 or 26; SDXL 12 or 20; a DiT one value per block, or
+    text-encoder slot(s), IN, one per block, OUT). Presets expand to the longest vector.
 
     Raises:
-        ValueError: wrong count (message names the expected counts), non-numeric value, unknown preset.
+        ValueError: wrong count (message names the layout, the expected counts and the slots), non-numeric value,
+        unknown preset.
     """
-    layout = block_layout(arch)
+    layout = layout_of(arch)
     a, counts = layout.name, layout.counts
+    presets = PRESETS if layout.lbw_split is not None else DIT_PRESETS
     t = (text or "").strip()
     if not t:
         raise ValueError(f"empty block-weight text; give {' or '.join(map(str, counts))} comma-separated values "
-                         f"for {a} or a preset ({', '.join(PRESETS)})")
+                         f"for {a} or a preset ({', '.join(presets)})")
     up = t.upper()
     if up in PRESETS:
         slots = layout.slots(max(counts))
-        return BlockWeights(arch, slots, tuple(_preset_value(up, s, layout) for s in slots))
+        return BlockWeights(layout, slots, tuple(_preset_value(up, s, layout) for s in slots))
+    vals = _numbers(t)
+    if layout.slots(len(vals)) is None:
+        longest = layout.slots(max(counts))
+        raise ValueError(f"{a} block weights need {' or '.join(map(str, counts))} values, got {len(vals)} (slots: "
+                         f"{_slot_list(layout.slots(counts[0]))}; or {_slot_list(longest)})")
+    return BlockWeights(layout, layout.slots(len(vals)), tuple(vals))
+
+
+def _slot_list(slots: Sequence[str]) -> str:
+    return ",".join(slots) if len(slots) <= 30 else ",".join([*slots[:12], "...", *slots[-6:]])
+
+
+def _numbers(t: str) -> list[float]:
     vals: list[float] = []
     for p in (p.strip() for p in re.split(r"[,\s]+", t) if p.strip()):
         try:
@@ -134,33 +172,27 @@ def parse_block_weights(text: str, arch: str) -> BlockWeights:
         if v != v or abs(v) == float("inf"):
             raise ValueError(f"block weight {p!r} is not finite")
         vals.append(v)
-    if layout.slots(len(vals)) is None:
-        raise ValueError(f"{a} block weights need {' or '.join(map(str, counts))} values, got {len(vals)} "
-                         f"(slots: {','.join(layout.slots(counts[0]))})")
-    return BlockWeights(arch, layout.slots(len(vals)), tuple(vals))
+    return vals
 
 
 def check_block_weights(text: str) -> None:
-    """ValueError unless ``text`` is a block-weight vector or preset for some family's layout (the syntax check of
-    a node that does not know the model yet); the message is the first layout's."""
-    errors = []
-    for name in dict.fromkeys(f.blocks.name for f in FAMILIES.values()):
-        try:
-            parse_block_weights(text, name)
-            return
-        except ValueError as e:
-            errors.append(e)
-    raise errors[0]
+    """ValueError unless ``text`` is a preset or a comma list of numbers (the syntax check of a node that does not
+    know the model yet; its length is checked against the model's layout by the fuse)."""
+    t = (text or "").strip()
+    if not t:
+        raise ValueError(f"empty block-weight text; give comma-separated values or a preset ({', '.join(PRESETS)})")
+    if t.upper() not in PRESETS:
+        _numbers(t)
 
 
 NO_SLOT = ""
 """``block_of`` of a weight no block-weight slot scales (weight 1)."""
 
 
-def block_of(host_key: str, arch: str = "sd15") -> str:
-    """Block-weight slot (e.g. INnn/MID/OUTnn, or ``NO_SLOT``) of a host weight key such as
+def block_of(host_key: str, arch: Layout = "sd15") -> str:
+    """Block-weight slot (e.g. INnn/MID/OUTnn, D03, or ``NO_SLOT``) of a host weight key such as
     ``diffusion_model.input_blocks.4.1.proj_in.weight``; the layout's ``outside`` rule outside the block stack."""
-    layout = block_layout(arch)
+    layout = layout_of(arch)
     slot = _stack_slot(host_key, layout)
     if slot is not None:
         return slot[0]
@@ -186,29 +218,30 @@ def _stack_slot(host_key: str, layout: BlockLayout) -> tuple[str, int] | None:
     return None
 
 
-def depth_of(host_key: str, arch: str = "sd15") -> int | None:
+def depth_of(host_key: str, arch: Layout = "sd15") -> int | None:
     """LiNeS depth l (1-based) along the layout's regions, or None outside the block stack."""
-    slot = _stack_slot(host_key, block_layout(arch))
+    slot = _stack_slot(host_key, layout_of(arch))
     return None if slot is None else slot[1]
 
 
-def depth_count(arch: str) -> int:
-    """L: number of depth slots (SD1.5 25, SDXL 19)."""
-    return block_layout(arch).depth_count
+def depth_count(arch: Layout) -> int:
+    """L: number of depth slots (SD1.5 25, SDXL 19, a DiT its number of blocks)."""
+    return layout_of(arch).depth_count
 
 
-def lines_scale(host_key: str, arch: str, alpha: float, beta: float) -> float:
+def lines_scale(host_key: str, arch: Layout, alpha: float, beta: float) -> float:
     """LiNeS λ(l) = α + β·(l−1)/(L−1); α for weights outside the block stack."""
     l = depth_of(host_key, arch)
     if l is None:
         return float(alpha)
-    return float(alpha) + float(beta) * (l - 1) / (depth_count(arch) - 1)
+    n = depth_count(arch)
+    return float(alpha) + (float(beta) * (l - 1) / (n - 1) if n > 1 else 0.0)
 
 
-def lines_key_scale(arch: str, alpha: float, beta: float) -> KeyScaleFn:
+def lines_key_scale(arch: Layout, alpha: float, beta: float) -> KeyScaleFn:
     """``lora.fuse`` key_scale callback applying LiNeS (use for style adapters only)."""
-    block_layout(arch)  # an unknown family fails here, not at the first key
-    return lambda entry, key: lines_scale(key, arch, alpha, beta)
+    layout = layout_of(arch)  # an unknown family fails here, not at the first key
+    return lambda entry, key: lines_scale(key, layout, alpha, beta)
 
 
 def combine_key_scales(*fns: KeyScaleFn | None) -> KeyScaleFn | None:

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import re
 import time
 
 from comfy_api.v0_0_2 import io
 
-from ..lora import formats, keys, merge  # detect is imported where used (start-up time)
+from ..lora import families, formats, keys, merge  # detect is imported where used (start-up time)
 from ..lora.fuse import check_key_shapes
-from ..samplers import presets
+from ..lora.placement import place
 from .common import checked
 from .lora_host import (FUSE_KEY, NONE, FusedAdapter, FusedDelta, FuseRecord, HostFacts, lora_options,
-                        resolve_lora)
+                        model_file_from_prompt, resolve_lora)
 
 LOG = logging.getLogger("fewstep")
 
@@ -39,25 +41,29 @@ LoraStack = io.Custom("FEWSTEP_LORA_STACK")  # a tuple of (lora file name, stren
 # ---------------------------------------------------------------- reading + checking adapters
 
 class Loaded:
-    def __init__(self, role: str, name: str, path: str, strength: float, adapter, matched, unmatched, det):
+    def __init__(self, role: str, name: str, path: str, strength: float, adapter, matched, unmatched, det,
+                 variant_only=None):
         self.role, self.name, self.path, self.strength = role, name, path, strength
         self.adapter, self.matched, self.unmatched, self.det = adapter, matched, unmatched, det
+        self.variant_only = variant_only or {}  # what -> modules only other variants of the family have (I2V keys)
         self.block_weights = ""  # this LoRA's own block weights (from a Stack entry); "" = the fuse node's
+        self.warnings: list[str] = []
 
     def block_weights_or(self, default: str) -> str:
         return self.block_weights if self.block_weights.strip() else default
 
     def pairs(self):
-        return [(e, self.strength) for e in self.adapter.entries if e.name in self.matched]
+        """(entry, strength) of the matched modules, an entry on some rows of a fused weight wrapped
+        (``lora.placement``)."""
+        return place([(e, self.strength) for e in self.adapter.entries if e.name in self.matched], self.matched)[0]
+
+    def hosts(self) -> dict[str, str]:
+        return {m: t.key for m, t in self.matched.items()}
 
 
 def preset_display(det) -> str:
-    if det is None or not det.preset_name:
-        return NONE
-    try:
-        return presets.get_preset(det.preset_name).name
-    except ValueError:
-        return NONE
+    """The preset detection names (``Preset.name``), or 'none'."""
+    return det.preset_name if det is not None and det.preset_name else NONE
 
 
 def load_adapter(node: str, facts: HostFacts, role: str, name: str, strength: float, on_unmatched: str,
@@ -75,17 +81,27 @@ def load_adapter(node: str, facts: HostFacts, role: str, name: str, strength: fl
                          f"adapter type (e.g. '{unknown[0]}'); fusing the rest would be a partial result. Supported: "
                          f"{formats.SUPPORTED}")
     from ..lora import detect as lora_detect
-    det = checked(node, lora_detect.detect, adapter)
-    if det.base_model and det.base_model != facts.base:
-        raise ValueError(f"{node}: {path} was made for {det.base_model.upper()} but the model is "
-                         f"{facts.base.upper()} ({'; '.join(det.evidence[:1])}). Use a LoRA for {facts.base.upper()}.")
+    det = checked(node, lora_detect.detect, adapter, blocks=facts.blocks)
+    model_label = families.label(facts.base)
+    made_for = ([det.base_model] if det.base_model else list(det.candidates))
+    if made_for and facts.base not in made_for:
+        raise ValueError(f"{node}: {path} was made for {' or '.join(map(families.label, made_for))} but the model "
+                         f"is {model_label} ({'; '.join(det.evidence[:1])}). Use a LoRA for {model_label}.")
     matched, unmatched = facts.mapper.match(modules)
-    if unmatched and (on_unmatched == "error" or len(unmatched) > MOST_UNMATCHED * len(modules)):
-        checked(node, keys.require_all_matched, path, unmatched, layout=facts.family.keys)
+    unmatched, variant = facts.mapper.split_variant_only(unmatched)
+    n_own = len(modules) - sum(len(v) for v in variant.values())
+    if unmatched and (on_unmatched == "error" or len(unmatched) > MOST_UNMATCHED * n_own):
+        fits = (f"its module names fit {' / '.join(families.label(c) for c in det.candidates)}; "
+                if det.candidates else "")
+        checked(node, keys.require_all_matched, path, unmatched, layout=facts.family.keys,
+                hint=f"Is the adapter made for another base model? ({fits}the model is {model_label})")
     if unmatched:
         LOG.warning("%s: %s: %d of %d UNet modules match no model weight and are skipped, first: %s",
                     node, path, len(unmatched), len(modules), unmatched[:5])
-    return Loaded(role, name, path, strength, adapter, matched, unmatched, det)
+    for what, mods in variant.items():
+        LOG.info("%s: %s: %d %s are not in this model (another variant of %s) and are skipped", node, path,
+                 len(mods), what, model_label)
+    return Loaded(role, name, path, strength, adapter, matched, unmatched, det, variant)
 
 
 def report_lines(a: Loaded, clip_given: bool = False) -> list[str]:
@@ -97,17 +113,25 @@ def report_lines(a: Loaded, clip_given: bool = False) -> list[str]:
              f"  UNet modules matched {len(a.matched)}/{n_mod}, unmatched {len(a.unmatched)}"
              + (f" (skipped: {', '.join(a.unmatched[:5])}{' ...' if len(a.unmatched) > 5 else ''})"
                 if a.unmatched else ""),
+             *[f"  {len(mods)} {what}: not in this model, skipped (e.g. {mods[0]})"
+               for what, mods in a.variant_only.items()],
              f"  text-encoder keys: {len(a.adapter.text_encoder_keys)}"
              + (" (connect clip to apply them)" if a.adapter.text_encoder_keys and not clip_given else ""),
              f"  unrecognised tensor names left unused: {len(a.adapter.unknown_keys)}",
              *([f"  bundled embeddings: {len(a.adapter.embedding_keys)} tensors, not applied (load them as "
                 f"textual-inversion embeddings)"] if a.adapter.embedding_keys else []),
-             f"  base model: {det.base_model.upper() if det.base_model else 'unknown'}"]
-    if det.kind == "unknown":
-        lines.append(f"  detected: unknown -- not a recognised acceleration LoRA (confidence {det.confidence})")
+             f"  base model: {families.label(det.base_model) if det.base_model else 'unknown'}"]
+    if det.kind != "unknown":
+        lines.append(f"  detected: {det.kind}{' (' + det.expert + '-noise expert)' if det.expert else ''} -> preset "
+                     f"{preset_display(det)} (confidence {det.confidence})")
+    elif det.accel_like_structure:
+        lines.append(f"  detected: acceleration-shaped LoRA of an unknown release -- the structure looks like a "
+                     f"distillation LoRA, nothing names the release; pick the preset by hand (confidence "
+                     f"{det.confidence})")
     else:
-        lines.append(f"  detected: {det.kind} -> preset {preset_display(det)} (confidence {det.confidence})")
+        lines.append(f"  detected: unknown -- not a recognised acceleration LoRA (confidence {det.confidence})")
     lines += [f"    - {e}" for e in det.evidence]
+    lines += [f"  WARNING: {w}" for w in a.warnings]
     return lines
 
 
@@ -157,7 +181,7 @@ def apply_text_encoder(node: str, clip, loaded: list[Loaded], base_weight):
 
 # ---------------------------------------------------------------- deltas from a fuse record
 
-def style_scale(arch: str, block_weights: str, lines_alpha: float, lines_beta: float):
+def style_scale(arch, block_weights: str, lines_alpha: float, lines_beta: float):
     bw = merge.parse_block_weights(block_weights, arch) if block_weights.strip() else None
     lines = merge.lines_key_scale(arch, lines_alpha, lines_beta) if lines_beta != 0 else None
     return merge.combine_key_scales(bw.key_scale() if bw else None, lines)
@@ -168,10 +192,10 @@ def plan_record(node: str, facts: HostFacts, loaded: list[Loaded], rec: FuseReco
     accel = [p for a in loaded if a.role == "accel" for p in a.pairs()]
     style_adapters = [a for a in loaded if a.role == "style"]
     styles = [a.pairs() for a in style_adapters]
-    scales = [checked(node, style_scale, facts.base, a.block_weights_or(rec.block_weights), rec.lines_alpha,
+    scales = [checked(node, style_scale, facts.blocks, a.block_weights_or(rec.block_weights), rec.lines_alpha,
                       rec.lines_beta) for a in style_adapters]
     return checked(node, merge.plan_merge, accel, styles, facts.shapes,
-                   {m: hk for a in loaded for m, hk in a.matched.items()}, mode=rec.merge_mode,
+                   {m: hk for a in loaded for m, hk in a.hosts().items()}, mode=rec.merge_mode,
                    style_key_scale=scales)
 
 
@@ -215,17 +239,23 @@ class FewStepLoraFuse(io.ComfyNode):
             ]
         return io.Schema(
             node_id="FewStepLoraFuse", display_name=FUSE, category="loaders",
-            description="Fuses an acceleration LoRA (LCM/TCD/PCM/Hyper-SD/Lightning) and style LoRAs (3 here, "
-                        "any number more through style_stack) into the model exactly: one fp32 delta per weight, "
-                        "rounded once. Merges styles linearly or with TIES/DARE, with block weights and LiNeS; "
-                        "PEFT/diffusers keys that core ComfyUI drops are applied. The report says what matched and "
-                        "which preset the acceleration LoRA needs. The input model is untouched (clone + patches, "
-                        "unpatched bit-exactly). Connect a CLIP to apply the LoRAs' text-encoder parts too.",
+            description="Fuses an acceleration LoRA (LCM/TCD/PCM/Hyper-SD/Lightning; lightx2v, CausVid, Wan 2.2 "
+                        "Lightning, Qwen-Image-Lightning, Hyper-FLUX, FLUX Turbo-Alpha, Hyper-SD3, PCM-SD3, FastVideo) "
+                        "and style LoRAs (3 here, any number more through style_stack) into the model exactly: one "
+                        "delta per weight, rounded once (fp8 too). Merges styles linearly or with TIES/DARE, with "
+                        "block weights and LiNeS; PEFT/diffusers keys that core ComfyUI drops are applied. The report "
+                        "says what matched and which preset the acceleration LoRA needs. The input model is untouched "
+                        "(clone + patches, unpatched bit-exactly). Connect a CLIP to apply the LoRAs' text-encoder "
+                        "parts too.",
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
             inputs=[
-                io.Model.Input("model", tooltip="SD1.5/SD2/SDXL model to fuse into (it is cloned, never modified)."),
+                io.Model.Input("model", tooltip="SD1.5/SD2/SDXL, SD3, Flux, Wan 2.1/2.2, Qwen-Image or HunyuanVideo "
+                                                "model to fuse into (it is cloned, never modified)."),
                 io.Combo.Input("accel_lora", options=options, default=NONE,
-                               tooltip="Acceleration LoRA (LCM-LoRA, TCD, PCM, Hyper-SD, SDXL-Lightning). It is "
-                                       "always added linearly at full block weight; the report names its preset."),
+                               tooltip="Acceleration LoRA (LCM-LoRA, TCD, PCM, Hyper-SD, SDXL-Lightning; lightx2v, "
+                                       "CausVid, Wan 2.2 Lightning, Qwen-Image-Lightning, Hyper-FLUX, Turbo-Alpha, "
+                                       "Hyper-SD3, PCM-SD3). It is always added linearly at full block weight; the "
+                                       "report names its preset."),
                 io.Float.Input("accel_strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="Strength of the acceleration LoRA (model cards use 1.0; Hyper-SD "
                                        "suggests 0.125 for some files)."),
@@ -244,9 +274,11 @@ class FewStepLoraFuse(io.ComfyNode):
                 io.String.Input("block_weights", default="",
                                 tooltip="Per-block multipliers for the style LoRAs (not the acceleration LoRA): "
                                         "empty = all 1; a LoRA-Block-Weight preset (ALL, NONE, INS, IND, INALL, "
-                                        "MIDD, OUTD, OUTS, OUTALL, MIDALL, ALL0.5) or a comma list (SD1.5: 17 or "
-                                        "26 values, SDXL: 12 or 20; BASE first = text encoder). Slots follow "
-                                        "sd-scripts: unlisted slots keep 1. The layout follows the model."),
+                                        "MIDD, OUTD, OUTS, OUTALL, MIDALL, ALL0.5; DiTs: ALL, NONE, ALL0.5) or a "
+                                        "comma list (SD1.5: 17 or 26 values, SDXL: 12 or 20; BASE first = text "
+                                        "encoder; a DiT: one per block, or BASE, IN, one per block, OUT -- Flux: "
+                                        "CLIP, T5, IN, D00-D18, S00-S37, OUT). Slots follow sd-scripts: unlisted "
+                                        "slots keep 1. The layout follows the model."),
                 io.Float.Input("lines_alpha", default=1.0, min=0.0, max=2.0, step=0.01,
                                tooltip="LiNeS: style scale at the shallowest block (and outside the block stack). "
                                        "Only used when lines_beta is not 0."),
@@ -281,7 +313,9 @@ class FewStepLoraFuse(io.ComfyNode):
         m, c, report, preset = fuse_model_and_clip(
             model, clip, accel_lora, accel_strength, widgets + stack_items(FUSE, style_stack), merge_mode=merge_mode,
             density=density, drop_p=drop_p, seed=seed, block_weights=block_weights, lines_alpha=lines_alpha,
-            lines_beta=lines_beta, on_unmatched=on_unmatched)
+            lines_beta=lines_beta, on_unmatched=on_unmatched,
+            model_file=model_file_from_prompt(getattr(cls.hidden, "prompt", None),
+                                              getattr(cls.hidden, "unique_id", None)))
         # The report also goes to the UI / history ("text"), so it is readable without a display node.
         return io.NodeOutput(m, report, preset, c, ui={"text": [report]})
 
@@ -349,10 +383,12 @@ def fuse(model, accel_lora: str, accel_strength: float, styles: list[tuple[str, 
 
 def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, styles: list[tuple[str, float]], *,
                         merge_mode="linear", density=0.2, drop_p=0.5, seed=0, block_weights="", lines_alpha=1.0,
-                        lines_beta=0.0, on_unmatched="error"):
+                        lines_beta=0.0, on_unmatched="error", model_file=""):
     """The node body: returns (patched model clone, patched CLIP clone or None, report, preset display name).
 
-    With ``clip`` the adapters' text-encoder modules are applied to a clone of it (``apply_text_encoder``)."""
+    With ``clip`` the adapters' text-encoder modules are applied to a clone of it (``apply_text_encoder``).
+    ``model_file``: the file the model was loaded from, when the workflow tells (a Wan 2.2 expert LoRA is checked
+    against the expert the file is)."""
     node = FUSE
     t0 = time.perf_counter()
     if merge_mode not in merge.MERGE_MODES:
@@ -360,9 +396,10 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
     if on_unmatched not in ("error", "warn"):
         raise ValueError(f"{node}: on_unmatched must be 'error' or 'warn', got {on_unmatched!r}")
     facts = HostFacts(node, model)
-    checked(node, style_scale, facts.base, block_weights, lines_alpha, lines_beta)  # fail before reading files
+    checked(node, style_scale, facts.blocks, block_weights, lines_alpha, lines_beta)  # fail before reading files
     loaded = load_all(node, facts, accel_lora, accel_strength, styles, lines_alpha, lines_beta, on_unmatched,
                       clip is not None)
+    check_experts(loaded, model_file)
     rec = FuseRecord(adapters=tuple(FusedAdapter(a.role, a.name, float(a.strength), te_modules(a.adapter),
                                                  a.block_weights) for a in loaded),
                      merge_mode=merge_mode, density=float(density), drop_p=float(drop_p), seed=int(seed),
@@ -383,7 +420,7 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
     if clip is not None:
         def base_weight(a: Loaded) -> float:
             text = a.block_weights_or(block_weights)
-            return merge.parse_block_weights(text, facts.base).weight("BASE") if text.strip() else 1.0
+            return merge.parse_block_weights(text, facts.blocks).te_weight if text.strip() else 1.0
         c, te_lines = apply_text_encoder(node, clip, loaded, base_weight)
     accel = next((a for a in loaded if a.role == "accel"), None)
     preset = preset_display(accel.det) if accel else NONE
@@ -391,6 +428,33 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
                          preset)
     LOG.info("%s", report)
     return m, c, report, preset
+
+
+EXPERT_RE = re.compile(r"(?<![a-z])(high|low)[-_ ]?noise(?![a-z])")
+
+
+def check_experts(loaded: list[Loaded], model_file: str) -> None:
+    """A Wan 2.2 two-expert LoRA fused into the other expert (by the model's file name) is called out in the report
+    and the log, as are LoRAs for both experts in one fuse; without a file name the report says which expert the
+    LoRA is for."""
+    found = EXPERT_RE.search(os.path.basename(model_file or "").lower())
+    model_expert = found.group(1) if found else ""
+    experts = {a.det.expert for a in loaded if a.det.expert}
+    for a in loaded:
+        e = a.det.expert
+        if not e:
+            continue
+        if model_expert and e != model_expert:
+            a.warnings.append(f"this is the Wan 2.2 {e}-noise expert's LoRA, but the model is the {model_expert}-noise "
+                              f"expert ({os.path.basename(model_file)}): fuse it into the {e}-noise model")
+        elif len(experts) > 1:
+            a.warnings.append(f"LoRAs for both Wan 2.2 experts are fused into one model; this one is for the "
+                              f"{e}-noise expert")
+        elif not model_expert:
+            a.warnings.append(f"this is the Wan 2.2 {e}-noise expert's LoRA: fuse it into the {e}-noise model (the "
+                              f"model's expert cannot be told from the workflow)")
+        for w in a.warnings:
+            LOG.warning("%s: %s: %s", FUSE, a.name, w)
 
 
 def load_all(node: str, facts: HostFacts, accel_lora: str, accel_strength: float, styles, lines_alpha: float,
@@ -404,7 +468,7 @@ def load_all(node: str, facts: HostFacts, accel_lora: str, accel_strength: float
         name, strength, own_bw = (tuple(item) + ("",))[:3]
         if name != NONE and strength != 0:
             if own_bw.strip():  # a bad vector is named with its LoRA, before any file is read
-                checked(f"{node}: block_weights of style LoRA '{name}' (from {STACK})", style_scale, facts.base,
+                checked(f"{node}: block_weights of style LoRA '{name}' (from {STACK})", style_scale, facts.blocks,
                         own_bw, lines_alpha, lines_beta)
             a = load_adapter(node, facts, "style", name, strength, on_unmatched, clip_given)
             a.block_weights = own_bw

@@ -1,8 +1,9 @@
 """What the LoRA nodes take from the host and hand back to it.
 
 * the loras folder (``lora_options``, ``resolve_lora``);
-* ``HostFacts``: the model's family record (``lora.layouts``), its key map, weight shapes and base weights, passed
-  to ``lora/`` as values;
+* ``HostFacts``: the model's family record (``lora.families``), its key map (with the row ranges and swapped halves
+  the host maps diffusers names onto), block layout bound to the model's depth, weight shapes and base weights,
+  passed to ``lora/`` as values;
 * ``FusedDelta``: the lazy per-weight patch FewStep LoRA Fuse adds (computes its weight's whole delta when the host
   patches the weight);
 * ``FuseRecord``: the settings of one fuse, stored on the patched model for Save Fused / Export LoRA.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from comfy.weight_adapter.base import WeightAdapterBase
 
-from ..lora import keys, layouts
+from ..lora import families, keys, layouts
 from .common import checked, model_base
 
 NONE = "none"
@@ -47,8 +48,22 @@ def _diffusers_map(layout: layouts.KeyLayout, base_model) -> dict[str, str]:
     return {}
 
 
+def host_target(value):
+    """A value of the host's LoRA key map as a ``lora.keys`` target: a weight key, or ``(key, (dim, start, size))``
+    (rows of a fused weight) / ``(key, offset or None, comfy.utils.swap_scale_shift)`` as a ``Target``; None for a
+    mapping this code cannot reproduce exactly (another axis or function), which then stays unmatched."""
+    import comfy.utils
+    if isinstance(value, str):
+        return value
+    key, offset, fn = (tuple(value) + (None, None))[:3]
+    if (fn is not None and fn is not comfy.utils.swap_scale_shift) or (offset is not None and offset[0] != 0):
+        return None
+    start, size = (int(offset[1]), int(offset[2])) if offset is not None else (0, None)
+    return keys.Target(key, start, size, fn is not None)
+
+
 class HostFacts:
-    """What lora/ needs from the host model: family, key mapper, weight shapes, base weights.
+    """What lora/ needs from the host model: family, key mapper, block layout, weight shapes, base weights.
 
     Raises ValueError naming the node and the family for a model whose family LoRA fusing does not cover."""
 
@@ -57,12 +72,14 @@ class HostFacts:
         base = model.model
         self.model = model
         self.base = model_base(model)
-        self.family = checked(node, layouts.family, self.base)
-        key_map = comfy.lora.model_lora_keys_unet(base, {})
-        self.mapper = keys.KeyMapper(key_map, _diffusers_map(self.family.keys, base), self.family.keys)
+        self.family = checked(node, families.family, self.base)
         self.sd = base.state_dict()
         prefix = self.family.keys.host_prefix
         self.shapes = {k: tuple(v.shape) for k, v in self.sd.items() if k.startswith(prefix)}
+        key_map = {k: t for k, v in comfy.lora.model_lora_keys_unet(base, {}).items()
+                   if (t := host_target(v)) is not None}
+        self.mapper = keys.KeyMapper(key_map, _diffusers_map(self.family.keys, base), self.family.keys, self.shapes)
+        self.blocks = self.family.blocks.bind(keys.canonical(k) for k in self.shapes)
 
     def base_weight(self, key: str) -> torch.Tensor:
         """Unpatched weight: the shared backup when some clone currently has the model patched."""
@@ -150,3 +167,30 @@ class FuseRecord:
 def fuse_records(model) -> list[FuseRecord]:
     """The fuse records of every FewStep LoRA Fuse that patched ``model``, in chain order."""
     return list(model.model_options.get(FUSE_KEY, ()))
+
+
+# ---------------------------------------------------------------- the model's file
+
+FILE_INPUTS = ("unet_name", "ckpt_name", "model_name")
+
+
+def model_file_from_prompt(prompt, unique_id, input_name: str = "model", limit: int = 64) -> str:
+    """The file name the MODEL input of node ``unique_id`` was loaded from, following the workflow's links upstream
+    through nodes that pass a model on (LoRA loaders, model sampling, another fuse) to a loader with ``unet_name`` /
+    ``ckpt_name``; "" when the workflow does not tell."""
+    if not isinstance(prompt, dict) or unique_id is None:
+        return ""
+    node = prompt.get(str(unique_id))
+    for _ in range(limit):
+        if not isinstance(node, dict):
+            return ""
+        inputs = node.get("inputs") or {}
+        for name in FILE_INPUTS:
+            if isinstance(inputs.get(name), str):
+                return inputs[name]
+        link = inputs.get(input_name)
+        if not (isinstance(link, list) and link):
+            return ""
+        node = prompt.get(str(link[0]))
+        input_name = "model"
+    return ""

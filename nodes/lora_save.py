@@ -24,7 +24,8 @@ LOG = logging.getLogger("fewstep")
 SAVE = "FewStep Save Fused"
 EXPORT = "FewStep Export LoRA"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MODELSPEC = {"sdxl": "stable-diffusion-xl-v1-base"}  # modelspec.architecture written for a family (as core does)
+# modelspec.architecture written for a family (as core's checkpoint save does; it writes none for the other DiTs)
+MODELSPEC = {"sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-medium"}
 
 
 # ---------------------------------------------------------------- FewStep Save Fused

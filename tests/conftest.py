@@ -20,8 +20,8 @@ _PACK = packroot.import_pack()
 # file under the folder's name (as `<folder>`, e.g. `fewstep` for a clone named so). The alias makes that import return
 # the same module object instead of a second copy.
 sys.modules.setdefault(packroot.REPO.name, _PACK)
-if not packroot.REPO.name.isidentifier():  # a folder name no module can have ("flow-core"): pytest then imports
-    sys.modules.setdefault("__init__", _PACK)  # the root __init__.py as "__init__"
+if not packroot.REPO.name.isidentifier():  # a folder name pytest cannot import (e.g. "my-clone"): it uses "__init__"
+    sys.modules.setdefault("__init__", _PACK)
 _TIER_COUNTS: Counter = Counter()
 _IMPORT_PROBLEMS_SEEN: set[str] = set()
 _LAST_MODULE_NAMES: set[str] = set()

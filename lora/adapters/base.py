@@ -31,12 +31,14 @@ class Suffix:
     """A tensor-name suffix an adapter kind reads: ``<module><suffix>`` is the tensor of ``role``.
 
     ``style`` names the key convention (kohya, peft, ...); ``needs`` is a sibling suffix that must exist for the
-    name to count (IA3's bare ``.weight`` only next to ``.on_input``)."""
+    name to count (IA3's bare ``.weight`` only next to ``.on_input``); ``module_tail`` is appended to the module
+    name (LightX2V writes Wan's ``blocks.N.modulation`` difference as ``blocks.N.diff_m``)."""
 
     suffix: str
     role: str
     style: str
     needs: str = ""
+    module_tail: str = ""
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""Full diffs (LyCORIS "full"): ΔW = diff for ``<m>.diff``, Δb = diff_b for ``<m>.diff_b`` (the module's bias)."""
+"""Full diffs (LyCORIS "full"): ΔW = diff for ``<m>.diff``, Δb = diff_b for ``<m>.diff_b`` (the module's bias), and
+LightX2V's ``<m>.diff_m`` for the ``<m>.modulation`` table of a Wan block (its LoRA extractor's name; core ComfyUI
+does not load it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,4 +44,5 @@ def parse(t: ModuleTensors) -> list[ModuleEntry]:
     return ([weight_entry(t, "diff")] if "diff" in t else []) + ([bias_entry(t, "diff_b")] if "diff_b" in t else [])
 
 
-KIND = AdapterKind("full diff", (Suffix(".diff", "diff", "full"), Suffix(".diff_b", "diff_b", "full")), parse)
+KIND = AdapterKind("full diff", (Suffix(".diff", "diff", "full"), Suffix(".diff_b", "diff_b", "full"),
+                                 Suffix(".diff_m", "diff", "full", module_tail=".modulation")), parse)

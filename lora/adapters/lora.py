@@ -4,6 +4,8 @@ Tensor names (``<m>`` the module prefix): kohya ``<m>.lora_up.weight`` + ``<m>.l
 ``<m>.lora_mid.weight`` for LoCon Tucker), PEFT ``<m>.lora_B.weight`` + ``<m>.lora_A.weight`` (also
 ``.lora_B.default.weight``), diffusers ``<m>.lora.up.weight`` + ``<m>.lora.down.weight``, old diffusers
 ``<m>_lora.up.weight``, transformers ``<m>.lora_linear_layer.up.weight``, Mochi ``<m>.lora_B`` + ``<m>.lora_A``.
+PEFT's ``lora_bias`` (``<m>.lora_B.bias``, which diffusers' Wan conversion writes for a ``diff_b``) adds
+scale · bias to the module's bias, as PEFT merges it.
 
 Shapes: linear down [r, in], up [out, r]; kohya conv k×k down [r, in, kh, kw], up [out, r, 1, 1] (ΔW_flat
 [out, in·kh·kw]); LoCon Tucker down [r, in, 1, 1], mid [r, r, kh, kw], up [out, r, 1, 1] (A = mid ∘ down first).
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from .base import AdapterKind, ModuleEntry, ModuleTensors, Suffix, fp32, shape_error, src
+from .diff import BiasDiffModule
 
 
 @dataclass
@@ -72,8 +75,22 @@ class LoraModule(ModuleEntry):
         return b @ a
 
 
+@dataclass
+class LoraBiasModule(BiasDiffModule):
+    """PEFT ``lora_bias``: Δb = scale · lora_B.bias (scale = alpha / rank of the module's LoRA)."""
+
+    lora_rank: int = 1
+    kind = "lora_bias"
+
+    @property
+    def rank(self) -> int:
+        return self.lora_rank
+
+
 def parse(t: ModuleTensors) -> list[ModuleEntry]:
     if "up" not in t and "down" not in t:
+        if "lora_bias" in t:
+            raise t.error(f"'{t.keys['lora_bias']}' has no LoRA factors for module '{t.module}'")
         return []
     if "up" not in t or "down" not in t:
         have = t.keys.get("up") or t.keys.get("down")
@@ -87,7 +104,12 @@ def parse(t: ModuleTensors) -> list[ModuleEntry]:
     if f["alpha"] is None:
         f["alpha"] = float(down.shape[0])
     f["rslora"] = f["alpha_source"] == "lora_adapter_metadata" and t.rslora
-    return [LoraModule(down=down, up=up, mid=mid, **f)]
+    out: list[ModuleEntry] = [LoraModule(down=down, up=up, mid=mid, **f)]
+    if "lora_bias" in t:
+        out.append(LoraBiasModule(name=t.module, file=t.path, alpha=f["alpha"], alpha_source=f["alpha_source"],
+                                  style="peft", source_keys=[t.keys["lora_bias"]], rslora=f["rslora"],
+                                  diff=t.get("lora_bias"), lora_rank=int(down.shape[0])))
+    return out
 
 
 def _pair(up: str, down: str, style: str) -> tuple[Suffix, Suffix]:
@@ -102,4 +124,5 @@ KIND = AdapterKind("LoRA/LoCon", (
     *_pair("_lora.up.weight", "_lora.down.weight", "diffusers_old"),
     *_pair(".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight", "transformers"),
     *_pair(".lora_B", ".lora_A", "mochi"),
+    Suffix(".lora_B.bias", "lora_bias", "peft"),
 ), parse)

@@ -150,7 +150,7 @@ def test_ssd1b_lora_refused_on_sdxl_and_ssd1b_model_named(L, sdxl, tmp_path, hos
     save_file(sd, str(tmp_path / "lcm-ssd1b-style.safetensors"))
     folder_paths.add_model_folder_path("loras", str(tmp_path))
     try:
-        with pytest.raises(ValueError, match=r"lcm-ssd1b-style\.safetensors was made for SSD1B but the model is SDXL"):
+        with pytest.raises(ValueError, match=r"lcm-ssd1b-style\.safetensors was made for SSD-1B but the model is SDXL"):
             L.fuse(sdxl, L.NONE, 1.0, [("lcm-ssd1b-style.safetensors", 1.0)])
     finally:
         folder_paths.folder_names_and_paths["loras"][0].remove(str(tmp_path))

@@ -187,6 +187,9 @@ def node_deltas(entries, shapes, module_to_host, *, base_weight_fn=None, key_sca
     ``lora.merge.plan_merge`` groups them by model weight (one style adapter, ``key_scale`` as its block weights),
     ``lora.merge.merged_key_delta`` gives each weight's delta (linear mode: one GEMM)."""
     from fewstep.lora.merge import merged_key_delta, plan_merge
-    plan = plan_merge([], [entries], shapes, module_to_host, style_key_scale=key_scale)
+    from fewstep.lora.placement import place
+    placed, hosts = place(entries, module_to_host)  # KeyMapper targets (row ranges wrapped), as the node does
+    hosts = {**{m: h for m, h in module_to_host.items() if isinstance(h, str)}, **hosts}
+    plan = plan_merge([], [placed], shapes, hosts, style_key_scale=key_scale)
     return {k: merged_key_delta(k, shape, acc, present, base_weight_fn=base_weight_fn)
             for k, (shape, acc, present) in plan.items()}

@@ -248,9 +248,10 @@ def test_peft_dora_file_round_trip(tmp_path):
         p, truth = peft_dora_file(tmp_path / f"dora{i}.safetensors", naming)
         ad, matched, d = peft_dora_deltas(p)
         assert ad.unknown_keys == [] and len(ad.entries) == len(TARGETS)
-        assert sorted(matched.values()) == sorted(TARGETS)
+        assert sorted(t.key for t in matched.values()) == sorted(TARGETS)
+        assert all(t.whole for t in matched.values())
         for e in ad.entries:
-            down, up, m = truth[matched[e.name]]
+            down, up, m = truth[matched[e.name].key]
             assert isinstance(e, LoraModule) and e.kind == "lora"
             assert e.dora_norm == "peft" and torch.equal(e.dora_scale, m)
             assert e.name + naming[2] in e.source_keys
@@ -435,4 +436,4 @@ def test_every_adapter_kind_is_registered_and_named_in_the_tensor_table():
     assert sorted(k.name for k in kinds) == sorted(k.name for k in adapters.ADAPTERS)
     for kind in adapters.ADAPTERS:
         for s in kind.suffixes:
-            assert formats.split_key("lora_unet_x" + s.suffix) == ("lora_unet_x", s.role, s.style), s
+            assert formats.split_key("lora_unet_x" + s.suffix) == ("lora_unet_x" + s.module_tail, s.role, s.style), s

@@ -15,11 +15,12 @@ from fewstep.lora.export import export_lora, full_svd_export, save_lora  # noqa:
 from fewstep.lora.adapters import LoraModule  # noqa: E402
 from fewstep.lora.formats import read_adapter  # noqa: E402
 from fewstep.lora.fuse import key_delta  # noqa: E402
-from fewstep.lora.layouts import FAMILIES  # noqa: E402
+from fewstep.lora.families import FAMILIES  # noqa: E402
 from fewstep.lora.merge import (block_of, depth_count, lines_scale, merge_deltas, merged_key_delta, plan_merge,  # noqa: E402
                         parse_block_weights, ties_combine, trim_top_k)
 
-LAYOUTS = {f.blocks.name: f.blocks for f in FAMILIES.values()}  # the block layouts (SD2 shares SD1.5's, SSD-1B SDXL's)
+LAYOUTS = {f.blocks.name: f.blocks for f in FAMILIES.values()  # the block layouts (SD2 shares SD1.5's, SSD-1B SDXL's)
+           if not f.blocks.from_model}  # (a DiT's depends on the model: tests/math/test_lora_dit_layouts.py)
 
 LBW17 = {
     "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0", "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
@@ -246,8 +247,9 @@ def test_detect_folder_metadata_structure(tmp_path):
     d = detect(_accel_file(str(tmp_path / "style.safetensors"), te=True, meta={"ss_network_alpha": "8"}))
     assert d.kind == "unknown" and not d.accel_like_structure
     assert any("text encoder" in e for e in d.evidence)
+    # A header hash claim counts only when the payload agrees (tests/math/test_lora_detect_structure.py).
     d = detect(_accel_file(str(tmp_path / "h.safetensors"), meta={"sshs_model_hash": "e476eb1da5df" + "0" * 52}))
-    assert (d.kind, d.preset_name, d.confidence) == ("hypersd", "Hyper-SD 4-step", "high")
+    assert d.kind == "unknown" and any("the claim is ignored" in e for e in d.evidence), d.evidence
     d = detect(_accel_file(str(tmp_path / "sd2.safetensors"), ctx=1024))
     assert d.base_model == "sd2"
     assert json.dumps(d.evidence)
@@ -392,21 +394,21 @@ def test_dare_mask_follows_the_style_position_not_the_keys_style_count():
     assert not torch.equal(got, merge_deltas([alone], "dare", p=0.5, seed=7, key="w2"))  # index 0: another mask
 
 
-def test_family_records_and_the_families_not_covered_yet():
-    """Each family is one record (key layout + block layout); SD2 and SSD-1B share SD1.5's and SDXL's block layouts;
-    a family the host loads but no record covers is named in the error; a Stack-style syntax check accepts any
-    family's vector."""
-    from fewstep.lora.layouts import family
+def test_family_records():
+    """Each family is one record (key layout + block layout); SD2 and SSD-1B share SD1.5's and SDXL's block layouts,
+    Wan 2.1 and Wan 2.2 5B theirs; every family the host loads has one; an unknown family is named in the error; a
+    Stack-style syntax check accepts a preset or numbers of any length (the fuse checks the length against the
+    model's layout)."""
+    from fewstep.lora.families import family
     from fewstep.lora.merge import check_block_weights
     assert family("sd2").blocks is family("sd15").blocks and family("ssd1b").blocks is family("sdxl").blocks
-    assert {f.keys.name for f in FAMILIES.values()} == {"unet"}
-    for name in ("flux", "sd3", "wan", "wan22_5b", "qwen_image", "hunyuan_video"):
-        with pytest.raises(ValueError, match=rf"the model is a {name} model; LoRA fusing does not support the {name} "
-                                             rf"family yet \(supported: sd15, sd2, sdxl, ssd1b\)"):
-            family(name)
+    assert family("wan22_5b").keys is family("wan").keys
+    assert set(FAMILIES) == {"sd15", "sd2", "sdxl", "ssd1b", "sd3", "flux", "wan", "wan22_5b", "qwen_image",
+                             "hunyuan_video"}
     with pytest.raises(ValueError, match=r"family \('unknown'\) is not one LoRA fusing knows"):
         family("unknown")
-    check_block_weights(",".join(["1"] * 12))  # SDXL only
-    check_block_weights(",".join(["1"] * 17))  # SD1.5 only
-    with pytest.raises(ValueError, match="sd15 block weights need 17 or 26 values, got 3"):
-        check_block_weights("1,1,1")
+    check_block_weights(",".join(["1"] * 12))
+    check_block_weights("1,1,1")
+    check_block_weights("all")
+    with pytest.raises(ValueError, match="not a number"):
+        check_block_weights("1,x")
