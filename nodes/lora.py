@@ -22,9 +22,9 @@ from comfy_api.v0_0_2 import io
 from ..lora import formats, keys, merge  # detect is imported where used (start-up time)
 from ..lora.fuse import check_key_shapes
 from ..samplers import presets
-from .common import checked
-from .lora_host import (FUSE_KEY, NONE, FusedAdapter, FusedDelta, FuseRecord, HostFacts, lora_options,
-                        resolve_lora)
+from .common import CATEGORIES, checked
+from .lora_host import (FUSE_KEY, NONE, FusedAdapter, FusedDelta, FuseRecord, HostFacts, PatchProgress,
+                        lora_options, resolve_lora)
 
 LOG = logging.getLogger("fewstep")
 
@@ -103,11 +103,13 @@ def report_lines(a: Loaded, clip_given: bool = False) -> list[str]:
              *([f"  bundled embeddings: {len(a.adapter.embedding_keys)} tensors, not applied (load them as "
                 f"textual-inversion embeddings)"] if a.adapter.embedding_keys else []),
              f"  base model: {det.base_model.upper() if det.base_model else 'unknown'}"]
-    if det.kind == "unknown":
-        lines.append(f"  detected: unknown -- not a recognised acceleration LoRA (confidence {det.confidence})")
-    else:
+    if det.kind != "unknown":
         lines.append(f"  detected: {det.kind} -> preset {preset_display(det)} (confidence {det.confidence})")
-    lines += [f"    - {e}" for e in det.evidence]
+        lines += [f"    - {e}" for e in det.evidence]
+    elif a.role == "accel":  # an ordinary style LoRA is not expected to be an acceleration LoRA: nothing to say
+        lines.append(f"  detected: not a recognised acceleration LoRA (confidence {det.confidence}); pick the "
+                     f"preset by hand")
+        lines += [f"    - {e}" for e in det.evidence]
     return lines
 
 
@@ -186,6 +188,7 @@ def fused_patches(node: str, facts: HostFacts, loaded: list[Loaded], rec: FuseRe
     plan = plan_record(node, facts, loaded, rec)
     pbar = comfy.utils.ProgressBar(len(plan))
     patches = {}
+    progress = PatchProgress(len(plan))  # shared by this fuse's patches: ticks as the host applies them
     for key, (shape, accel_items, present) in plan.items():
         pbar.update(1)
         # Block weights / LiNeS can scale a key to exactly 0: no patch, the weight stays untouched.
@@ -194,7 +197,8 @@ def fused_patches(node: str, facts: HostFacts, loaded: list[Loaded], rec: FuseRe
         check_shapes(node, key, shape, accel_items, present)
         patches[key] = FusedDelta(node, functools.partial(
             merge.merged_key_delta, key, shape, accel_items, present, mode=rec.merge_mode, density=rec.density,
-            p=rec.drop_p, seed=rec.seed, base_weight_fn=facts.base_weight))
+            p=rec.drop_p, seed=rec.seed, base_weight_fn=facts.base_weight), progress)
+    progress.total = max(1, len(patches))
     return patches
 
 
@@ -214,7 +218,7 @@ class FewStepLoraFuse(io.ComfyNode):
                                tooltip=f"Strength of style LoRA {i} (0 = skip it)."),
             ]
         return io.Schema(
-            node_id="FewStepLoraFuse", display_name=FUSE, category="loaders",
+            node_id="FewStepLoraFuse", display_name=FUSE, category=CATEGORIES["loaders"],
             description="Fuses an acceleration LoRA (LCM/TCD/PCM/Hyper-SD/Lightning) and style LoRAs (3 here, "
                         "any number more through style_stack) into the model exactly: one fp32 delta per weight, "
                         "rounded once. Merges styles linearly or with TIES/DARE, with block weights and LiNeS; "
@@ -240,7 +244,9 @@ class FewStepLoraFuse(io.ComfyNode):
                 io.Float.Input("drop_p", default=0.5, min=0.0, max=0.99, step=0.01,
                                tooltip="DARE: probability of dropping each delta entry (survivors scaled 1/(1-p))."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="DARE seed: the same seed gives the same merged weights."),
+                             tooltip="DARE seed, used by merge_mode dare and dare_ties only (the graph editor shows "
+                                     "it only then): the same seed gives the same merged weights. Keep its "
+                                     "control on 'fixed', or every run fuses anew."),
                 io.String.Input("block_weights", default="",
                                 tooltip="Per-block multipliers for the style LoRAs (not the acceleration LoRA): "
                                         "empty = all 1; a LoRA-Block-Weight preset (ALL, NONE, INS, IND, INALL, "
@@ -306,7 +312,7 @@ class FewStepLoraStack(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FewStepLoraStack", display_name=STACK, category="loaders",
+            node_id="FewStepLoraStack", display_name=STACK, category=CATEGORIES["loaders"],
             description="Adds a style LoRA to a stack for FewStep LoRA Fuse's style_stack input. Chain Stack nodes "
                         "to fuse any number of style LoRAs in one pass (one fp32 GEMM per weight, one rounding). "
                         "Each entry may carry its own block weights. Nothing is loaded here: files are read and "
@@ -389,7 +395,8 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
     preset = preset_display(accel.det) if accel else NONE
     report = fuse_report(node, facts, loaded, rec, n_keys, time.perf_counter() - t0, te_lines, clip is not None,
                          preset)
-    LOG.info("%s", report)
+    LOG.info("%s", report.splitlines()[0] + f"; preset {preset}")  # one line; the node's UI output has the rest
+    LOG.debug("%s", report)
     return m, c, report, preset
 
 
