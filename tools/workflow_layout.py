@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 WINDOW = (1600, 1000)
-MARGIN = (64, 56, 24, 40)  # left (side bar), top (menu and tabs), right, bottom of the window kept free
+MARGIN = (64, 124, 24, 40)  # left (side bar), top (banner, tabs, run bar), right, bottom of the window kept free
 MIN_TEXT_SCALE = 0.6      # lowest opening zoom (the frontend draws text from 8/14 = 0.571 on)
 TITLE_H, SLOT_H, WIDGET_H = 30, 20, 24
 GROUP_PAD, GROUP_TITLE_H = 12, 36
@@ -60,8 +60,28 @@ def node_width(widget_texts: list[tuple[str, str]], multiline: bool) -> float:
     return float(round(max(width, 400 if multiline else 0)))
 
 
-def node_height(n_slots: int, n_widgets: int, multiline: bool) -> float:
-    return float(SLOT_H * max(1, n_slots) + WIDGET_H * n_widgets + (110 if multiline else 0) + 10)
+# Widgets the pack's graph-editor extension (web/js/fewstep.js) shows only for some values of another widget:
+# node type -> controlling widget -> {widget: values it is shown for}.
+SHOWN_FOR = {"FewStepLoraFuse": {"merge_mode": {"density": ("ties",), "drop_p": ("dare", "dare_ties"),
+                                                "seed": ("dare", "dare_ties")}}}
+
+
+def shown(class_type: str, name: str, values: dict) -> bool:
+    """Whether the graph editor draws widget ``name`` given the node's widget ``values``."""
+    for control, rules in SHOWN_FOR.get(class_type, {}).items():
+        if name in rules and values.get(control) not in rules[name]:
+            return False
+    return True
+
+
+# Nodes the frontend draws taller than their widgets (an image preview).
+EXTRA_HEIGHT = {"LoadImage": 270}
+
+
+def node_height(class_type: str, n_slots: int, n_widgets: int, multiline: bool) -> float:
+    """LiteGraph's computeSize: slot rows, visible widget rows, 8 + 6 padding (a multiline text box ~110 more)."""
+    return float(SLOT_H * max(1, n_slots) + WIDGET_H * n_widgets + (110 if multiline else 0) + 14
+                 + EXTRA_HEIGHT.get(class_type, 0))
 
 
 def file_lines(nodes: list[dict], specs: dict[str, dict]) -> list[str]:

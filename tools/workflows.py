@@ -188,12 +188,8 @@ def _ui_node(k: str, node: dict, object_info: dict, node_id: int, order: int, pe
             elif name not in values:
                 v = _default(typ, opts)
             widgets_values.append(v)
-            extra = _extra_widget_values(typ, name, opts)
-            widgets_values.extend(extra)
+            widgets_values.extend(_extra_widget_values(typ, name, opts))
             named[name] = v
-            if not opts.get("advanced"):  # the frontend hides advanced widgets until asked
-                shown += 1 + len(extra)
-                texts.append((name, "" if opts.get("multiline") else str(v)))
         else:
             # The frontend draws optional sockets hollow and saves that as shape 7 (LiteGraph HollowCircle).
             sockets.append({"name": name, "shape": 7, "type": typ, "link": None} if name in optional
@@ -202,9 +198,13 @@ def _ui_node(k: str, node: dict, object_info: dict, node_id: int, order: int, pe
                 if not _is_link(v):
                     raise ValueError(f"node {k} ({ct}) input {name!r} must be a link, got {v!r}")
                 pending_links.append((k, name, str(v[0]), v[1]))
+    for name, typ, opts in _input_specs(spec):  # the rows the graph editor draws
+        if _is_widget(typ, opts) and not opts.get("advanced") and L.shown(ct, name, named):
+            shown += 1 + len(_extra_widget_values(typ, name, opts))
+            texts.append((name, "" if opts.get("multiline") else str(named[name])))
     outputs = [{"name": (spec.get("output_name") or spec["output"])[i], "type": t, "links": [], "slot_index": i}
                for i, t in enumerate(spec.get("output", []))]
-    size = [L.node_width(texts, multiline), L.node_height(max(len(sockets), len(outputs)), shown, multiline)]
+    size = [L.node_width(texts, multiline), L.node_height(ct, max(len(sockets), len(outputs)), shown, multiline)]
     ui = {"id": node_id, "type": ct, "pos": [0, 0], "size": size, "flags": {}, "order": order, "mode": 0,
           "inputs": sockets + linked_widgets, "outputs": outputs, "properties": {"Node name for S&R": ct},
           "widgets_values": widgets_values, "_named_values": named}
