@@ -25,6 +25,10 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 SHOTS = REPO / "out" / "browser"
 NAMES = sorted(p.stem for p in W.UI_DIR.glob("*.json"))
+OLD = REPO / "tests" / "fixtures" / "old_workflows"  # workflow files saved before the widgets changed
+OLD_NAMES = sorted(p.stem for p in OLD.glob("*.json"))
+PROMPT_JS = ("(async () => { const p = await window.app.graphToPrompt();"
+             " return JSON.stringify({output: p.output, workflow: p.workflow}); })()")
 READY = "!!(window.app && window.app.graph && window.app.canvas && document.querySelector('canvas'))"
 WIDGET_MARGINS = 90  # LiteGraph draws "label  value" inside the widget less 2x15 margins, 5 + 20 padding, 5 gap
 
@@ -100,9 +104,9 @@ def frontend_results(browser, server):
                "nodeDefs: Object.keys(LiteGraph.registered_node_types).filter(k => k.startsWith('FewStep'))})"]
     for name in NAMES:
         wf = W.ui_path(name).read_text()
-        scripts += [load_js(wf), VIEW_JS, Screenshot(),
-                    "(async () => { const p = await window.app.graphToPrompt();"
-                    " return JSON.stringify({output: p.output, workflow: p.workflow}); })()"]
+        scripts += [load_js(wf), VIEW_JS, Screenshot(), PROMPT_JS]
+    for name in OLD_NAMES:
+        scripts += [load_js((OLD / f"{name}.json").read_text()), PROMPT_JS]
     scripts.append(NEW_NODES_JS)
     values, logs = browser.run(server.url + "/", scripts, ready_js=READY, timeout=180)
     page, rest = json.loads(values[0]), values[1:]
@@ -113,9 +117,10 @@ def frontend_results(browser, server):
         views[name], results[name] = json.loads(view), json.loads(prompt)
         (SHOTS / f"{name}.png").write_bytes(png)
         (SHOTS / "small" / f"{name}.png").write_bytes(small_png(png))
+    old = {name: json.loads(rest[4 * len(NAMES) + 2 * i + 1]) for i, name in enumerate(OLD_NAMES)}
     (SHOTS / "views.json").write_text(json.dumps({"views": views, "new_nodes": json.loads(rest[-1]),
                                                    "console": logs[-50:]}, indent=1))
-    return page, results, logs, views, json.loads(rest[-1])
+    return page, results, logs, views, json.loads(rest[-1]), old
 
 
 def small_png(png: bytes, width: int = 960, colors: int = 96) -> bytes:
@@ -203,3 +208,15 @@ def test_from_preset_values_are_drawn_as_words(frontend_results):
     assert new["preset_set"]["steps"] == "6" and new["preset_set"]["gamma"].startswith("0.5"), new
     assert new["settings_gamma"] == "from preset"
     assert set(new["settings_hidden"]) == {"final_step", "noise_device", "fused", "batch_offset"}
+
+
+@pytest.mark.parametrize("name", OLD_NAMES)
+def test_old_workflow_files_load_with_their_values(name, frontend_results):
+    """A workflow saved before the widgets changed loads in today's frontend and sends the prompt it was saved
+    with; re-saving keeps its widget values."""
+    got = frontend_results[5][name]
+    prompt = {k: {"inputs": v["inputs"], "class_type": v["class_type"]} for k, v in got["output"].items()}
+    assert prompt == W.strip_meta(json.loads((OLD / "api" / f"{name}.json").read_text()))
+    saved = {n["id"]: n["widgets_values"] for n in got["workflow"]["nodes"]}
+    for n in json.loads((OLD / f"{name}.json").read_text())["nodes"]:
+        assert saved[n["id"]] == n["widgets_values"], n["type"]

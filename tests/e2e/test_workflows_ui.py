@@ -196,3 +196,16 @@ def test_converted_ui_workflows_pass_validation_and_the_first_runs(server, objec
         if ids[name] in hist:
             assert server.wait(ids[name], timeout=300)["status"]["status_str"] == "success", name
     print(f"{len(ids)} UI workflows accepted, {first} ran, in {time.time() - t0:.1f} s")
+
+
+def test_pack_nodes_sit_next_to_the_core_nodes_they_pair_with(object_info):
+    """Each FewStep node's category is one core nodes use too; the two KSampler/SamplerCustom companions sit with
+    their partner, and every pack node is in the one category table (nodes.common.CATEGORIES)."""
+    from fewstep.nodes.common import CATEGORIES
+    core = {spec["category"] for k, spec in object_info.items() if not k.startswith("FewStep")}
+    ours = {k: spec["category"] for k, spec in object_info.items() if k.startswith("FewStep")}
+    assert set(ours.values()) <= set(CATEGORIES.values()) and set(ours.values()) <= core, ours
+    assert ours["FewStepSettings"] == object_info["KSampler"]["category"]
+    assert ours["FewStepPreset"] == object_info["SamplerCustom"]["category"]
+    assert ours["FewStepLoraFuse"] == object_info["LoraLoader"]["category"]
+    assert ours["FewStepNoise"] == object_info["RandomNoise"]["category"]
