@@ -198,7 +198,7 @@ def test_converted_ui_workflows_pass_validation_and_the_first_runs(server, objec
     print(f"{len(ids)} UI workflows accepted, {first} ran, in {time.time() - t0:.1f} s")
 
 
-def test_pack_nodes_sit_next_to_the_core_nodes_they_pair_with(object_info):
+def test_pack_nodes_sit_next_to_the_core_nodes_they_pair_with(object_info, host):
     """Each FewStep node's category is one core nodes use too; the two KSampler/SamplerCustom companions sit with
     their partner, and every pack node is in the one category table (nodes.common.CATEGORIES)."""
     from fewstep.nodes.common import CATEGORIES
