@@ -350,7 +350,7 @@ def parse_state_dict(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
             raise ValueError(msg)
         LOG.warning(msg)
     if te_keys:
-        LOG.info("%s: %d text encoder keys (not fused into the UNet)", path, len(te_keys))
+        LOG.debug("%s: %d text encoder keys (not fused into the UNet)", path, len(te_keys))
 
     resolver = _AlphaResolver(path, metadata)
     entries: list[Entry] = []

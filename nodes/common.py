@@ -29,3 +29,23 @@ def model_base(model) -> str:
     if cfg.get("adm_in_channels") and ctx == 2048:
         return "ssd1b" if list(cfg.get("transformer_depth") or []) == SSD1B_DEPTH else "sdxl"
     return {768: "sd15", 1024: "sd2", 2048: "sdxl"}.get(ctx, "unknown")
+
+
+# Each pack node sits in the folder of the core node it pairs with (the node library and search show it there):
+CATEGORIES = {
+    "ksampler": "sampling",                                 # FewStep Settings, next to KSampler
+    "custom": "sampling/custom_sampling",                   # FewStep Preset, next to SamplerCustom(Advanced)
+    "samplers": "sampling/custom_sampling/samplers",        # next to KSamplerSelect
+    "schedulers": "sampling/custom_sampling/schedulers",    # next to BasicScheduler
+    "noise": "sampling/custom_sampling/noise",              # next to RandomNoise
+    "loaders": "loaders",                                   # FewStep LoRA Fuse / Stack, next to Load LoRA
+    "save": "advanced/model_merging",                       # Save Fused / Export LoRA, next to Save Checkpoint
+}
+
+
+def advanced(inp):
+    """Mark a widget input "advanced": the frontend hides it until the node's context menu says Show Advanced
+    (its value is still saved and sent). The host's V3 inputs take no such argument, so the flag goes into the
+    input's ``extra_dict``, which ``as_dict`` writes into /object_info."""
+    inp.extra_dict["advanced"] = True
+    return inp

@@ -24,9 +24,9 @@ from comfy_api.v0_0_2 import io
 from ..lora import families, formats, keys, merge  # detect is imported where used (start-up time)
 from ..lora.fuse import check_key_shapes
 from ..lora.placement import place
-from .common import checked
-from .lora_host import (FUSE_KEY, NONE, FusedAdapter, FusedDelta, FuseRecord, HostFacts, lora_options,
-                        model_file_from_prompt, resolve_lora)
+from .common import CATEGORIES, checked
+from .lora_host import (FUSE_KEY, NONE, FusedAdapter, FusedDelta, FuseRecord, HostFacts, PatchProgress,
+                        lora_options, model_file_from_prompt, resolve_lora)
 
 LOG = logging.getLogger("fewstep")
 
@@ -128,9 +128,11 @@ def report_lines(a: Loaded, clip_given: bool = False) -> list[str]:
         lines.append(f"  detected: acceleration-shaped LoRA of an unknown release -- the structure looks like a "
                      f"distillation LoRA, nothing names the release; pick the preset by hand (confidence "
                      f"{det.confidence})")
-    else:
-        lines.append(f"  detected: unknown -- not a recognised acceleration LoRA (confidence {det.confidence})")
-    lines += [f"    - {e}" for e in det.evidence]
+    elif a.role == "accel":  # an ordinary style LoRA is not expected to be an acceleration LoRA: nothing to say
+        lines.append(f"  detected: not a recognised acceleration LoRA (confidence {det.confidence}); pick the "
+                     f"preset by hand")
+    if det.kind != "unknown" or det.accel_like_structure or a.role == "accel":
+        lines += [f"    - {e}" for e in det.evidence]
     lines += [f"  WARNING: {w}" for w in a.warnings]
     return lines
 
@@ -210,6 +212,7 @@ def fused_patches(node: str, facts: HostFacts, loaded: list[Loaded], rec: FuseRe
     plan = plan_record(node, facts, loaded, rec)
     pbar = comfy.utils.ProgressBar(len(plan))
     patches = {}
+    progress = PatchProgress(len(plan))  # shared by this fuse's patches: ticks as the host applies them
     for key, (shape, accel_items, present) in plan.items():
         pbar.update(1)
         # Block weights / LiNeS can scale a key to exactly 0: no patch, the weight stays untouched.
@@ -218,7 +221,8 @@ def fused_patches(node: str, facts: HostFacts, loaded: list[Loaded], rec: FuseRe
         check_shapes(node, key, shape, accel_items, present)
         patches[key] = FusedDelta(node, functools.partial(
             merge.merged_key_delta, key, shape, accel_items, present, mode=rec.merge_mode, density=rec.density,
-            p=rec.drop_p, seed=rec.seed, base_weight_fn=facts.base_weight))
+            p=rec.drop_p, seed=rec.seed, base_weight_fn=facts.base_weight), progress)
+    progress.total = max(1, len(patches))
     return patches
 
 
@@ -238,7 +242,7 @@ class FewStepLoraFuse(io.ComfyNode):
                                tooltip=f"Strength of style LoRA {i} (0 = skip it)."),
             ]
         return io.Schema(
-            node_id="FewStepLoraFuse", display_name=FUSE, category="loaders",
+            node_id="FewStepLoraFuse", display_name=FUSE, category=CATEGORIES["loaders"],
             description="Fuses an acceleration LoRA (LCM/TCD/PCM/Hyper-SD/Lightning; lightx2v, CausVid, Wan 2.2 "
                         "Lightning, Qwen-Image-Lightning, Hyper-FLUX, FLUX Turbo-Alpha, Hyper-SD3, PCM-SD3, FastVideo) "
                         "and style LoRAs (3 here, any number more through style_stack) into the model exactly: one "
@@ -270,7 +274,9 @@ class FewStepLoraFuse(io.ComfyNode):
                 io.Float.Input("drop_p", default=0.5, min=0.0, max=0.99, step=0.01,
                                tooltip="DARE: probability of dropping each delta entry (survivors scaled 1/(1-p))."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
-                             tooltip="DARE seed: the same seed gives the same merged weights."),
+                             tooltip="DARE seed, used by merge_mode dare and dare_ties only (the graph editor shows "
+                                     "it only then): the same seed gives the same merged weights. Keep its "
+                                     "control on 'fixed', or every run fuses anew."),
                 io.String.Input("block_weights", default="",
                                 tooltip="Per-block multipliers for the style LoRAs (not the acceleration LoRA): "
                                         "empty = all 1; a LoRA-Block-Weight preset (ALL, NONE, INS, IND, INALL, "
@@ -340,7 +346,7 @@ class FewStepLoraStack(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FewStepLoraStack", display_name=STACK, category="loaders",
+            node_id="FewStepLoraStack", display_name=STACK, category=CATEGORIES["loaders"],
             description="Adds a style LoRA to a stack for FewStep LoRA Fuse's style_stack input. Chain Stack nodes "
                         "to fuse any number of style LoRAs in one pass (one fp32 GEMM per weight, one rounding). "
                         "Each entry may carry its own block weights. Nothing is loaded here: files are read and "
@@ -426,7 +432,8 @@ def fuse_model_and_clip(model, clip, accel_lora: str, accel_strength: float, sty
     preset = preset_display(accel.det) if accel else NONE
     report = fuse_report(node, facts, loaded, rec, n_keys, time.perf_counter() - t0, te_lines, clip is not None,
                          preset)
-    LOG.info("%s", report)
+    LOG.info("%s", report.splitlines()[0] + f"; preset {preset}")  # one line; the node's UI output has the rest
+    LOG.debug("%s", report)
     return m, c, report, preset
 
 

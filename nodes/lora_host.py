@@ -90,18 +90,35 @@ class HostFacts:
 
 # ---------------------------------------------------------------- the lazy patch
 
+class PatchProgress:
+    """The host's progress bar while the host patches one fuse's weights (when it loads the model: at sampling,
+    in Save Fused): one tick per weight, on the node that is running. A new bar starts with each full pass."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.bar = max(1, total), 0, None
+
+    def tick(self) -> None:
+        import comfy.utils
+        if self.bar is None or self.done >= self.total:
+            self.bar, self.done = comfy.utils.ProgressBar(self.total), 0
+        self.done += 1
+        self.bar.update_absolute(self.done)
+
+
 class FusedDelta(WeightAdapterBase):
     """A host weight patch that computes its weight's merged fp32 delta only when the host patches the weight."""
 
     name = "fewstep_fused"
 
-    def __init__(self, node: str, compute):
-        self.node, self.compute = node, compute
+    def __init__(self, node: str, compute, progress: PatchProgress | None = None):
+        self.node, self.compute, self.progress = node, compute, progress
         self.loaded_keys: set[str] = set()
         self.weights: list[torch.Tensor] = []
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
+        if self.progress is not None:
+            self.progress.tick()
         probe = weight.new_zeros(())
         try:
             if (strength == 1.0 and function(probe) is probe and weight.dtype == torch.float32

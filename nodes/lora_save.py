@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from comfy_api.v0_0_2 import io
 
-from .common import checked, model_base
+from .common import CATEGORIES, checked, model_base
 from .lora_host import fuse_records, plain_fuse_patch
 
 LOG = logging.getLogger("fewstep")
@@ -34,7 +34,7 @@ class FewStepSaveFused(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FewStepSaveFused", display_name=SAVE, category="advanced/model_merging", is_output_node=True,
+            node_id="FewStepSaveFused", display_name=SAVE, category=CATEGORIES["save"], is_output_node=True,
             description="Saves the fused model (and optionally CLIP and VAE) as a .safetensors checkpoint in the "
                         "output folder, with the fused adapters and fuse settings in its metadata, and the prompt "
                         "and workflow as core Save Checkpoint writes them.",
@@ -53,7 +53,7 @@ class FewStepSaveFused(io.ComfyNode):
     def execute(cls, model, filename_prefix, dtype, clip=None, vae=None) -> io.NodeOutput:
         path = save_fused(model, filename_prefix, dtype, clip=clip, vae=vae, prompt=cls.hidden.prompt,
                           extra_pnginfo=cls.hidden.extra_pnginfo)
-        return io.NodeOutput(path)
+        return io.NodeOutput(path, ui={"text": [f"saved {path}"]})
 
 
 def workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
@@ -98,7 +98,8 @@ def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, pro
     sd = model.model.state_dict_for_saving(clip.get_sd() if clip is not None else None,
                                            vae.get_sd() if vae is not None else None, None)
     want = DTYPES[dtype]
-    sd = {k: (t.to(want) if t.is_floating_point() else t).contiguous() for k, t in sd.items()}
+    sd = dict(with_progress(((k, (t.to(want) if t.is_floating_point() else t).contiguous()) for k, t in sd.items()),
+                            len(sd)))
     comfy.utils.save_torch_file(sd, path, metadata=metadata)
     LOG.info("%s: saved %d tensors (%s) to %s", node, len(sd), dtype, path)
     return path
@@ -110,7 +111,7 @@ class FewStepExportLora(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FewStepExportLora", display_name=EXPORT, category="advanced/model_merging", is_output_node=True,
+            node_id="FewStepExportLora", display_name=EXPORT, category=CATEGORIES["save"], is_output_node=True,
             description="Exports what the model's patches add to its base (FewStep LoRA Fuse's acceleration + "
                         "merged styles, and any core LoRA loaders chained with it) as one kohya LoRA by "
                         "seeded randomized SVD, at a fixed rank or an energy threshold, with the text-encoder part "
@@ -143,7 +144,16 @@ class FewStepExportLora(io.ComfyNode):
     def execute(cls, model, mode, rank, energy, dtype, seed, filename_prefix, clip=None) -> io.NodeOutput:
         _path, report = export_fused(model, mode=mode, rank=rank, energy=energy, dtype=dtype, seed=seed,
                                      filename_prefix=filename_prefix, clip=clip)
-        return io.NodeOutput(report)
+        return io.NodeOutput(report, ui={"text": [report]})
+
+
+def with_progress(items, total: int):
+    """``items`` passed through while the host's progress bar (the running node's) advances once per item taken."""
+    import comfy.utils
+    bar = comfy.utils.ProgressBar(max(1, total))
+    for i, item in enumerate(items, 1):
+        yield item
+        bar.update_absolute(i)
 
 
 def fused_deltas(node: str, model) -> Iterator[tuple[str, torch.Tensor]]:
@@ -233,12 +243,15 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
     if mode not in ("rank", "energy"):
         raise ValueError(f"{node}: mode must be 'rank' or 'energy', got {mode!r}")
     t0 = time.perf_counter()
-    deltas = ((k, d) for k, d in fused_deltas(node, model) if torch.any(d))
+    deltas = fused_deltas(node, model)
     foreign = foreign_patched_keys(model)
     te_keys, te_unnamed, te_names = [], [], {}
     if clip is not None:
         te_keys, te_unnamed, te_names, te_deltas = clip_deltas(clip)
         deltas = itertools.chain(deltas, te_deltas)
+    # The randomized SVDs are the long part: the progress bar advances once per weight.
+    n_weights = sum(1 for ps in model.patches.values() if ps) + len(te_keys)
+    deltas = ((k, d) for k, d in with_progress(deltas, n_weights) if torch.any(d))
     kw = dict(rank=rank, energy=None, dtype=DTYPES[dtype]) if mode == "rank" else \
         dict(rank=None, energy=energy, max_rank=rank, dtype=DTYPES[dtype])
     kw["lora_names"] = te_names
@@ -283,7 +296,8 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
         LOG.warning("%s: %d text-encoder modules of the fused LoRAs are not in the export (no clip connected)",
                     node, te_in_files)
     report = "\n".join(lines)
-    LOG.info("%s", report)
+    LOG.info("%s; overall relative error %.4f%%; %s", lines[0], 100 * rep.overall_rel_error, path)
+    LOG.debug("%s", report)
     return path, report
 
 

@@ -18,13 +18,16 @@ from comfy_api.v0_0_2 import io
 from ..samplers import consistency
 from ..samplers import presets as preset_table
 from . import engine
-from .common import checked, model_base
+from .common import CATEGORIES, advanced, checked, model_base
 from .sampling import model_sampling
 
 LOG = logging.getLogger("fewstep")
 
-CAT = "sampling/custom_sampling/fewstep"
 NONE = "none"
+# Values of the old numeric widgets that mean "take it from the preset" (the frontend draws them as "from preset";
+# saved workflows keep them, so they keep their meaning).
+STEPS_FROM_PRESET = 0
+GAMMA_FROM_PRESET = -1.0
 
 
 def preset_input(with_none=False):
@@ -69,7 +72,7 @@ class FewStepPreset(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FewStepPreset", display_name="FewStep Preset", category=CAT,
+            node_id="FewStepPreset", display_name="FewStep Preset", category=CATEGORIES["custom"],
             description="Sampler, sigmas and recommended cfg from the model cards: LCM-LoRA, TCD, PCM, Hyper-SD, "
                         "SDXL-Lightning, AnimateLCM, DMD2, SD(XL)-Turbo, Flash Diffusion on SD models; Hyper-SD3, "
                         "PCM-SD3, Hyper-FLUX, FLUX.1 Turbo-Alpha, Wan lightx2v / CausVid / Lightning, "
@@ -77,14 +80,16 @@ class FewStepPreset(io.ComfyNode):
                         "ModelSampling node sets one). Wire into SamplerCustom.",
             inputs=[io.Model.Input("model", tooltip="The model to sample (its sigma table places the timesteps)."),
                     preset_input(),
-                    io.Int.Input("steps", default=0, min=0, max=100,
-                                 tooltip="0 = the preset's own step count; fixed-timestep presets ignore it."),
+                    io.Int.Input("steps", default=STEPS_FROM_PRESET, min=0, max=100,
+                                 tooltip="Sampling steps. 'from preset' (the lowest value, stored as 0) = the "
+                                         "preset's own step count; fixed-timestep presets ignore it."),
                     io.Float.Input("strength", default=1.0, min=0.01, max=1.0, step=0.01,
                                    tooltip="img2img strength with diffusers' rule for the preset's grid: LCM/TCD cut the "
                                            "original grid first; trailing/PCM keep the last int(steps*strength) "
                                            "timesteps; fixed-timestep presets need 1.0."),
-                    io.Float.Input("gamma", default=-1.0, min=-1.0, max=1.0, step=0.01,
-                                   tooltip="TCD gamma override; -1 keeps the preset's value.")],
+                    io.Float.Input("gamma", default=GAMMA_FROM_PRESET, min=-1.0, max=1.0, step=0.01,
+                                   tooltip="TCD gamma (0 = deterministic, 1 = LCM-like). 'from preset' (any value "
+                                           "below 0, stored as -1) keeps the preset's gamma; TCD presets only.")],
             outputs=[io.Sampler.Output(), io.Sigmas.Output(),
                      io.Float.Output(display_name="cfg", tooltip="The model card's recommended cfg."),
                      io.Float.Output(display_name="guidance",
@@ -97,7 +102,7 @@ class FewStepPreset(io.ComfyNode):
         p = checked(node, preset_table.get_preset, preset)
         if gamma >= 0 and p.sampler != "tcd":
             raise ValueError(f"{node}: gamma applies to TCD presets only; preset {preset!r} uses {p.sampler}. "
-                             "Set gamma to -1.")
+                             "Set gamma to 'from preset' (drag it below 0).")
         options = {"gamma": p.gamma if gamma < 0 else gamma} if p.sampler == "tcd" else {}
         sampler = engine.make_sampler(p.sampler, **options)
         return io.NodeOutput(sampler, preset_sigmas(node, model, p, steps, strength), float(p.cfg),
@@ -108,24 +113,29 @@ class FewStepSettings(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
-            node_id="FewStepSettings", display_name="FewStep Settings (KSampler)", category="advanced/model",
+            node_id="FewStepSettings", display_name="FewStep Settings (KSampler)", category=CATEGORIES["ksampler"],
             description="Lets the plain KSampler use fewstep: pick sampler 'fewstep_auto' and scheduler "
                         "'fewstep_auto' to follow the preset (on flow-matching models with the card's shift, unless a "
                         "ModelSampling node sets one), or 'fewstep_tcd' with any scheduler to use this gamma. "
                         "Returns a patched clone; the input model is untouched.",
             inputs=[io.Model.Input("model", tooltip="The model to patch (it is cloned, never modified)."),
                     preset_input(with_none=True),
-                    io.Float.Input("gamma", default=-1.0, min=-1.0, max=1.0, step=0.01,
-                                   tooltip="TCD gamma for fewstep_tcd / TCD presets; -1 = the preset's (0.3 if none)."),
-                    io.Combo.Input("final_step", options=["x0", "diffusers"], default="x0",
-                                   tooltip="Last step: clean x0, or exactly what diffusers returns."),
-                    io.Combo.Input("noise_device", options=list(consistency.NOISE_DEVICES), default="cpu",
-                                   tooltip="Where step noise is drawn ('cpu' reproduces a seed on any device)."),
-                    io.Combo.Input("fused", options=list(consistency.FUSED_MODES), default="auto",
-                                   tooltip="Fused CUDA step kernel: auto / on / off."),
-                    io.Int.Input("batch_offset", default=0, min=0, max=4096,
-                                 tooltip="Batch index of the first image; to re-render image k of a batch alone, "
-                                         "pick it with LatentFromBatch(k) and set this to k.")],
+                    io.Float.Input("gamma", default=GAMMA_FROM_PRESET, min=-1.0, max=1.0, step=0.01,
+                                   tooltip="TCD gamma for sampler fewstep_tcd and TCD presets (0 = deterministic, "
+                                           "1 = LCM-like). 'from preset' (any value below 0, stored as -1) = the "
+                                           "preset's gamma, 0.3 without a preset."),
+                    advanced(io.Combo.Input("final_step", options=["x0", "diffusers"], default="x0",
+                                            tooltip="Advanced. Last step: clean x0 (right for nearly everyone), or "
+                                                    "exactly what diffusers returns.")),
+                    advanced(io.Combo.Input("noise_device", options=list(consistency.NOISE_DEVICES), default="cpu",
+                                            tooltip="Advanced. Where step noise is drawn ('cpu' reproduces a seed on "
+                                                    "any device).")),
+                    advanced(io.Combo.Input("fused", options=list(consistency.FUSED_MODES), default="auto",
+                                            tooltip="Advanced. Fused CUDA step kernel: auto / on / off.")),
+                    advanced(io.Int.Input("batch_offset", default=0, min=0, max=4096,
+                                          tooltip="Advanced. Batch index of the first image; to re-render image k of "
+                                                  "a batch alone, pick it with LatentFromBatch(k) and set this to "
+                                                  "k."))],
             outputs=[io.Model.Output()])
 
     @classmethod

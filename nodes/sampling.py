@@ -7,11 +7,11 @@ from comfy_api.v0_0_2 import io
 from ..samplers import consistency, parametrisation, schedules
 from ..samplers.noise import initial_noise
 from . import engine
-from .common import checked, model_base
+from .common import CATEGORIES, advanced, checked, model_base
 
-CAT_SAMPLERS = "sampling/custom_sampling/samplers"
-CAT_SCHEDULERS = "sampling/custom_sampling/schedulers"
-CAT_NOISE = "sampling/custom_sampling/noise"
+CAT_SAMPLERS = CATEGORIES["samplers"]
+CAT_SCHEDULERS = CATEGORIES["schedulers"]
+CAT_NOISE = CATEGORIES["noise"]
 
 
 def model_sampling(node: str, model):
@@ -34,20 +34,24 @@ def gamma_input(default=0.3):
 
 
 def common_sampler_inputs():
-    return [
+    """The technical options every sampler node shares, marked advanced (hidden until "Show Advanced" in the node's
+    context menu): their defaults are right for almost everyone."""
+    return [advanced(i) for i in (
         io.Combo.Input("final_step", options=list(parametrisation.FINAL_STEPS), default="x0",
-                       tooltip="Last step: 'x0' returns the clean prediction; 'diffusers' returns exactly what the "
-                               "diffusers scheduler returns (TCD keeps a trace of predicted noise)."),
+                       tooltip="Advanced. Last step: 'x0' returns the clean prediction (right for nearly everyone); "
+                               "'diffusers' returns exactly what the diffusers scheduler returns (TCD keeps a trace "
+                               "of predicted noise)."),
         io.Combo.Input("noise_device", options=list(consistency.NOISE_DEVICES), default="cpu",
-                       tooltip="Where step noise is drawn. 'cpu' gives the same image for a seed on any machine; "
-                               "'gpu' matches nothing across devices but skips a copy."),
+                       tooltip="Advanced. Where step noise is drawn. 'cpu' gives the same image for a seed on any "
+                               "machine; 'gpu' matches nothing across devices but skips a copy."),
         io.Int.Input("batch_offset", default=0, min=0, max=4096,
-                     tooltip="Batch index of the first image. Step noise depends only on (seed, index): to re-render "
-                             "image k of a batch alone, pick it with LatentFromBatch(k) and set this to k."),
+                     tooltip="Advanced. Batch index of the first image. Step noise depends only on (seed, index): "
+                             "to re-render image k of a batch alone, pick it with LatentFromBatch(k) and set this "
+                             "to k."),
         io.Combo.Input("fused", options=list(consistency.FUSED_MODES), default="auto",
-                       tooltip="Fused Triton step kernel + sync-free loop: auto = on when the latent is on CUDA and "
-                               "Triton is installed; on = require it; off = plain PyTorch."),
-    ]
+                       tooltip="Advanced. Fused Triton step kernel + sync-free loop: auto = on when the latent is on "
+                               "CUDA and Triton is installed; on = require it; off = plain PyTorch."),
+    )]
 
 
 def _sampler_node(node_id, display, description, kind, extra_inputs=()):

@@ -1,13 +1,13 @@
 """API-format prompts <-> UI-format (LiteGraph, version 0.4) workflows, as the ComfyUI frontend reads/writes them.
 
-* ``api_to_ui(prompt, object_info)``: the graph-editor workflow for an API prompt. Widget values go to
+* ``api_to_ui(prompt, object_info, name)``: the graph-editor workflow for an API prompt. Widget values go to
   ``widgets_values`` in object_info order, with the frontend's extra values: "fixed" after an INT that gets a
   "control after generate" widget (``control_after_generate`` or the names seed/noise_seed), "fixed" and ""
   after a COMBO with ``control_after_generate``, and "image" after an ``image_upload``/``video_upload`` COMBO.
   Socket inputs come first in ``inputs``; a widget input fed by a link is appended after them with
-  ``widget: {name}`` (the layout the frontend saves). Nodes are laid out left to right by graph depth. With a
-  ``name`` whose ``workflows/notes/<name>.md`` exists, a Note node with that text (which files to put where) opens
-  the canvas on the left.
+  ``widget: {name}`` (the layout the frontend saves). A node's ``_meta.title`` becomes its title. Nodes are laid out
+  in titled groups with a Note saying what to load where, and the saved view opens at a zoom where text is drawn
+  (``tools.workflow_layout``).
 * ``ui_to_api(workflow, object_info)``: what the frontend's ``graphToPrompt`` sends to ``/prompt``: widget values
   mapped back to input names (skipping the extra values), links to ``[origin_id_str, slot]``; muted nodes (mode 2)
   are dropped, bypassed nodes (mode 4) and Reroutes are passed through, Note/MarkdownNote are ignored and a
@@ -22,14 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
+
+from tools import workflow_layout as L
 
 REPO = Path(__file__).resolve().parent.parent
 API_DIR = REPO / "workflows" / "api"
 UI_DIR = REPO / "workflows"
 NOTES_DIR = REPO / "workflows" / "notes"
-NOTE_WIDTH = 420
 
 WIDGET_TYPES = {"INT", "FLOAT", "BOOLEAN", "STRING", "COMBO"}
 VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
@@ -126,28 +126,8 @@ def _depths(prompt: dict) -> dict[str, int]:
     return depth
 
 
-def _size(spec: dict, n_inputs: int, n_outputs: int, n_widgets: int, multiline: bool) -> list[float]:
-    width = 400 if multiline else 315
-    height = 30 + 22 * max(n_inputs, n_outputs) + 26 * n_widgets + (110 if multiline else 0)
-    return [width, height]
-
-
-def note_text(name: str | None) -> str:
-    """The workflow's note (``workflows/notes/<name>.md``), "" when it has none."""
-    path = NOTES_DIR / f"{name}.md" if name else None
-    return path.read_text().strip() if path is not None and path.is_file() else ""
-
-
-def _note(text: str, node_id: int, order: int) -> dict:
-    rows = sum(max(1, -(-len(line) // 58)) for line in text.splitlines())
-    return {"id": node_id, "type": "Note", "pos": [50.0, 50.0], "size": [NOTE_WIDTH, 40 + 17 * rows], "flags": {},
-            "order": order, "mode": 0, "inputs": [], "outputs": [], "properties": {}, "widgets_values": [text],
-            "title": "Read me: what to load where"}
-
-
 def api_to_ui(prompt: dict, object_info: dict, name: str | None = None) -> dict:
-    """The UI-format (LiteGraph 0.4) workflow of an API-format prompt (with its note when ``name`` has one)."""
-    text = note_text(name)
+    """The UI-format (LiteGraph 0.4) workflow of an API prompt; ``name`` picks its note (``workflows/notes/``)."""
     ids = _node_ids(prompt)
     depth = _depths(prompt)
     # Order = a topological order (by depth, then id), as the frontend's computed execution order.
@@ -157,48 +137,87 @@ def api_to_ui(prompt: dict, object_info: dict, name: str | None = None) -> dict:
     nodes: dict[str, dict] = {}
     pending_links = []  # (to_key, input_name, from_key, from_slot)
     for k in keys:
-        node = prompt[k]
-        ct = node["class_type"]
-        spec = _spec(object_info, ct)
-        values = node.get("inputs", {})
-        unknown = set(values) - {name for name, _, _ in _input_specs(spec)}
-        if unknown:
-            raise ValueError(f"node {k} ({ct}) has inputs object_info does not declare: {sorted(unknown)}")
-        sockets, linked_widgets, widgets_values = [], [], []
-        optional = set(spec.get("input", {}).get("optional", {}))
-        multiline = False
-        for name, typ, opts in _input_specs(spec):
-            v = values.get(name)
-            if _is_widget(typ, opts):
-                multiline |= bool(opts.get("multiline"))
-                if _is_link(v):
-                    linked_widgets.append({"name": name, "type": typ, "widget": {"name": name}, "link": None})
-                    pending_links.append((k, name, str(v[0]), v[1]))
-                    v = _default(typ, opts)
-                elif name not in values:
-                    v = _default(typ, opts)
-                widgets_values.append(v)
-                widgets_values.extend(_extra_widget_values(typ, name, opts))
-            else:
-                # The frontend draws optional sockets hollow and saves that as shape 7 (LiteGraph HollowCircle).
-                sockets.append({"name": name, "shape": 7, "type": typ, "link": None} if name in optional
-                               else {"name": name, "type": typ, "link": None})
-                if v is not None:
-                    if not _is_link(v):
-                        raise ValueError(f"node {k} ({ct}) input {name!r} must be a link, got {v!r}")
-                    pending_links.append((k, name, str(v[0]), v[1]))
-        outputs = [{"name": (spec.get("output_name") or spec["output"])[i], "type": t, "links": [], "slot_index": i}
-                   for i, t in enumerate(spec.get("output", []))]
-        inputs = sockets + linked_widgets
-        nodes[k] = {
-            "id": ids[k], "type": ct, "pos": [0, 0],
-            "size": _size(spec, len(inputs), len(outputs), len(widgets_values), multiline),
-            "flags": {}, "order": order[k], "mode": 0, "inputs": inputs, "outputs": outputs,
-            "properties": {"Node name for S&R": ct}, "widgets_values": widgets_values,
-        }
+        nodes[k] = _ui_node(k, prompt[k], object_info, ids[k], order[k], pending_links)
+    links = _link(nodes, pending_links, ids, order)
 
+    specs = {n["type"]: _spec(object_info, n["type"]) for n in nodes.values()}
+    ordered = [nodes[k] for k in keys]
+    roles = {n["id"]: L.role(n["type"], specs[n["type"]]) for n in ordered}
+    text = L.note_text(L.description(NOTES_DIR, name), ordered, specs)
+    note = None
+    if text:
+        note = {"id": max(ids.values(), default=0) + 1, "type": "Note", "pos": [0, 0],
+                "size": [L.NOTE_W, L.note_height(text)], "flags": {}, "order": len(nodes), "mode": 0,
+                "inputs": [], "outputs": [], "properties": {}, "widgets_values": [text], "color": "#432",
+                "bgcolor": "#653", "title": "Read me: what to load where"}
+    groups = L.arrange(ordered, roles, note)
+    all_nodes = [nodes[k] for k in sorted(nodes, key=lambda k: ids[k])] + ([note] if note else [])
+    for n in all_nodes:
+        n.pop("_named_values", None)
+    return {
+        "last_node_id": max(n["id"] for n in all_nodes) if all_nodes else 0,
+        "last_link_id": len(links),
+        "nodes": all_nodes,
+        "links": links,
+        "groups": groups,
+        "config": {},
+        "extra": {"ds": L.view(all_nodes, groups)},
+        "version": 0.4,
+    }
+
+
+def _ui_node(k: str, node: dict, object_info: dict, node_id: int, order: int, pending_links: list) -> dict:
+    ct = node["class_type"]
+    spec = _spec(object_info, ct)
+    values = node.get("inputs", {})
+    unknown = set(values) - {name for name, _, _ in _input_specs(spec)}
+    if unknown:
+        raise ValueError(f"node {k} ({ct}) has inputs object_info does not declare: {sorted(unknown)}")
+    sockets, linked_widgets, widgets_values = [], [], []
+    named, texts, shown = {}, [], 0
+    optional = set(spec.get("input", {}).get("optional", {}))
+    multiline = False
+    for name, typ, opts in _input_specs(spec):
+        v = values.get(name)
+        if _is_widget(typ, opts):
+            multiline |= bool(opts.get("multiline"))
+            if _is_link(v):
+                linked_widgets.append({"name": name, "type": typ, "widget": {"name": name}, "link": None})
+                pending_links.append((k, name, str(v[0]), v[1]))
+                v = _default(typ, opts)
+            elif name not in values:
+                v = _default(typ, opts)
+            widgets_values.append(v)
+            widgets_values.extend(_extra_widget_values(typ, name, opts))
+            named[name] = v
+        else:
+            # The frontend draws optional sockets hollow and saves that as shape 7 (LiteGraph HollowCircle).
+            sockets.append({"name": name, "shape": 7, "type": typ, "link": None} if name in optional
+                           else {"name": name, "type": typ, "link": None})
+            if v is not None:
+                if not _is_link(v):
+                    raise ValueError(f"node {k} ({ct}) input {name!r} must be a link, got {v!r}")
+                pending_links.append((k, name, str(v[0]), v[1]))
+    for name, typ, opts in _input_specs(spec):  # the rows the graph editor draws
+        if _is_widget(typ, opts) and not opts.get("advanced") and L.shown(ct, name, named):
+            shown += 1 + len(_extra_widget_values(typ, name, opts))
+            texts.append((name, "" if opts.get("multiline") else str(named[name])))
+    outputs = [{"name": (spec.get("output_name") or spec["output"])[i], "type": t, "links": [], "slot_index": i}
+               for i, t in enumerate(spec.get("output", []))]
+    size = [L.node_width(texts, multiline), L.node_height(ct, max(len(sockets), len(outputs)), shown, multiline)]
+    ui = {"id": node_id, "type": ct, "pos": [0, 0], "size": size, "flags": {}, "order": order, "mode": 0,
+          "inputs": sockets + linked_widgets, "outputs": outputs, "properties": {"Node name for S&R": ct},
+          "widgets_values": widgets_values, "_named_values": named}
+    title = (node.get("_meta") or {}).get("title")
+    if title and title != spec.get("display_name", ct):
+        ui["title"] = title
+    return ui
+
+
+def _link(nodes: dict[str, dict], pending_links: list, ids: dict[str, int], order: dict[str, int]) -> list:
+    """Links numbered in a stable order (by target node order, then target slot), written into the nodes."""
     links = []
-    # Links numbered in a stable order: by target node order, then target slot.
+
     def slot_of(k, name):
         return next(i for i, inp in enumerate(nodes[k]["inputs"]) if inp["name"] == name)
 
@@ -214,31 +233,7 @@ def api_to_ui(prompt: dict, object_info: dict, name: str | None = None) -> dict:
         nodes[to_k]["inputs"][to_slot]["link"] = link_id
         outs[from_slot]["links"].append(link_id)
         links.append([link_id, ids[from_k], from_slot, ids[to_k], to_slot, outs[from_slot]["type"]])
-
-    # Layout: one column per depth, nodes stacked top to bottom in id order (right of the note, if any).
-    columns: dict[int, list[str]] = defaultdict(list)
-    for k in keys:
-        columns[depth[k]].append(k)
-    note = [_note(text, max(ids.values(), default=0) + 1, len(nodes))] if text else []
-    x = 50.0 + (NOTE_WIDTH + 60 if note else 0)
-    for d in sorted(columns):
-        y = 50.0
-        col = columns[d]
-        for k in col:
-            nodes[k]["pos"] = [x, y]
-            y += nodes[k]["size"][1] + 60
-        x += max(nodes[k]["size"][0] for k in col) + 60
-
-    return {
-        "last_node_id": max([*ids.values(), *(n["id"] for n in note)], default=0),
-        "last_link_id": len(links),
-        "nodes": [nodes[k] for k in sorted(nodes, key=lambda k: ids[k])] + note,
-        "links": links,
-        "groups": [],
-        "config": {},
-        "extra": {},
-        "version": 0.4,
-    }
+    return links
 
 
 # ---------------------------------------------------------------- UI -> API
@@ -332,6 +327,11 @@ def ui_to_api(workflow: dict, object_info: dict, meta: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------- files and CLI
+
+def strip_meta(prompt: dict) -> dict:
+    """An API prompt without its ``_meta`` entries (titles), as the server sees it."""
+    return {str(k): {kk: vv for kk, vv in v.items() if kk != "_meta"} for k, v in prompt.items()}
+
 
 def api_workflows() -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(API_DIR.glob("*.json"))}

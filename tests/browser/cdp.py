@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import shutil
 import subprocess
 import tempfile
@@ -18,11 +19,19 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+class Screenshot:
+    """A step of `Browser.run`: a PNG of the window after `settle` seconds."""
+
+    def __init__(self, settle: float = 0.5):
+        self.settle = settle
+
+
 class Browser:
     """chromium --headless with a DevTools port; `evaluate(js)` runs (awaited) JS in the one page."""
 
-    def __init__(self, exe: str):
+    def __init__(self, exe: str, window: tuple[int, int] | None = None):
         self.exe = exe
+        self.window = window
         self.profile = tempfile.mkdtemp(prefix="fewstep-chromium-")
         self.proc = None
 
@@ -83,15 +92,27 @@ class Browser:
 
                 await call("Runtime.enable")
                 await call("Page.enable")
+                if self.window:
+                    await call("Emulation.setDeviceMetricsOverride", width=self.window[0], height=self.window[1],
+                               deviceScaleFactor=1, mobile=False)
                 await call("Page.navigate", url=url)
                 deadline = time.time() + timeout
                 while not await evaluate(ready_js):
                     if time.time() > deadline:
                         raise RuntimeError(f"page {url} never became ready ({ready_js}); console: {logs[-20:]}")
                     await asyncio.sleep(0.25)
-                return [await evaluate(js) for js in scripts], logs
+                results = []
+                for step in scripts:
+                    if isinstance(step, Screenshot):
+                        await asyncio.sleep(step.settle)  # let the canvas draw the frame
+                        shot = await call("Page.captureScreenshot", format="png")
+                        results.append(base64.b64decode(shot["data"]))
+                    else:
+                        results.append(await evaluate(step))
+                return results, logs
 
-    def run(self, url: str, scripts: list[str], ready_js: str = "document.readyState === 'complete'",
+    def run(self, url: str, scripts: list, ready_js: str = "document.readyState === 'complete'",
             timeout: float = 60.0):
-        """Open `url`, wait for `ready_js` to be truthy, evaluate each script; returns (values, console lines)."""
+        """Open `url`, wait for `ready_js` to be truthy, evaluate each script (a `Screenshot` step takes a PNG of the
+        window: its bytes are the step's value); returns (values, console lines)."""
         return asyncio.run(self._session(url, scripts, ready_js, timeout))

@@ -14,6 +14,7 @@ import pytest
 
 from tools import workflows as W
 
+from tools import workflow_layout as L
 from tests.e2e.workflows import small
 
 pytestmark = pytest.mark.e2e
@@ -33,8 +34,10 @@ def load_ui(name: str) -> dict:
     return json.loads(W.ui_path(name).read_text())
 
 
-def load_api(name: str) -> dict:
-    return {str(k): v for k, v in json.loads((W.API_DIR / f"{name}.json").read_text()).items()}
+def load_api(name: str, meta: bool = False) -> dict:
+    """The API twin as the server sees it (``meta``: with the ``_meta`` titles the UI file takes its titles from)."""
+    prompt = {str(k): v for k, v in json.loads((W.API_DIR / f"{name}.json").read_text()).items()}
+    return prompt if meta else W.strip_meta(prompt)
 
 
 def test_every_api_workflow_has_a_ui_twin_and_back():
@@ -47,7 +50,16 @@ def test_every_api_workflow_has_a_ui_twin_and_back():
 @pytest.mark.parametrize("name", UI_NAMES)
 def test_ui_workflow_is_well_formed(name):
     wf = load_ui(name)
-    assert wf["version"] == 0.4 and wf["groups"] == [] and isinstance(wf["config"], dict)
+    assert wf["version"] == 0.4 and isinstance(wf["config"], dict)
+    notes = [n for n in wf["nodes"] if n["type"] == "Note"]
+    assert len(notes) == 1 and "→" in notes[0]["widgets_values"][0], "a Note saying what to load where"
+    assert wf["groups"] and all(g["title"] and len(g["bounding"]) == 4 for g in wf["groups"])
+    assert wf["extra"]["ds"]["scale"] >= L.MIN_TEXT_SCALE, "opens at a zoom where the frontend draws no text"
+    in_group = {n["id"] for n in wf["nodes"] for g in wf["groups"]
+                if g["bounding"][0] <= n["pos"][0] and n["pos"][0] + n["size"][0] <= g["bounding"][0] + g["bounding"][2]
+                and g["bounding"][1] <= n["pos"][1] - L.TITLE_H
+                and n["pos"][1] + n["size"][1] <= g["bounding"][1] + g["bounding"][3]}
+    assert in_group == {n["id"] for n in wf["nodes"] if n["type"] != "Note"}, "every node sits inside a group"
     nodes = {n["id"]: n for n in wf["nodes"]}
     assert len(nodes) == len(wf["nodes"]), "duplicate node ids"
     assert wf["last_node_id"] == max(nodes)
@@ -78,7 +90,7 @@ def test_ui_workflow_converts_to_its_api_twin(name, object_info):
 @pytest.mark.parametrize("name", API_NAMES)
 def test_ui_workflow_is_up_to_date(name, object_info):
     """The committed UI file is what the converter writes from the API file with the server's object_info."""
-    assert W.dumps(W.api_to_ui(load_api(name), object_info, name)) == W.ui_path(name).read_text(), (
+    assert W.dumps(W.api_to_ui(load_api(name, meta=True), object_info, name)) == W.ui_path(name).read_text(), (
         f"workflows/{name}.json is stale; run `python -m tools.workflows regenerate`")
 
 
@@ -170,7 +182,7 @@ def test_converted_ui_workflows_pass_validation_and_the_first_runs(server, objec
     t0 = time.time()
     ids = {}
     for name in [n for n in UI_NAMES if family_of(load_api(n)) is None]:
-        prompt = small(W.ui_to_api(load_ui(name), object_info), size=64)
+        prompt = small(W.ui_to_api(load_ui(name), object_info), size=64, ckpt="fewstep-standin-sd15.safetensors")
         status, body = server.post("/prompt", {"prompt": prompt, "client_id": "fewstep-tests-ui"})
         assert status == 200, f"{name}: /prompt rejected it ({status}): {json.dumps(body)[:1500]}"
         assert not body.get("node_errors"), body
@@ -187,3 +199,16 @@ def test_converted_ui_workflows_pass_validation_and_the_first_runs(server, objec
         if ids[name] in hist:
             assert server.wait(ids[name], timeout=300)["status"]["status_str"] == "success", name
     print(f"{len(ids)} UI workflows accepted, {first} ran, in {time.time() - t0:.1f} s")
+
+
+def test_pack_nodes_sit_next_to_the_core_nodes_they_pair_with(object_info, host):
+    """Each FewStep node's category is one core nodes use too; the two KSampler/SamplerCustom companions sit with
+    their partner, and every pack node is in the one category table (nodes.common.CATEGORIES)."""
+    from fewstep.nodes.common import CATEGORIES
+    core = {spec["category"] for k, spec in object_info.items() if not k.startswith("FewStep")}
+    ours = {k: spec["category"] for k, spec in object_info.items() if k.startswith("FewStep")}
+    assert set(ours.values()) <= set(CATEGORIES.values()) and set(ours.values()) <= core, ours
+    assert ours["FewStepSettings"] == object_info["KSampler"]["category"]
+    assert ours["FewStepPreset"] == object_info["SamplerCustom"]["category"]
+    assert ours["FewStepLoraFuse"] == object_info["LoraLoader"]["category"]
+    assert ours["FewStepNoise"] == object_info["RandomNoise"]["category"]

@@ -18,14 +18,19 @@ def nodes_of(prompt: dict, class_type: str) -> list[dict]:
 
 
 def small(prompt: dict, size: int = 128, batch: int | None = None, ckpt: str | None = None) -> dict:
-    """Copy of `prompt` at `size` px (latents size/8), optional batch size and checkpoint name."""
+    """Copy of `prompt` at `size` px (latents size/8, images scaled to it), optional batch size and checkpoint name
+    (with ``ckpt`` an SD1.5 stand-in, the SDXL stand-in LoRA names become their SD1.5 twins)."""
     p = copy.deepcopy(prompt)
     for n in p.values():
         ins = n["inputs"]
-        if n["class_type"] in ("EmptyLatentImage",):
+        if n["class_type"] in ("EmptyLatentImage", "ImageScale"):
             ins["width"] = ins["height"] = size
-            if batch is not None:
+            if batch is not None and "batch_size" in ins:
                 ins["batch_size"] = batch
         if ckpt and n["class_type"] == "CheckpointLoaderSimple":
             ins["ckpt_name"] = ckpt
+        if ckpt and "sd15" in ckpt:
+            for key in [k for k, v in ins.items() if isinstance(v, str) and v.endswith(".safetensors")]:
+                if key != "ckpt_name":
+                    ins[key] = ins[key].replace("sdxl", "sd15")
     return p
