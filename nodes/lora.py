@@ -23,8 +23,9 @@ from ..lora import formats, keys, merge  # detect is imported where used (start-
 from ..lora.fuse import check_key_shapes
 from ..samplers import presets
 from .common import checked
-from .lora_host import (FUSE_KEY, NONE, FusedAdapter, FusedDelta, FuseRecord, HostFacts, lora_options,
-                        resolve_lora)
+from .lora_host import (FUSE_KEY, NONE, FusedAdapter, FusedDelta, FuseRecord, HostFacts, adapter_files,
+                        lora_options, range_limit, resolve_lora)
+from .validate import validated
 
 LOG = logging.getLogger("fewstep")
 
@@ -194,12 +195,14 @@ def fused_patches(node: str, facts: HostFacts, loaded: list[Loaded], rec: FuseRe
         check_shapes(node, key, shape, accel_items, present)
         patches[key] = FusedDelta(node, functools.partial(
             merge.merged_key_delta, key, shape, accel_items, present, mode=rec.merge_mode, density=rec.density,
-            p=rec.drop_p, seed=rec.seed, base_weight_fn=facts.base_weight))
+            p=rec.drop_p, seed=rec.seed, base_weight_fn=facts.base_weight),
+            limit=range_limit(facts.sd[key]), files=adapter_files(accel_items, *(its for _, its in present)))
     return patches
 
 
 # ---------------------------------------------------------------- FewStep LoRA Fuse
 
+@validated
 class FewStepLoraFuse(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -302,6 +305,7 @@ def stack_items(node: str, stack) -> list[tuple[str, float, str]]:
 
 # ---------------------------------------------------------------- FewStep LoRA Stack
 
+@validated
 class FewStepLoraStack(io.ComfyNode):
     @classmethod
     def define_schema(cls):

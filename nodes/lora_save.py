@@ -18,6 +18,7 @@ from comfy_api.v0_0_2 import io
 
 from .common import checked, model_base
 from .lora_host import fuse_records, plain_fuse_patch
+from .validate import check_prefix, saved_text, validated
 
 LOG = logging.getLogger("fewstep")
 
@@ -29,6 +30,7 @@ MODELSPEC = {"sdxl": "stable-diffusion-xl-v1-base"}  # modelspec.architecture wr
 
 # ---------------------------------------------------------------- FewStep Save Fused
 
+@validated(filename_prefix=check_prefix)
 class FewStepSaveFused(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -52,7 +54,7 @@ class FewStepSaveFused(io.ComfyNode):
     def execute(cls, model, filename_prefix, dtype, clip=None, vae=None) -> io.NodeOutput:
         path = save_fused(model, filename_prefix, dtype, clip=clip, vae=vae, prompt=cls.hidden.prompt,
                           extra_pnginfo=cls.hidden.extra_pnginfo)
-        return io.NodeOutput(path)
+        return io.NodeOutput(path, ui={"text": [f"{SAVE}: wrote {saved_text(path)}"]})  # shown in the UI, history
 
 
 def workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
@@ -75,6 +77,7 @@ def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, pro
     if dtype not in DTYPES:
         raise ValueError(f"{node}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
     out_dir = output_dir or folder_paths.get_output_directory()
+    checked(node, check_prefix, filename_prefix, out_dir)
     try:
         folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
     except Exception as e:
@@ -105,6 +108,7 @@ def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, pro
 
 # ---------------------------------------------------------------- FewStep Export LoRA
 
+@validated(filename_prefix=check_prefix)
 class FewStepExportLora(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -142,7 +146,7 @@ class FewStepExportLora(io.ComfyNode):
     def execute(cls, model, mode, rank, energy, dtype, seed, filename_prefix, clip=None) -> io.NodeOutput:
         _path, report = export_fused(model, mode=mode, rank=rank, energy=energy, dtype=dtype, seed=seed,
                                      filename_prefix=filename_prefix, clip=clip)
-        return io.NodeOutput(report)
+        return io.NodeOutput(report, ui={"text": [report]})  # the report names the file and its size
 
 
 def fused_deltas(node: str, model) -> Iterator[tuple[str, torch.Tensor]]:
@@ -231,6 +235,8 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
         raise ValueError(f"{node}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if mode not in ("rank", "energy"):
         raise ValueError(f"{node}: mode must be 'rank' or 'energy', got {mode!r}")
+    out_dir = output_dir or folder_paths.get_output_directory()
+    checked(node, check_prefix, filename_prefix, out_dir)  # before the minutes of work, not after
     t0 = time.perf_counter()
     deltas = ((k, d) for k, d in fused_deltas(node, model) if torch.any(d))
     foreign = foreign_patched_keys(model)
@@ -246,7 +252,6 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
         sd, rep = checked(node, lora_export.full_svd_export, deltas, **kw)
     else:
         sd, rep = checked(node, lora_export.export_lora, deltas, seed=seed, **kw)
-    out_dir = output_dir or folder_paths.get_output_directory()
     folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
@@ -262,7 +267,7 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
              + f", ranks {min(ranks) if ranks else 0}..{max(ranks) if ranks else 0}) in "
                f"{time.perf_counter() - t0:.2f} s",
              f"overall relative Frobenius error: {rep.overall_rel_error:.4%}",
-             f"file: {path}",
+             f"file: {saved_text(path, out_dir)}",
              "worst keys (relative Frobenius error, rank):"]
     lines += [f"  {k.rel_error:.4%}  r={k.rank}  {k.key}" for k in worst]
     if rep.skipped_zero:

@@ -16,6 +16,7 @@ from ..samplers import presets as preset_table
 from . import engine
 from .common import checked, model_base
 from .sampling import discrete_model_sampling
+from .validate import validated
 
 LOG = logging.getLogger("fewstep")
 
@@ -45,6 +46,7 @@ def preset_sigmas(node: str, model, preset, steps: int, strength: float):
         preset_table.preset_timesteps(preset, steps, strength, model_base(model)), ms).cpu())
 
 
+@validated
 class FewStepPreset(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -77,6 +79,7 @@ class FewStepPreset(io.ComfyNode):
         return io.NodeOutput(sampler, preset_sigmas(node, model, p, steps, strength), float(p.cfg))
 
 
+@validated
 class FewStepSettings(io.ComfyNode):
     @classmethod
     def define_schema(cls):

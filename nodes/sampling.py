@@ -8,6 +8,7 @@ from ..samplers import consistency, parametrisation, schedules
 from ..samplers.noise import initial_noise
 from . import engine
 from .common import checked
+from .validate import validated
 
 CAT_SAMPLERS = "sampling/custom_sampling/samplers"
 CAT_SCHEDULERS = "sampling/custom_sampling/schedulers"
@@ -45,6 +46,7 @@ def common_sampler_inputs():
 
 
 def _sampler_node(node_id, display, description, kind, extra_inputs=()):
+    @validated
     class _Node(io.ComfyNode):
         @classmethod
         def define_schema(cls):
@@ -76,6 +78,7 @@ FewStepSamplerPCM = _sampler_node(
     "FewStep PCM Schedule (edges 999-739-499-239 for 4 phases of 50).", "pcm")
 
 
+@validated
 class FewStepSamplerConsistency(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -127,6 +130,7 @@ def _sigmas(node, model, fn, *args):
 
 
 def _grid_schedule_node(node_id, display, description, grid_fn):
+    @validated
     class _Node(io.ComfyNode):
         @classmethod
         def define_schema(cls):
@@ -152,6 +156,7 @@ FewStepScheduleTCD = _grid_schedule_node(
     "model.", schedules.tcd_timesteps)
 
 
+@validated
 class FewStepSchedulePCM(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -174,6 +179,7 @@ def trailing_with_denoise(steps: int, denoise: float) -> list[int]:
     return schedules.strength_tail(schedules.trailing_timesteps(steps), denoise)
 
 
+@validated
 class FewStepScheduleTrailing(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -192,6 +198,7 @@ class FewStepScheduleTrailing(io.ComfyNode):
         return _sigmas("FewStep Trailing Schedule", model, trailing_with_denoise, steps, denoise)
 
 
+@validated(timesteps=schedules.fixed_timesteps)
 class FewStepScheduleFixed(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -222,6 +229,7 @@ class BatchIndexNoise:
                              dtype=torch.float32, device="cpu")
 
 
+@validated
 class FewStepNoise(io.ComfyNode):
     @classmethod
     def define_schema(cls):
