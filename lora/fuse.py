@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .adapters import DORA_NORM_PEFT, Entry
-from .adapters.base import shape_error
+from .adapters.base import META, shape_error
 
 BaseWeightFn = Callable[[str], torch.Tensor]
 KeyScaleFn = Callable[[Entry, str], float]
@@ -104,6 +104,9 @@ def dora_delta(entry: Entry, key: str, shape: Sequence[int], strength: float, ba
     eps = torch.finfo(torch.float32).eps
     if _is_peft_dora(entry):
         ds, norm = ds.reshape(peft_magnitude_shape(entry, key, shape)), _out_norm(w_calc)
+    elif ds.ndim == 0 or not shape:
+        raise ValueError(f"{entry.file}: '{_dora_key(entry)}' has shape {tuple(ds.shape)}; a DoRA magnitude has one "
+                         f"value per output (or input) channel of model weight '{key}' {tuple(shape)}")
     elif ds.shape[0] == w_calc.shape[0]:
         norm = _out_norm(w)
     else:
@@ -125,15 +128,18 @@ def check_key_shapes(items: Sequence[tuple[Entry, float]], key: str, shape: Sequ
 
     Plain LoRAs, including PEFT DoRA ones (factors plus magnitude length), are checked from their tensor shapes
     (microseconds; the fuse node checks every key up front); other kinds compute on the meta device. kohya/LyCORIS
-    DoRA entries (``dora_scale``) need the base weight and are checked when they are applied.
+    DoRA entries (``dora_scale``) are applied on the meta device against a base weight of ``shape``.
     """
     shape = tuple(int(s) for s in shape)
     for entry, strength in items:
-        if strength == 0.0 or (entry.dora_scale is not None and not _is_peft_dora(entry)):
+        if strength == 0.0:
             continue
         try:
-            entry.check_shape(key, shape)
-        except RuntimeError as e:  # factor shapes torch cannot combine (einsum / kron / matmul)
+            if entry.dora_scale is not None and not _is_peft_dora(entry):
+                dora_delta(entry, key, shape, 1.0, torch.empty(shape, device=META), META)
+            else:
+                entry.check_shape(key, shape)
+        except (RuntimeError, IndexError) as e:  # factor shapes torch cannot combine (einsum / kron / matmul)
             raise ValueError(f"{entry.file}: {entry.kind} module '{entry.name}' has factor shapes that cannot make "
                              f"'{key}' {list(shape)} ({e})") from None
         if _is_peft_dora(entry):

@@ -91,7 +91,7 @@ class FusedDelta(WeightAdapterBase):
         stored dtype holds: an absurd alpha or strength would otherwise sample into a black image."""
         if not weight.numel():
             return weight
-        lo, hi = (float(v) for v in torch.aminmax(weight))  # one pass, no copy; NaN propagates
+        lo, hi = (float(v) for v in torch.aminmax(weight.detach()))  # one pass, no copy; NaN propagates
         amax = math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
         limit = self.limit if self.limit is not None else math.inf
         if not amax <= limit:  # NaN fails too
@@ -112,10 +112,11 @@ class FusedDelta(WeightAdapterBase):
             delta = self.compute(device=weight.device)
         except ValueError as e:
             raise ValueError(f"{self.node}: {e}") from None
-        except RuntimeError as e:
+        except (RuntimeError, IndexError, TypeError) as e:
             if isinstance(e, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
                 raise  # the host's memory handling deals with it
-            raise ValueError(f"{self.node}: computing the fused delta of '{key}' failed: {e}") from None
+            raise ValueError(f"{self.node}: computing the fused delta of '{key}' from "
+                             f"{', '.join(self.files) or 'the adapters'} failed: {e}") from None
         if delta is not None and strength != 0.0:
             weight += function((strength * delta).to(weight.dtype))
         return self.check_result(weight, key)

@@ -96,6 +96,10 @@ def _peft(role: str) -> str:
     return "diffusion_model." + TARGETS[role]
 
 
+SEED_NAMES = ("boft", "diffusers", "full", "glora", "ia3", "kohya", "kohya_dora", "locon_tucker", "loha", "lokr",
+              "norm", "oft", "peft_dora")
+
+
 def seed_adapters(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
     """name -> (tensors, metadata): valid files of every adapter kind and key style, fitting the small model."""
     g = torch.Generator().manual_seed(1)
@@ -152,6 +156,7 @@ def seed_adapters(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[dict[st
                     f"{k('conv1x1')}.diff_b": r(c1[0], s=0.01)}, {})
     out["norm"] = ({f"{k('norm')}.w_norm": r(*norm, s=0.01), f"{k('norm')}.b_norm": r(*norm, s=0.01),
                     "bundle_emb.fewstep.string_to_param.*": r(2, 768)}, {})
+    assert tuple(sorted(out)) == SEED_NAMES
     return out
 
 
@@ -377,7 +382,7 @@ class Case:
         return data
 
 
-def case_strategy(seed_names):
+def case_strategy(seed_names=SEED_NAMES):
     """A hypothesis strategy of ``Case``s over the seed adapters' names."""
     from hypothesis import strategies as st
     ops = (lambda names, n: st.lists(st.tuples(st.sampled_from(names), st.integers(0, 2 ** 32 - 1)), max_size=n))
@@ -393,7 +398,9 @@ def case_strategy(seed_names):
 class Result:
     outcome: str
     detail: str = ""
-    stage: str = ""
+    stage: str = ""  # where it ended: "read", "fuse" (key mapping, shape checks, plan) or "patch" (the deltas)
+    patched: int = 0  # weights the fuse patched (outcome "ok")
+    changed: int = 0  # of which changed by the patch
 
 
 def _names_file(msg: str, path: Path) -> bool:
@@ -422,7 +429,8 @@ def run_case(case: Case, seeds, patcher, original: dict[str, torch.Tensor], orig
         bad = [k for k in m.patches if not bool(torch.isfinite(_weight(m, k)).all())]
         changed = sum(not torch.equal(_weight(m, k), original[k]) for k in m.patches)
         result = (Result("non_finite", f"{len(bad)} weights not finite, e.g. {bad[:1]}", stage) if bad
-                  else Result("ok", f"{len(m.patches)} weights patched, {changed} changed", stage))
+                  else Result("ok", f"{len(m.patches)} weights patched, {changed} changed", stage, len(m.patches),
+                              changed))
     except (ValueError, OSError) as e:
         msg = str(e)
         result = Result("clear" if _names_file(msg, path) else "unclear", f"{type(e).__name__}: {msg[:300]}", stage)
