@@ -197,6 +197,18 @@ def _parse_float(v: object) -> float | None:
     return f if f == f and abs(f) != float("inf") else None
 
 
+def _valid_pattern(path: str, pattern: str) -> bool:
+    """An ``alpha_pattern`` key is a regular expression (PEFT matches module names with it); a broken one is
+    logged and ignored, like the header's other unreadable fields."""
+    try:
+        re.compile(pattern)
+        return True
+    except re.error as e:
+        LOG.warning("%s: lora_adapter_metadata alpha_pattern %r is not a regular expression (%s); ignored", path,
+                    pattern[:60], e)
+        return False
+
+
 class _AlphaResolver:
     """Alpha from header metadata when a module has no ``.alpha`` tensor.
 
@@ -235,7 +247,7 @@ class _AlphaResolver:
                     if isinstance(pat, dict):
                         for k, v in pat.items():
                             f = _parse_float(v)
-                            if f is not None:
+                            if f is not None and _valid_pattern(path, str(k)):
                                 self.peft_pattern.setdefault(str(k), f)
 
     def resolve(self, module: str, is_conv_kxk: bool) -> tuple[float | None, str]:
@@ -300,7 +312,10 @@ def read_adapter(path: str | os.PathLike, strict: bool = False) -> Adapter:
         raise
     except Exception as e:  # safetensors raises SafetensorError / OSError for truncation
         raise ValueError(f"{path}: cannot read safetensors file (truncated or corrupt: {e})") from e
-    return parse_state_dict(tensors, metadata, path, strict=strict)
+    try:
+        return parse_state_dict(tensors, metadata, path, strict=strict)
+    except (IndexError, TypeError, OverflowError) as e:  # a tensor shape or dtype no adapter kind expects
+        raise ValueError(f"{path}: malformed adapter tensors ({type(e).__name__}: {e})") from None
 
 
 def _refuse_non_adapter(path: str, keys: list[str]) -> None:

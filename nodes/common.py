@@ -1,6 +1,8 @@
 """Helpers every node module shares: turning a math error into one naming the node, and the model's family."""
 from __future__ import annotations
 
+from .validate import MAX_MESSAGE, cut
+
 SSD1B_DEPTH = [0, 0, 2, 2, 4, 4]  # the host's SSD1B unet_config transformer_depth (SDXL: [0, 0, 2, 2, 10, 10])
 
 # Host model classes (``comfy.model_base``) -> family, by exact class: a subclass with another architecture (Flux2,
@@ -11,11 +13,11 @@ HOST_FAMILIES = {"SD3": "sd3", "Flux": "flux", "WAN21": "wan", "WAN22": "wan22_5
 
 
 def checked(node: str, fn, *args, **kwargs):
-    """Run `fn`; a ValueError becomes one naming the node, so the user knows what to fix."""
+    """Run `fn`; a ValueError becomes one naming the node (cut to ``MAX_MESSAGE``), so the user knows what to fix."""
     try:
         return fn(*args, **kwargs)
     except ValueError as e:
-        raise ValueError(f"{node}: {e}") from None
+        raise ValueError(cut(f"{node}: {e}", MAX_MESSAGE)) from None
 
 
 def model_base(model) -> str:

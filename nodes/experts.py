@@ -30,6 +30,7 @@ from comfy_api.v0_0_2 import io
 
 from ..samplers import consistency
 from ..samplers.noise import default_noise_sampler
+from .validate import validated
 
 NODE = "FewStep Two-Expert Sampler"
 CAT = "sampling/custom_sampling/fewstep"
@@ -103,6 +104,7 @@ def check_pair(model_high, model_low) -> None:
                          "the two experts of one model (e.g. Wan 2.2 A14B high_noise and low_noise)")
 
 
+@validated
 class FewStepTwoExpertSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):

@@ -26,7 +26,8 @@ from ..lora.fuse import check_key_shapes
 from ..lora.placement import place
 from .common import CATEGORIES, checked
 from .lora_host import (FUSE_KEY, NONE, FusedAdapter, FusedDelta, FuseRecord, HostFacts, PatchProgress,
-                        lora_options, model_file_from_prompt, resolve_lora)
+                        adapter_files, lora_options, model_file_from_prompt, range_limit, resolve_lora)
+from .validate import validated
 
 LOG = logging.getLogger("fewstep")
 
@@ -221,13 +222,15 @@ def fused_patches(node: str, facts: HostFacts, loaded: list[Loaded], rec: FuseRe
         check_shapes(node, key, shape, accel_items, present)
         patches[key] = FusedDelta(node, functools.partial(
             merge.merged_key_delta, key, shape, accel_items, present, mode=rec.merge_mode, density=rec.density,
-            p=rec.drop_p, seed=rec.seed, base_weight_fn=facts.base_weight), progress)
+            p=rec.drop_p, seed=rec.seed, base_weight_fn=facts.base_weight), progress,
+            limit=range_limit(facts.sd[key]), files=adapter_files(accel_items, *(its for _, its in present)))
     progress.total = max(1, len(patches))
     return patches
 
 
 # ---------------------------------------------------------------- FewStep LoRA Fuse
 
+@validated
 class FewStepLoraFuse(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -342,6 +345,7 @@ def stack_items(node: str, stack) -> list[tuple[str, float, str]]:
 
 # ---------------------------------------------------------------- FewStep LoRA Stack
 
+@validated
 class FewStepLoraStack(io.ComfyNode):
     @classmethod
     def define_schema(cls):

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -110,10 +112,26 @@ class FusedDelta(WeightAdapterBase):
 
     name = "fewstep_fused"
 
-    def __init__(self, node: str, compute, progress: PatchProgress | None = None):
+    def __init__(self, node: str, compute, progress: PatchProgress | None = None, limit: float | None = None,
+                 files: tuple[str, ...] = ()):
         self.node, self.compute, self.progress = node, compute, progress
+        self.limit, self.files = limit, files  # largest magnitude the stored weight's dtype holds; adapter files
         self.loaded_keys: set[str] = set()
         self.weights: list[torch.Tensor] = []
+
+    def check_result(self, weight: torch.Tensor, key: str) -> torch.Tensor:
+        """ValueError (naming the node, weight and files) when the patched weight is not finite or beyond what its
+        stored dtype holds: an absurd alpha or strength would otherwise sample into a black image."""
+        if not weight.numel():
+            return weight
+        lo, hi = (float(v) for v in torch.aminmax(weight.detach()))  # one pass, no copy; NaN propagates
+        amax = math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
+        limit = self.limit if self.limit is not None else math.inf
+        if not amax <= limit:  # NaN fails too
+            what = "non-finite" if not math.isfinite(amax) else f"as large as {amax:.3g} (its dtype holds {limit:.3g})"
+            raise ValueError(f"{self.node}: fusing {', '.join(self.files) or 'the adapters'} makes weight '{key}' "
+                             f"{what}; an adapter's alpha or strength is far too large (or its file is damaged)")
+        return weight
 
     def calculate_weight(self, weight, key, strength, strength_model, offset, function,
                          intermediate_dtype=torch.float32, original_weight=None):
@@ -125,17 +143,29 @@ class FusedDelta(WeightAdapterBase):
                     and weight.is_contiguous()):
                 # The usual case: the host hands us its fp32 working copy; accumulate straight into it.
                 self.compute(device=weight.device, out=weight)
-                return weight
+                return self.check_result(weight, key)
             delta = self.compute(device=weight.device)
         except ValueError as e:
             raise ValueError(f"{self.node}: {e}") from None
-        except RuntimeError as e:
+        except (RuntimeError, IndexError, TypeError) as e:
             if isinstance(e, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
                 raise  # the host's memory handling deals with it
-            raise ValueError(f"{self.node}: computing the fused delta of '{key}' failed: {e}") from None
+            raise ValueError(f"{self.node}: computing the fused delta of '{key}' from "
+                             f"{', '.join(self.files) or 'the adapters'} failed: {e}") from None
         if delta is not None and strength != 0.0:
             weight += function((strength * delta).to(weight.dtype))
-        return weight
+        return self.check_result(weight, key)
+
+
+def range_limit(weight: torch.Tensor) -> float | None:
+    """Largest magnitude a patched weight stored as ``weight`` may take (IEEE half/bfloat/float; None: no limit, e.g.
+    fp8 weights the host rescales on load)."""
+    return torch.finfo(weight.dtype).max if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+
+
+def adapter_files(*item_lists) -> tuple[str, ...]:
+    """File names of the adapter entries in lists of (entry, strength) items (for error messages)."""
+    return tuple(sorted({os.path.basename(e.file) for items in item_lists for e, _ in items}))
 
 
 def plain_fuse_patch(p) -> bool:

@@ -18,6 +18,7 @@ from comfy_api.v0_0_2 import io
 
 from .common import CATEGORIES, checked, model_base
 from .lora_host import fuse_records, plain_fuse_patch
+from .validate import check_prefix, saved_text, validated
 
 LOG = logging.getLogger("fewstep")
 
@@ -30,6 +31,7 @@ MODELSPEC = {"sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-
 
 # ---------------------------------------------------------------- FewStep Save Fused
 
+@validated(filename_prefix=check_prefix)
 class FewStepSaveFused(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -53,7 +55,7 @@ class FewStepSaveFused(io.ComfyNode):
     def execute(cls, model, filename_prefix, dtype, clip=None, vae=None) -> io.NodeOutput:
         path = save_fused(model, filename_prefix, dtype, clip=clip, vae=vae, prompt=cls.hidden.prompt,
                           extra_pnginfo=cls.hidden.extra_pnginfo)
-        return io.NodeOutput(path, ui={"text": [f"saved {path}"]})
+        return io.NodeOutput(path, ui={"text": [f"{SAVE}: wrote {saved_text(path)}"]})  # shown in the UI, history
 
 
 def workflow_metadata(prompt, extra_pnginfo) -> dict[str, str]:
@@ -76,6 +78,7 @@ def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, pro
     if dtype not in DTYPES:
         raise ValueError(f"{node}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
     out_dir = output_dir or folder_paths.get_output_directory()
+    checked(node, check_prefix, filename_prefix, out_dir)
     try:
         folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
     except Exception as e:
@@ -107,6 +110,7 @@ def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, pro
 
 # ---------------------------------------------------------------- FewStep Export LoRA
 
+@validated(filename_prefix=check_prefix)
 class FewStepExportLora(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -242,6 +246,8 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
         raise ValueError(f"{node}: dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if mode not in ("rank", "energy"):
         raise ValueError(f"{node}: mode must be 'rank' or 'energy', got {mode!r}")
+    out_dir = output_dir or folder_paths.get_output_directory()
+    checked(node, check_prefix, filename_prefix, out_dir)  # before the minutes of work, not after
     t0 = time.perf_counter()
     deltas = fused_deltas(node, model)
     foreign = foreign_patched_keys(model)
@@ -260,7 +266,6 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
         sd, rep = checked(node, lora_export.full_svd_export, deltas, **kw)
     else:
         sd, rep = checked(node, lora_export.export_lora, deltas, seed=seed, **kw)
-    out_dir = output_dir or folder_paths.get_output_directory()
     folder, filename, counter, _sub, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
@@ -276,7 +281,7 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
              + f", ranks {min(ranks) if ranks else 0}..{max(ranks) if ranks else 0}) in "
                f"{time.perf_counter() - t0:.2f} s",
              f"overall relative Frobenius error: {rep.overall_rel_error:.4%}",
-             f"file: {path}",
+             f"file: {saved_text(path, out_dir)}",
              "worst keys (relative Frobenius error, rank):"]
     lines += [f"  {k.rel_error:.4%}  r={k.rank}  {k.key}" for k in worst]
     if rep.skipped_zero:

@@ -20,6 +20,7 @@ from ..samplers import presets as preset_table
 from . import engine
 from .common import CATEGORIES, advanced, checked, model_base
 from .sampling import model_sampling
+from .validate import validated
 
 LOG = logging.getLogger("fewstep")
 
@@ -68,6 +69,7 @@ def preset_sigmas(node: str, model, preset, steps: int, strength: float):
                                                             keep_model_shift=keep).cpu())
 
 
+@validated
 class FewStepPreset(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -109,6 +111,7 @@ class FewStepPreset(io.ComfyNode):
                              float(p.guidance or 0.0))
 
 
+@validated
 class FewStepSettings(io.ComfyNode):
     @classmethod
     def define_schema(cls):

@@ -8,6 +8,7 @@ from ..samplers import consistency, parametrisation, schedules
 from ..samplers.noise import initial_noise
 from . import engine
 from .common import CATEGORIES, advanced, checked, model_base
+from .validate import validated
 
 CAT_SAMPLERS = CATEGORIES["samplers"]
 CAT_SCHEDULERS = CATEGORIES["schedulers"]
@@ -55,6 +56,7 @@ def common_sampler_inputs():
 
 
 def _sampler_node(node_id, display, description, kind, extra_inputs=()):
+    @validated
     class _Node(io.ComfyNode):
         @classmethod
         def define_schema(cls):
@@ -86,6 +88,7 @@ FewStepSamplerPCM = _sampler_node(
     "FewStep PCM Schedule (edges 999-739-499-239 for 4 phases of 50).", "pcm")
 
 
+@validated
 class FewStepSamplerConsistency(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -137,6 +140,7 @@ def _sigmas(node, model, grid, **kw):
 
 
 def _grid_schedule_node(node_id, display, description, grid):
+    @validated
     class _Node(io.ComfyNode):
         @classmethod
         def define_schema(cls):
@@ -164,6 +168,7 @@ FewStepScheduleTCD = _grid_schedule_node(
     "Schedule.", "tcd")
 
 
+@validated
 class FewStepSchedulePCM(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -183,6 +188,7 @@ class FewStepSchedulePCM(io.ComfyNode):
         return _sigmas("FewStep PCM Schedule", model, "pcm", steps=phases, num_ddim_timesteps=num_ddim_timesteps)
 
 
+@validated
 class FewStepScheduleTrailing(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -204,6 +210,7 @@ class FewStepScheduleTrailing(io.ComfyNode):
                        img2img=img2img_rule(model))
 
 
+@validated(timesteps=schedules.fixed_timesteps)
 class FewStepScheduleFixed(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -237,6 +244,7 @@ class BatchIndexNoise:
                              dtype=torch.float32, device="cpu")
 
 
+@validated
 class FewStepNoise(io.ComfyNode):
     @classmethod
     def define_schema(cls):

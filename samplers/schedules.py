@@ -174,15 +174,17 @@ def fixed_timesteps(text: str, num_train_timesteps: int = 1000) -> list[int]:
     parts = [p for p in re.split(r"[,\s;]+", text.strip()) if p]
     if not parts:
         raise ValueError("timesteps is empty; give integers like '800, 400'")
-    try:
-        ts = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"timesteps must be integers separated by commas, got {text!r}") from None
+    bad = next((p for p in parts if not re.fullmatch(r"[+-]?\d{1,6}", p)), None)
+    if bad is not None:  # the message quotes the bad item, cut, never the whole text
+        shown = repr(bad[:20]) + ("..." if len(bad) > 20 else "")
+        raise ValueError(f"timesteps must be integers separated by commas; {shown} is not one")
+    ts = [int(p) for p in parts]
     for t in ts:
         if not 0 <= t < num_train_timesteps:
             raise ValueError(f"timesteps values must be in [0, {num_train_timesteps - 1}], got {t}")
-    if any(b >= a for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"timesteps must be strictly descending, got {ts}")
+    i = next((i for i, (a, b) in enumerate(zip(ts, ts[1:])) if b >= a), None)
+    if i is not None:
+        raise ValueError(f"timesteps must be strictly descending; {ts[i]} is followed by {ts[i + 1]}")
     return ts
 
 

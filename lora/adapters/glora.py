@@ -84,6 +84,9 @@ def parse(t: ModuleTensors) -> list[ModuleEntry]:
     miss = [r for r in NEED if r not in t]
     if miss:
         raise t.error(f"GLoRA module '{t.module}' lacks '{t.module}.{miss[0][6:]}.weight'")
+    flat = next((r for r in NEED if t.get(r).ndim < 2), None)
+    if flat is not None:
+        raise t.error(f"'{t.keys[flat]}' has shape {tuple(t.get(flat).shape)}; GLoRA factors are matrices")
     return [GloraModule(**{r[6:]: t.get(r) for r in NEED}, **t.fields("glora", NEED))]
 
 

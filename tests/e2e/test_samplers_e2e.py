@@ -129,5 +129,10 @@ def test_impossible_schedules_fail_with_node_name_and_server_survives(server, sc
     schedule = copy.deepcopy(schedule)
     schedule["inputs"]["model"] = ["1", 0]
     p["11"] = schedule
-    assert needle in failed(server, p)
+    status, body = server.post("/prompt", {"prompt": p})  # a 400 when the node can tell at /prompt (timesteps)
+    if status == 200:
+        entry = server.wait(body["prompt_id"])
+        assert entry["status"]["status_str"] == "error", "expected an execution error"
+        body = entry["status"]["messages"]
+    assert needle in str(body)
     assert "KSampler" in server.get("/object_info/KSampler")
