@@ -211,3 +211,23 @@ def test_checked_messages_are_bounded(host):
     full = len("FewStep LoRA Fuse: key '") + 100_000 + len("' is bad")
     assert msg.startswith("FewStep LoRA Fuse: key 'kkk") and msg.endswith(f"... ({full} characters)")
     assert len(msg) < MAX_MESSAGE + 40
+
+
+def test_save_fused_shows_what_it_wrote(host, tmp_path):
+    """FewStep Save Fused's UI output (also in /history) names the file relative to the output folder, and its size,
+    as the host's own save nodes show what they wrote."""
+    import folder_paths
+    from fewstep.nodes import lora_save
+    from tools import lorafuzz
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    try:
+        node = lora_save.FewStepSaveFused.PREPARE_CLASS_CLONE({})  # as the host runs it: hidden inputs set
+        out = node.execute(model=lorafuzz.tiny_model(), filename_prefix="checkpoints/tiny", dtype="fp16")
+    finally:
+        folder_paths.set_output_directory(old)
+    path = tmp_path / "checkpoints" / "tiny_00001_.safetensors"
+    size = path.stat().st_size
+    assert out.result[0] == str(path) and size > 1_000_000
+    assert out.ui["text"] == [f"FewStep Save Fused: wrote checkpoints/tiny_00001_.safetensors in the output folder "
+                              f"({size / 2 ** 20:.1f} MiB, {size} bytes)"]

@@ -1,0 +1,277 @@
+"""Soak through a real server: >= 200 queued prompts mixing every workflows/api/*.json, interrupts, prompts that
+must fail, and a server restart mid-queue.
+
+    python -m bench.bench_server_soak [--prompts 200] [--size 64] [--compare 12] [--json out.json]
+
+Rounds of prompts (every shipped API workflow, at --size px, each with its own seed; about 1 in 12 a prompt that
+must fail with a clear error: an impossible schedule, a FLOAT link out of range, an adapter whose absurd alpha the
+fuse refuses when the host patches it) are queued on server A. While they run, /interrupt is posted now and then.
+Mid-way through one round server A is stopped with prompts still queued; server B starts on the same output folder
+and every prompt with no history entry yet is queued again there. At the end server C, fresh, re-runs a sample of the
+completed prompts and its images are compared with the soak's, pixel for pixel.
+
+Figures: completed, failed with a clear error, interrupted, lost (a prompt neither completed nor failed with an error
+after the restart's requeue and the queue drained; must be 0), server RSS after the first round and its growth over
+the later rounds (per server), images equal to a fresh server's, wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+FAIL_EVERY = 12  # about one prompt in this many must fail with a clear error
+CLEAR_ERROR = ("FewStep", "fewstep")  # an execution error that names the pack's node
+ABSURD = "soak-absurd-alpha.safetensors"  # a style LoRA whose alphas are 1e30 (the fuse refuses it when patching)
+
+
+def prompt_seed_inputs(prompt: dict, seed: int) -> dict:
+    """A copy of ``prompt`` with every seed widget (KSampler seed, SamplerCustom/FewStep Noise noise_seed) = seed."""
+    p = copy.deepcopy(prompt)
+    for n in p.values():
+        for k in ("seed", "noise_seed"):
+            if k in n["inputs"] and not isinstance(n["inputs"][k], list):
+                n["inputs"][k] = seed
+    return p
+
+
+def failing_prompts(small) -> list[tuple[str, dict]]:
+    """Prompts that pass /prompt and must fail while running, with an error naming a pack node."""
+    from tests.e2e.workflows import load_api
+    out = []
+    p = small(load_api("fewstep_tcd_samplercustom.json"))
+    p["11"] = {"class_type": "FewStepScheduleLCM", "inputs": {"model": ["1", 0], "steps": 20, "strength": 0.3,
+                                                             "original_steps": "50"}}
+    out.append(("impossible LCM schedule", p))
+    p = small(load_api("fewstep_tcd_samplercustom.json"))
+    p["20"] = {"class_type": "FewStepPreset", "inputs": {"model": ["1", 0], "preset": "LCM-LoRA", "steps": 0,
+                                                         "strength": 1.0, "gamma": -1.0}}
+    p["10"]["inputs"]["gamma"] = ["20", 2]  # cfg 1.5 linked into gamma (allowed [0, 1])
+    out.append(("linked gamma out of range", p))
+    p = small(load_api("fewstep_lora_fuse.json"))
+    fid = next(k for k, n in p.items() if n["class_type"] == "FewStepLoraFuse")
+    p[fid]["inputs"]["style_lora_2"] = ABSURD
+    out.append(("absurd alpha refused at patch time", p))
+    return out
+
+
+def loras_folder(standin_dir: Path, tmp: Path) -> Path:
+    """A model folder for the soak's servers: the stand-ins linked, plus an adapter with an absurd alpha (written
+    here, never into the shared stand-in cache)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    root = tmp / "models"
+    for sub in standin_dir.iterdir():
+        if sub.is_dir() and sub.name != "loras":
+            (root / sub.name).mkdir(parents=True, exist_ok=True)
+            for f in sub.iterdir():
+                (root / sub.name / f.name).symlink_to(f)
+    (root / "loras").mkdir(parents=True, exist_ok=True)
+    for f in (standin_dir / "loras").iterdir():
+        (root / "loras" / f.name).symlink_to(f)
+    sd = load_file(str(standin_dir / "loras" / "style-sd15-kohya.safetensors"))
+    sd = {k: (torch.tensor(1e30) if k.endswith(".alpha") else v) for k, v in sd.items()}
+    save_file(sd, str(root / "loras" / ABSURD))
+    return root
+
+
+class Soak:
+    def __init__(self, args, models: Path, out_dir: Path):
+        from tools import hostenv
+        self.hostenv, self.args, self.models, self.out_dir = hostenv, args, models, out_dir
+        self.server = None
+        self.records: dict[str, dict] = {}  # our id -> {"prompt", "kind", "ids": [server ids], "entry", "server"}
+        self.rss: dict[str, list[float]] = {}
+        self.interrupts = 0
+
+    def start(self, name: str):
+        self.server = self.hostenv.Server(output_dir=self.out_dir, standin_dir=self.models).start()
+        self.server.name = name
+        self.rss[name] = []
+        return self.server
+
+    def rss_mb(self) -> float:
+        import psutil
+        return psutil.Process(self.server.proc.pid).memory_info().rss / 2 ** 20
+
+    def submit(self, rid: str) -> None:
+        rec = self.records[rid]
+        status, body = self.server.post("/prompt", {"prompt": rec["prompt"], "client_id": "fewstep-soak"})
+        if status != 200:
+            raise RuntimeError(f"{rid}: /prompt refused a soak prompt ({status}): {json.dumps(body)[:500]}")
+        rec["ids"].append((self.server.name, body["prompt_id"]))
+
+    def poll(self) -> int:
+        """Record finished history entries of the current server; returns the number still pending."""
+        hist = self.server.get("/history", timeout=60)
+        pending = 0
+        for rec in self.records.values():
+            if rec["entry"] is not None or not rec["ids"]:
+                continue
+            srv, pid = rec["ids"][-1]
+            if srv != self.server.name:
+                continue
+            e = hist.get(pid)
+            if e and e.get("status", {}).get("completed") is not None:
+                rec["entry"], rec["server"] = e, srv
+            else:
+                pending += 1
+        return pending
+
+    def drain(self, interrupt_every: float | None, stop_after: int | None = None) -> None:
+        """Poll until nothing is pending (or, with ``stop_after``, until that many more have finished)."""
+        rng = random.Random(len(self.records))
+        done0 = sum(r["entry"] is not None for r in self.records.values())
+        next_interrupt = time.time() + (interrupt_every or 1e9) * rng.uniform(0.5, 1.5)
+        while True:
+            pending = self.poll()
+            done = sum(r["entry"] is not None for r in self.records.values())
+            if pending == 0 or (stop_after is not None and done - done0 >= stop_after):
+                return
+            if self.server.proc.poll() is not None:
+                raise RuntimeError(f"server {self.server.name} died:\n{self.server.log_tail()}")
+            if time.time() >= next_interrupt:
+                self.server.interrupt()
+                self.interrupts += 1
+                next_interrupt = time.time() + interrupt_every * rng.uniform(0.5, 1.5)
+            time.sleep(0.5)
+
+
+def classify(rec: dict) -> str:
+    e = rec["entry"]
+    if e is None:
+        return "lost"
+    status = e.get("status", {})
+    msgs = status.get("messages", [])
+    if any(kind == "execution_interrupted" for kind, _ in msgs):
+        return "interrupted"
+    if status.get("status_str") == "success":
+        ok = any(img for out in e.get("outputs", {}).values() for img in out.get("images", []))
+        return "completed" if ok else "completed_without_image"
+    err = next((d for kind, d in msgs if kind == "execution_error"), None)
+    if err and any(s in f"{err.get('exception_message', '')}" for s in CLEAR_ERROR):
+        return "failed_clear"
+    return "failed_unclear"
+
+
+def image_pixels(out_dir: Path, entry: dict):
+    import numpy as np
+    from PIL import Image
+    imgs = [img for out in entry.get("outputs", {}).values() for img in out.get("images", [])
+            if img.get("type") == "output"]
+    return [np.asarray(Image.open(out_dir / i.get("subfolder", "") / i["filename"])) for i in imgs]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=200)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--interrupt-every", type=float, default=40.0, help="seconds between /interrupt posts (about)")
+    ap.add_argument("--compare", type=int, default=12, help="completed prompts re-run on a fresh server")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args(argv)
+
+    from tests.e2e.workflows import API_DIR, load_api, small as small_of
+    from tools import standins
+
+    def small(p):
+        return small_of(p, size=args.size)
+    t_start = time.time()
+    rng = random.Random(1234)
+    workflows = sorted(f.name for f in API_DIR.glob("*.json"))
+    failing = failing_prompts(small)
+    with tempfile.TemporaryDirectory(prefix="fewstep-soak-") as tmp:
+        tmp = Path(tmp)
+        models = loras_folder(standins.ensure(("sd15",)), tmp)
+        soak = Soak(args, models, tmp / "out")
+        per_round = -(-args.prompts // args.rounds)
+        restart_round = args.rounds // 2
+        soak.start("A")
+        n = 0
+        for rnd in range(args.rounds):
+            ids = []
+            for _ in range(per_round):
+                if n >= args.prompts:
+                    break
+                rid = f"p{n:04d}"
+                if n % FAIL_EVERY == FAIL_EVERY - 1:
+                    kind, prompt = failing[(n // FAIL_EVERY) % len(failing)]
+                else:
+                    kind = workflows[n % len(workflows)]
+                    prompt = small(load_api(kind))
+                seed = rng.randrange(2 ** 32)
+                soak.records[rid] = {"prompt": prompt_seed_inputs(prompt, seed), "kind": kind, "seed": seed,
+                                     "ids": [], "entry": None, "server": None, "round": rnd}
+                soak.submit(rid)
+                ids.append(rid)
+                n += 1
+            if rnd == restart_round:
+                soak.drain(args.interrupt_every, stop_after=max(3, len(ids) // 4))
+                print(f"round {rnd}: stopping server A with {soak.poll()} prompts unfinished", flush=True)
+                soak.server.stop()
+                soak.start("B")
+                lost_then = [rid for rid, r in soak.records.items() if r["entry"] is None]
+                for rid in lost_then:
+                    soak.records[rid]["requeued"] = True
+                    soak.submit(rid)
+                print(f"round {rnd}: server B requeued {len(lost_then)}", flush=True)
+                soak.drain(args.interrupt_every)
+                soak.rss["B"].append(soak.rss_mb())
+            else:
+                soak.drain(args.interrupt_every if rnd > 0 else None)
+                soak.rss[soak.server.name].append(soak.rss_mb())
+            counts = {}
+            for r in soak.records.values():
+                c = classify(r)
+                counts[c] = counts.get(c, 0) + 1
+            print(f"round {rnd} done at {time.time() - t_start:.0f} s: {counts}; RSS {soak.rss}", flush=True)
+        soak.server.stop()
+
+        # A fresh server re-runs a sample of the completed prompts: the images must be equal.
+        done = [rid for rid, r in soak.records.items() if classify(r) == "completed"]
+        late = sorted(done, key=lambda rid: -soak.records[rid]["round"])
+        sample = []
+        for kind in workflows:  # the latest ones of each workflow first
+            sample += [rid for rid in late if soak.records[rid]["kind"] == kind][:max(1, args.compare // len(workflows))]
+        sample = sample[:args.compare]
+        soak.start("C")
+        equal, differ = 0, []
+        for rid in sample:
+            rec = soak.records[rid]
+            entry = soak.server.run(rec["prompt"], timeout=900)
+            a, b = image_pixels(soak.out_dir, rec["entry"]), image_pixels(soak.out_dir, entry)
+            if len(a) == len(b) and all((x.shape == y.shape) and (x == y).all() for x, y in zip(a, b)):
+                equal += 1
+            else:
+                differ.append(f"{rid} ({rec['kind']}, seed {rec['seed']}, server {rec['server']})")
+        soak.server.stop()
+
+    outcome = {}
+    for r in soak.records.values():
+        c = classify(r)
+        outcome[c] = outcome.get(c, 0) + 1
+    growth = {s: (round(v[-1] - v[0], 1) if len(v) > 1 else 0.0) for s, v in soak.rss.items() if s != "C"}
+    fig = {"prompts": len(soak.records), "workflows": workflows, "outcomes": outcome, "interrupts_posted":
+           soak.interrupts, "requeued_after_restart": sum(1 for r in soak.records.values() if r.get("requeued")),
+           "rss_mb": {s: [round(x) for x in v] for s, v in soak.rss.items()}, "rss_growth_mb": growth,
+           "fresh_server_equal": equal, "fresh_server_compared": len(sample), "differ": differ,
+           "wall_s": round(time.time() - t_start)}
+    print(json.dumps(fig, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(fig, indent=1))
+    bad = outcome.get("lost", 0) + outcome.get("failed_unclear", 0) + outcome.get("completed_without_image", 0)
+    return 1 if bad or differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
