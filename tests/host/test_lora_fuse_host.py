@@ -433,7 +433,7 @@ def test_lora_stack_feeds_the_fuse_like_its_widgets(L, model):
         assert torch.equal(delta_of(ms, k), delta_of(mw, k)), k
     report = stacked.args[1]
     assert KOHYA in report and "style-sd15-loha.safetensors" in report and "style-sd15-lokr" not in report
-    with pytest.raises(ValueError, match=r"FewStep LoRA Stack: LoRA file 'nope.safetensors'"):
+    with pytest.raises(ValueError, match=r"FewStep LoRA Stack: lora_name is 'nope.safetensors'"):
         L.FewStepLoraStack.execute("nope.safetensors", 1.0)
     with pytest.raises(ValueError, match=r"FewStep LoRA Fuse: style_stack must come from a FewStep LoRA Stack"):
         L.FewStepLoraFuse.execute(**common, style_stack="x", **none)
