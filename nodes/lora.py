@@ -366,9 +366,9 @@ class FewStepLoraStack(io.ComfyNode):
                                 tooltip="LoRAs stacked so far (from another FewStep LoRA Stack); they come first."),
                 io.String.Input("block_weights", default="", optional=True,
                                 tooltip="This LoRA's own per-block multipliers (same syntax as the fuse node's "
-                                        "block_weights: a preset or 17/26 values for SD1.5, 12/20 for SDXL). Empty "
-                                        "= use the fuse node's block_weights. BASE also scales its text-encoder "
-                                        "part."),
+                                        "block_weights: a preset or 17/26 values for SD1.5, 12/20 for SDXL, one per "
+                                        "block (or BASE, IN, blocks, OUT) for a DiT). Empty = use the fuse node's "
+                                        "block_weights. BASE also scales its text-encoder part."),
             ],
             outputs=[LoraStack.Output(display_name="stack",
                                       tooltip="The stack with this LoRA appended; wire it to FewStep LoRA Fuse's "

@@ -38,7 +38,7 @@ def sd_style(path, te=False, meta=None):
     return write(path, mods, meta=meta, te=te)
 
 
-def sd_accel(path, meta=None):
+def sd_accel(path, meta=None, ctx=768):
     mods = {}
     for blk in ["down_blocks_0_resnets_0", "down_blocks_0_resnets_1", "down_blocks_1_resnets_0",
                 "down_blocks_1_resnets_1", "down_blocks_2_resnets_0", "down_blocks_3_resnets_0", "mid_block_resnets_0",
@@ -46,7 +46,7 @@ def sd_accel(path, meta=None):
         mods[f"lora_unet_{blk}_conv1"] = (8, 8, 3, 3)
         mods[f"lora_unet_{blk}_conv2"] = (8, 8, 3, 3)
         mods[f"lora_unet_{blk}_time_emb_proj"] = (8, 16)
-    mods["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"] = (8, 768)
+    mods["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"] = (8, ctx)
     return write(path, mods, meta=meta)
 
 
@@ -78,6 +78,10 @@ def test_a_unet_only_style_shaped_file_named_like_a_release_gets_no_preset(tmp_p
 def test_release_names_with_the_release_structure(tmp_path):
     d = detect(sd_accel(tmp_path / "lcm-lora-sdv1-5.safetensors"))
     assert (d.kind, d.preset_name, d.confidence, d.base_model) == ("lcm", "LCM-LoRA", "high", "sd15")
+    d = detect(sd_accel(tmp_path / "dmd2_sdxl_4step_lora_fp16.safetensors", ctx=2048))
+    assert (d.kind, d.preset_name, d.base_model, d.confidence) == ("dmd2", "DMD2 4-step", "sdxl", "high")
+    d = detect(sd_accel(tmp_path / "flash-sdxl.safetensors", ctx=2048))
+    assert (d.kind, d.preset_name) == ("flash", "Flash Diffusion SDXL 4-step")
     d = detect(sd_accel(tmp_path / "whatever.safetensors"))
     assert d.kind == "unknown" and d.accel_like_structure and d.confidence == "low"
     assert any("structure alone cannot tell" in e for e in d.evidence)
