@@ -91,9 +91,9 @@ class ServerDied(RuntimeError):
 class Soak:
     """The prompts, the servers they ran on, and what became of each."""
 
-    def __init__(self, models: Path, out_dir: Path):
+    def __init__(self, models: Path, out_dir: Path, server_args: tuple[str, ...] = ()):
         from tools import hostenv
-        self.hostenv, self.models, self.out_dir = hostenv, models, out_dir
+        self.hostenv, self.models, self.out_dir, self.server_args = hostenv, models, out_dir, server_args
         self.server = None
         self.records: dict[str, dict] = {}  # our id -> prompt, kind, seed, round, ids [(server, prompt id)], entry
         self.rss: dict[str, list[float]] = {}
@@ -101,7 +101,8 @@ class Soak:
         self.restarts: list[str] = []  # "A->B planned", "B->C server died (...)"
 
     def start(self, name: str):
-        self.server = self.hostenv.Server(output_dir=self.out_dir, standin_dir=self.models).start()
+        self.server = self.hostenv.Server(output_dir=self.out_dir, standin_dir=self.models,
+                                          extra_args=self.server_args).start()
         self.server.name = name
         self.rss[name] = []
         return self.server
@@ -237,6 +238,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--interrupt-every", type=float, default=40.0, help="seconds between /interrupt posts (about)")
     ap.add_argument("--compare", type=int, default=12, help="completed prompts re-run on a fresh server")
+    ap.add_argument("--server-args", default="--bf16-unet",
+                    help="extra ComfyUI arguments of every server (default: the UNet stored in bf16, so a server with "
+                         "a fused SD1.5 model and its backup stays near 5 GB on a shared CPU machine)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
@@ -252,7 +256,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fewstep-soak-") as tmp:
         tmp = Path(tmp)
         models = loras_folder(standins.ensure(("sd15",)), tmp)
-        soak = Soak(models, tmp / "out")
+        soak = Soak(models, tmp / "out", tuple(args.server_args.split()))
         per_round = -(-args.prompts // args.rounds)
         restart_round = args.rounds // 2
         soak.start("A")
@@ -316,7 +320,7 @@ def main(argv=None) -> int:
            "requeued_after_restart": sum(1 for r in soak.records.values() if r.get("requeued")),
            "rss_mb": {s: [round(x) for x in v] for s, v in soak.rss.items()}, "rss_growth_mb": growth,
            "fresh_server_equal": equal, "fresh_server_compared": len(sample), "differ": differ,
-           "wall_s": round(time.time() - t_start)}
+           "server_args": args.server_args, "wall_s": round(time.time() - t_start)}
     print(json.dumps(fig, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=1))
