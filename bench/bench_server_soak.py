@@ -1,18 +1,20 @@
 """Soak through a real server: >= 200 queued prompts mixing every workflows/api/*.json, interrupts, prompts that
 must fail, and a server restart mid-queue.
 
-    python -m bench.bench_server_soak [--prompts 200] [--size 64] [--compare 12] [--json out.json]
+    python -m bench.bench_server_soak [--prompts 200] [--size 64] [--rounds 5] [--compare 12] [--json out.json]
 
-Rounds of prompts (every shipped API workflow, at --size px, each with its own seed; about 1 in 12 a prompt that
-must fail with a clear error: an impossible schedule, a FLOAT link out of range, an adapter whose absurd alpha the
-fuse refuses when the host patches it) are queued on server A. While they run, /interrupt is posted now and then.
-Mid-way through one round server A is stopped with prompts still queued; server B starts on the same output folder
-and every prompt with no history entry yet is queued again there. At the end server C, fresh, re-runs a sample of the
-completed prompts and its images are compared with the soak's, pixel for pixel.
+Rounds of prompts are queued on server A: every shipped API workflow at --size px, three in a row with their own
+seeds, then the next workflow (so the fused and the plain model alternate); about 1 in 12 is a prompt that must fail
+with a clear error (an impossible schedule, a FLOAT link out of range, an adapter whose absurd alpha the fuse refuses
+when the host patches it). From the second round on, /interrupt is posted now and then. Mid-way through one round
+server A is stopped with prompts still queued; server B starts on the same output folder and every prompt with no
+history entry yet is queued again there (a server that dies unplanned is replaced the same way, and counted). At
+the end a fresh server re-runs a sample of the completed prompts, the latest of each workflow, and its images are
+compared with the soak's, pixel for pixel.
 
 Figures: completed, failed with a clear error, interrupted, lost (a prompt neither completed nor failed with an error
-after the restart's requeue and the queue drained; must be 0), server RSS after the first round and its growth over
-the later rounds (per server), images equal to a fresh server's, wall time.
+once the restart's requeue drained; must be 0), server RSS after each round and its growth after the first round
+(per server), images equal to a fresh server's, wall time.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 FAIL_EVERY = 12  # about one prompt in this many must fail with a clear error
+RUN = 3  # prompts of one workflow in a row (different seeds) before the next workflow: switches stay frequent
 CLEAR_ERROR = ("FewStep", "fewstep")  # an execution error that names the pack's node
 ABSURD = "soak-absurd-alpha.safetensors"  # a style LoRA whose alphas are 1e30 (the fuse refuses it when patching)
 
@@ -186,7 +189,7 @@ class Soak:
                 self.server.interrupt()
                 self.interrupts += 1
                 next_interrupt = time.time() + interrupt_every * rng.uniform(0.5, 1.5)
-            time.sleep(1.0)
+            time.sleep(3.0)
 
 
 def run_patiently(server, prompt: dict, timeout: float = 1800) -> dict:
@@ -268,7 +271,7 @@ def main(argv=None) -> int:
                 if n % FAIL_EVERY == FAIL_EVERY - 1:
                     kind, prompt = failing[(n // FAIL_EVERY) % len(failing)]
                 else:
-                    kind = workflows[n % len(workflows)]
+                    kind = workflows[(n // RUN) % len(workflows)]
                     prompt = small(load_api(kind))
                 seed = rng.randrange(2 ** 32)
                 soak.records[rid] = {"prompt": prompt_seed_inputs(prompt, seed), "kind": kind, "seed": seed,
