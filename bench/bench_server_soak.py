@@ -1,18 +1,20 @@
 """Soak through a real server: >= 200 queued prompts mixing every workflows/api/*.json, interrupts, prompts that
 must fail, and a server restart mid-queue.
 
-    python -m bench.bench_server_soak [--prompts 200] [--size 64] [--compare 12] [--json out.json]
+    python -m bench.bench_server_soak [--prompts 200] [--size 64] [--rounds 5] [--compare 12] [--json out.json]
 
-Rounds of prompts (every shipped API workflow, at --size px, each with its own seed; about 1 in 12 a prompt that
-must fail with a clear error: an impossible schedule, a FLOAT link out of range, an adapter whose absurd alpha the
-fuse refuses when the host patches it) are queued on server A. While they run, /interrupt is posted now and then.
-Mid-way through one round server A is stopped with prompts still queued; server B starts on the same output folder
-and every prompt with no history entry yet is queued again there. At the end server C, fresh, re-runs a sample of the
-completed prompts and its images are compared with the soak's, pixel for pixel.
+Rounds of prompts are queued on server A: every shipped API workflow at --size px, three in a row with their own
+seeds, then the next workflow (so the fused and the plain model alternate); about 1 in 12 is a prompt that must fail
+with a clear error (an impossible schedule, a FLOAT link out of range, an adapter whose absurd alpha the fuse refuses
+when the host patches it). From the second round on, /interrupt is posted now and then. Mid-way through one round
+server A is stopped with prompts still queued; server B starts on the same output folder and every prompt with no
+history entry yet is queued again there (a server that dies unplanned is replaced the same way, and counted). At
+the end a fresh server re-runs a sample of the completed prompts, the latest of each workflow, and its images are
+compared with the soak's, pixel for pixel.
 
 Figures: completed, failed with a clear error, interrupted, lost (a prompt neither completed nor failed with an error
-after the restart's requeue and the queue drained; must be 0), server RSS after the first round and its growth over
-the later rounds (per server), images equal to a fresh server's, wall time.
+once the restart's requeue drained; must be 0), server RSS after each round and its growth after the first round
+(per server), images equal to a fresh server's, wall time.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 FAIL_EVERY = 12  # about one prompt in this many must fail with a clear error
+RUN = 3  # prompts of one workflow in a row (different seeds) before the next workflow: switches stay frequent
 CLEAR_ERROR = ("FewStep", "fewstep")  # an execution error that names the pack's node
 ABSURD = "soak-absurd-alpha.safetensors"  # a style LoRA whose alphas are 1e30 (the fuse refuses it when patching)
 
@@ -84,20 +87,47 @@ def loras_folder(standin_dir: Path, tmp: Path) -> Path:
     return root
 
 
+class ServerDied(RuntimeError):
+    pass
+
+
 class Soak:
-    def __init__(self, args, models: Path, out_dir: Path):
+    """The prompts, the servers they ran on, and what became of each."""
+
+    def __init__(self, models: Path, out_dir: Path, server_args: tuple[str, ...] = ()):
         from tools import hostenv
-        self.hostenv, self.args, self.models, self.out_dir = hostenv, args, models, out_dir
+        self.hostenv, self.models, self.out_dir, self.server_args = hostenv, models, out_dir, server_args
         self.server = None
-        self.records: dict[str, dict] = {}  # our id -> {"prompt", "kind", "ids": [server ids], "entry", "server"}
+        self.records: dict[str, dict] = {}  # our id -> prompt, kind, seed, round, ids [(server, prompt id)], entry
         self.rss: dict[str, list[float]] = {}
         self.interrupts = 0
+        self.restarts: list[str] = []  # "A->B planned", "B->C server died (...)"
 
     def start(self, name: str):
-        self.server = self.hostenv.Server(output_dir=self.out_dir, standin_dir=self.models).start()
+        self.server = self.hostenv.Server(output_dir=self.out_dir, standin_dir=self.models,
+                                          extra_args=self.server_args).start()
         self.server.name = name
         self.rss[name] = []
         return self.server
+
+    def restart(self, reason: str) -> int:
+        """Stop the server (if it still runs), start the next one, and queue again every prompt with no history
+        entry yet; returns how many were queued again."""
+        old = self.server.name
+        self.server.stop()
+        self.start(chr(ord(old) + 1))
+        self.restarts.append(f"{old}->{self.server.name} {reason}")
+        again = [rid for rid, r in self.records.items() if r["entry"] is None]
+        for rid in again:
+            self.records[rid]["requeued"] = self.records[rid].get("requeued", 0) + 1
+            self.submit(rid)
+        print(f"restart {self.restarts[-1]}: {len(again)} prompts queued again", flush=True)
+        return len(again)
+
+    def alive(self) -> None:
+        if self.server.proc.poll() is not None:
+            raise ServerDied(f"server {self.server.name} exited with {self.server.proc.returncode}: "
+                             f"{self.server.log_tail(5)}")
 
     def rss_mb(self) -> float:
         import psutil
@@ -105,14 +135,24 @@ class Soak:
 
     def submit(self, rid: str) -> None:
         rec = self.records[rid]
-        status, body = self.server.post("/prompt", {"prompt": rec["prompt"], "client_id": "fewstep-soak"})
+        try:
+            status, body = self.server.post("/prompt", {"prompt": rec["prompt"], "client_id": "fewstep-soak"},
+                                            timeout=120)
+        except OSError:
+            self.alive()
+            raise
         if status != 200:
             raise RuntimeError(f"{rid}: /prompt refused a soak prompt ({status}): {json.dumps(body)[:500]}")
         rec["ids"].append((self.server.name, body["prompt_id"]))
 
-    def poll(self) -> int:
-        """Record finished history entries of the current server; returns the number still pending."""
-        hist = self.server.get("/history", timeout=60)
+    def poll(self) -> int | None:
+        """Record finished history entries of the current server; returns the number still pending (None when the
+        server did not answer in time)."""
+        try:
+            hist = self.server.get("/history", timeout=120)
+        except OSError:
+            self.alive()
+            return None
         pending = 0
         for rec in self.records.values():
             if rec["entry"] is not None or not rec["ids"]:
@@ -127,23 +167,46 @@ class Soak:
                 pending += 1
         return pending
 
+    def done(self) -> int:
+        return sum(r["entry"] is not None for r in self.records.values())
+
     def drain(self, interrupt_every: float | None, stop_after: int | None = None) -> None:
-        """Poll until nothing is pending (or, with ``stop_after``, until that many more have finished)."""
+        """Poll until nothing is pending (or, with ``stop_after``, until that many more have finished), posting
+        /interrupt now and then; a server that dies on the way is replaced and its prompts queued again."""
         rng = random.Random(len(self.records))
-        done0 = sum(r["entry"] is not None for r in self.records.values())
+        done0 = self.done()
         next_interrupt = time.time() + (interrupt_every or 1e9) * rng.uniform(0.5, 1.5)
         while True:
-            pending = self.poll()
-            done = sum(r["entry"] is not None for r in self.records.values())
-            if pending == 0 or (stop_after is not None and done - done0 >= stop_after):
+            try:
+                pending = self.poll()
+                self.alive()
+            except ServerDied as e:
+                self.restart(f"after the server died ({str(e)[:200]})")
+                continue
+            if pending == 0 or (stop_after is not None and self.done() - done0 >= stop_after):
                 return
-            if self.server.proc.poll() is not None:
-                raise RuntimeError(f"server {self.server.name} died:\n{self.server.log_tail()}")
             if time.time() >= next_interrupt:
                 self.server.interrupt()
                 self.interrupts += 1
                 next_interrupt = time.time() + interrupt_every * rng.uniform(0.5, 1.5)
-            time.sleep(0.5)
+            time.sleep(3.0)
+
+
+def run_patiently(server, prompt: dict, timeout: float = 1800) -> dict:
+    """Run one prompt, tolerating /history answers slower than hostenv's 30 s on a loaded machine."""
+    pid = server.submit(prompt)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            entry = server.get(f"/history/{pid}", timeout=120).get(pid)
+        except OSError:
+            entry = None
+        if entry and entry.get("status", {}).get("completed") is not None:
+            return entry
+        if server.proc.poll() is not None:
+            raise ServerDied(f"server exited while running {pid}: {server.log_tail(5)}")
+        time.sleep(1.0)
+    raise RuntimeError(f"prompt {pid} did not finish within {timeout} s")
 
 
 def classify(rec: dict) -> str:
@@ -178,6 +241,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--interrupt-every", type=float, default=40.0, help="seconds between /interrupt posts (about)")
     ap.add_argument("--compare", type=int, default=12, help="completed prompts re-run on a fresh server")
+    ap.add_argument("--server-args", default="--bf16-unet",
+                    help="extra ComfyUI arguments of every server (default: the UNet stored in bf16, so a server with "
+                         "a fused SD1.5 model and its backup stays near 5 GB on a shared CPU machine)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
@@ -193,48 +259,39 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fewstep-soak-") as tmp:
         tmp = Path(tmp)
         models = loras_folder(standins.ensure(("sd15",)), tmp)
-        soak = Soak(args, models, tmp / "out")
+        soak = Soak(models, tmp / "out", tuple(args.server_args.split()))
         per_round = -(-args.prompts // args.rounds)
         restart_round = args.rounds // 2
         soak.start("A")
         n = 0
         for rnd in range(args.rounds):
-            ids = []
-            for _ in range(per_round):
-                if n >= args.prompts:
-                    break
+            queued = 0
+            while queued < per_round and n < args.prompts:
                 rid = f"p{n:04d}"
                 if n % FAIL_EVERY == FAIL_EVERY - 1:
                     kind, prompt = failing[(n // FAIL_EVERY) % len(failing)]
                 else:
-                    kind = workflows[n % len(workflows)]
+                    kind = workflows[(n // RUN) % len(workflows)]
                     prompt = small(load_api(kind))
                 seed = rng.randrange(2 ** 32)
                 soak.records[rid] = {"prompt": prompt_seed_inputs(prompt, seed), "kind": kind, "seed": seed,
                                      "ids": [], "entry": None, "server": None, "round": rnd}
-                soak.submit(rid)
-                ids.append(rid)
-                n += 1
-            if rnd == restart_round:
-                soak.drain(args.interrupt_every, stop_after=max(3, len(ids) // 4))
-                print(f"round {rnd}: stopping server A with {soak.poll()} prompts unfinished", flush=True)
-                soak.server.stop()
-                soak.start("B")
-                lost_then = [rid for rid, r in soak.records.items() if r["entry"] is None]
-                for rid in lost_then:
-                    soak.records[rid]["requeued"] = True
+                try:
                     soak.submit(rid)
-                print(f"round {rnd}: server B requeued {len(lost_then)}", flush=True)
-                soak.drain(args.interrupt_every)
-                soak.rss["B"].append(soak.rss_mb())
-            else:
-                soak.drain(args.interrupt_every if rnd > 0 else None)
-                soak.rss[soak.server.name].append(soak.rss_mb())
-            counts = {}
+                except ServerDied as e:
+                    soak.restart(f"after the server died ({str(e)[:200]})")  # queues this one again too
+                queued += 1
+                n += 1
+            interrupt = args.interrupt_every if rnd > 0 else None  # round 0 is the clean warm-up
+            if rnd == restart_round:
+                soak.drain(interrupt, stop_after=max(3, queued // 4))
+                soak.restart("planned, mid-queue")
+            soak.drain(interrupt)
+            soak.rss[soak.server.name].append(soak.rss_mb())
+            counts: dict[str, int] = {}
             for r in soak.records.values():
-                c = classify(r)
-                counts[c] = counts.get(c, 0) + 1
-            print(f"round {rnd} done at {time.time() - t_start:.0f} s: {counts}; RSS {soak.rss}", flush=True)
+                counts[classify(r)] = counts.get(classify(r), 0) + 1
+            print(f"round {rnd} done at {time.time() - t_start:.0f} s: {counts}; RSS MB {soak.rss}", flush=True)
         soak.server.stop()
 
         # A fresh server re-runs a sample of the completed prompts: the images must be equal.
@@ -244,11 +301,11 @@ def main(argv=None) -> int:
         for kind in workflows:  # the latest ones of each workflow first
             sample += [rid for rid in late if soak.records[rid]["kind"] == kind][:max(1, args.compare // len(workflows))]
         sample = sample[:args.compare]
-        soak.start("C")
+        soak.start("fresh")
         equal, differ = 0, []
         for rid in sample:
             rec = soak.records[rid]
-            entry = soak.server.run(rec["prompt"], timeout=900)
+            entry = run_patiently(soak.server, rec["prompt"])
             a, b = image_pixels(soak.out_dir, rec["entry"]), image_pixels(soak.out_dir, entry)
             if len(a) == len(b) and all((x.shape == y.shape) and (x == y).all() for x, y in zip(a, b)):
                 equal += 1
@@ -260,12 +317,13 @@ def main(argv=None) -> int:
     for r in soak.records.values():
         c = classify(r)
         outcome[c] = outcome.get(c, 0) + 1
-    growth = {s: (round(v[-1] - v[0], 1) if len(v) > 1 else 0.0) for s, v in soak.rss.items() if s != "C"}
+    growth = {s: (round(v[-1] - v[0], 1) if len(v) > 1 else 0.0) for s, v in soak.rss.items() if s != "fresh"}
     fig = {"prompts": len(soak.records), "workflows": workflows, "outcomes": outcome, "interrupts_posted":
-           soak.interrupts, "requeued_after_restart": sum(1 for r in soak.records.values() if r.get("requeued")),
+           soak.interrupts, "restarts": soak.restarts,
+           "requeued_after_restart": sum(1 for r in soak.records.values() if r.get("requeued")),
            "rss_mb": {s: [round(x) for x in v] for s, v in soak.rss.items()}, "rss_growth_mb": growth,
            "fresh_server_equal": equal, "fresh_server_compared": len(sample), "differ": differ,
-           "wall_s": round(time.time() - t_start)}
+           "server_args": args.server_args, "wall_s": round(time.time() - t_start)}
     print(json.dumps(fig, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=1))

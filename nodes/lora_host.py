@@ -115,20 +115,20 @@ class FusedDelta(WeightAdapterBase):
     def __init__(self, node: str, compute, progress: PatchProgress | None = None, limit: float | None = None,
                  files: tuple[str, ...] = ()):
         self.node, self.compute, self.progress = node, compute, progress
-        self.limit, self.files = limit, files  # largest magnitude the stored weight's dtype holds; adapter files
+        self.limit, self.files = limit, files  # largest magnitude a patched weight may take; adapter file names
         self.loaded_keys: set[str] = set()
         self.weights: list[torch.Tensor] = []
 
     def check_result(self, weight: torch.Tensor, key: str) -> torch.Tensor:
-        """ValueError (naming the node, weight and files) when the patched weight is not finite or beyond what its
-        stored dtype holds: an absurd alpha or strength would otherwise sample into a black image."""
+        """ValueError (naming the node, weight and files) when the patched weight is not finite or beyond
+        ``self.limit``: an absurd alpha or strength would otherwise sample into a black image."""
         if not weight.numel():
             return weight
         lo, hi = (float(v) for v in torch.aminmax(weight.detach()))  # one pass, no copy; NaN propagates
         amax = math.nan if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)
         limit = self.limit if self.limit is not None else math.inf
         if not amax <= limit:  # NaN fails too
-            what = "non-finite" if not math.isfinite(amax) else f"as large as {amax:.3g} (its dtype holds {limit:.3g})"
+            what = "non-finite" if not math.isfinite(amax) else f"as large as {amax:.3g} (at most {limit:.6g})"
             raise ValueError(f"{self.node}: fusing {', '.join(self.files) or 'the adapters'} makes weight '{key}' "
                              f"{what}; an adapter's alpha or strength is far too large (or its file is damaged)")
         return weight
@@ -138,13 +138,11 @@ class FusedDelta(WeightAdapterBase):
         if self.progress is not None:
             self.progress.tick()
         probe = weight.new_zeros(())
+        # The usual case: the host hands us its fp32 working copy; accumulate straight into it.
+        in_place = (strength == 1.0 and function(probe) is probe and weight.dtype == torch.float32
+                    and weight.is_contiguous())
         try:
-            if (strength == 1.0 and function(probe) is probe and weight.dtype == torch.float32
-                    and weight.is_contiguous()):
-                # The usual case: the host hands us its fp32 working copy; accumulate straight into it.
-                self.compute(device=weight.device, out=weight)
-                return self.check_result(weight, key)
-            delta = self.compute(device=weight.device)
+            delta = self.compute(device=weight.device, out=weight) if in_place else self.compute(device=weight.device)
         except ValueError as e:
             raise ValueError(f"{self.node}: {e}") from None
         except (RuntimeError, IndexError, TypeError) as e:
@@ -152,15 +150,20 @@ class FusedDelta(WeightAdapterBase):
                 raise  # the host's memory handling deals with it
             raise ValueError(f"{self.node}: computing the fused delta of '{key}' from "
                              f"{', '.join(self.files) or 'the adapters'} failed: {e}") from None
-        if delta is not None and strength != 0.0:
+        if not in_place and delta is not None and strength != 0.0:
             weight += function((strength * delta).to(weight.dtype))
         return self.check_result(weight, key)
 
 
+WEIGHT_LIMIT = float(torch.finfo(torch.float16).max)
+"""Largest magnitude a fused weight may take: fp16's largest finite value. These models ship and run in fp16 (their
+weights are of order 1), so a weight beyond it is an absurd alpha or strength, or a damaged file, in any dtype."""
+
+
 def range_limit(weight: torch.Tensor) -> float | None:
-    """Largest magnitude a patched weight stored as ``weight`` may take (IEEE half/bfloat/float; None: no limit, e.g.
-    fp8 weights the host rescales on load)."""
-    return torch.finfo(weight.dtype).max if weight.dtype in (torch.float16, torch.bfloat16, torch.float32) else None
+    """Largest magnitude a patched weight stored as ``weight`` may take (``WEIGHT_LIMIT`` for IEEE half/bfloat/float
+    weights; None, i.e. finite only, for others such as fp8 weights the host rescales on load)."""
+    return WEIGHT_LIMIT if weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else None
 
 
 def adapter_files(*item_lists) -> tuple[str, ...]:

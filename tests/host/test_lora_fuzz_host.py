@@ -103,3 +103,24 @@ def test_nan_payload_and_truncation_name_the_file(harness):
     assert r.outcome == "clear" and r.stage == "read" and "contains NaN or Inf" in r.detail, r
     r = _regression(harness, "kohya", byte_ops=[("truncate", 5)])
     assert r.outcome == "clear" and r.stage == "read" and "cannot read safetensors file" in r.detail, r
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_weights_beyond_fp16_range_are_refused_in_any_dtype(host, dtype):
+    """An fp32/bf16 model would hold a 1e6 weight, but no real adapter makes one: the patch refuses it as it refuses
+    inf, naming the files; ordinary values pass unchanged."""
+    from fewstep.nodes.lora_host import FusedDelta, range_limit
+
+    def compute(device=None, out=None):
+        d = torch.full((2, 2), value)
+        return d if out is None else out.add_(d)
+    delta = FusedDelta("FewStep LoRA Fuse", compute, limit=range_limit(torch.zeros(1, dtype=dtype)),
+                       files=("a.safetensors", "b.safetensors"))
+    for value, ok in ((3.0, True), (6e4, True), (1e6, False), (float("inf"), False), (float("nan"), False)):
+        w = torch.zeros(2, 2)
+        if ok:
+            assert torch.equal(delta.calculate_weight(w, "k.weight", 1.0, 1.0, None, lambda a: a), torch.full((2, 2), value))
+            continue
+        with pytest.raises(ValueError, match=r"^FewStep LoRA Fuse: fusing a.safetensors, b.safetensors makes weight "
+                                             r"'k.weight' (non-finite|as large as 1e\+06)"):
+            delta.calculate_weight(w, "k.weight", 1.0, 1.0, None, lambda a: a)
