@@ -65,6 +65,12 @@ NEW_NODES_JS = """(async () => {
   const vis = x => fuse.isWidgetVisible(x);
   out.fuse_linear = {seed: vis(w('seed')), control: w('seed').linkedWidgets.map(vis), drop_p: vis(w('drop_p')),
                      density: vis(w('density')), seed_control_value: w('seed').linkedWidgets[0].value};
+  const ctx = document.createElement('canvas').getContext('2d');
+  ctx.font = LiteGraph.NODE_SUBTEXT_SIZE + 'px ' + (LiteGraph.NODE_FONT || 'Arial');
+  out.fuse_cut = fuse.widgets.filter(x => vis(x) && ['number', 'combo', 'text', 'toggle'].includes(x.type))
+    .filter(x => ctx.measureText(String(x.displayName ?? x.label ?? x.name)).width
+                 + ctx.measureText(String(x._displayValue ?? x.value)).width + %(margins)d > fuse.size[0])
+    .map(x => x.name);
   const mode = w('merge_mode'); mode.value = 'dare'; mode.callback?.(mode.value);
   out.fuse_dare = {seed: vis(w('seed')), control: w('seed').linkedWidgets.map(vis), drop_p: vis(w('drop_p')),
                    density: vis(w('density'))};
@@ -79,7 +85,7 @@ NEW_NODES_JS = """(async () => {
   const p = await window.app.graphToPrompt();
   out.prompt_fuse_seed = p.output[String(fuse.id)]?.inputs?.seed;
   return JSON.stringify(out);
-})()"""
+})()""" % {"margins": WIDGET_MARGINS}
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +206,7 @@ def test_new_fuse_node_shows_dare_inputs_only_for_dare(frontend_results):
                    "seed_control_value": "fixed"}, lin
     assert dare == {"seed": True, "control": [True], "drop_p": True, "density": False}, dare
     assert new["prompt_fuse_seed"] == 0  # hidden or shown, the value is still sent
+    assert new["fuse_cut"] == [], f"a new fuse node at its default width cuts {new['fuse_cut']}"
 
 
 def test_from_preset_values_are_drawn_as_words(frontend_results):
