@@ -100,22 +100,34 @@ def browser():
     b.stop()
 
 
-def load_js(wf_text: str) -> str:
-    return f"(async () => {{ await window.app.loadGraphData({wf_text}); return true; }})()"
+def load_js(wf_text: str, name: str = "") -> str:
+    """Load a workflow as the frontend opens a file (restoring its saved view); ``name`` titles its tab."""
+    tab = json.dumps(name) if name else "undefined"
+    return f"(async () => {{ await window.app.loadGraphData({wf_text}, true, true, {tab}); return true; }})()"
+
+
+# Screenshots without the frame-rate overlay (it changes from run to run).
+SETTINGS_JS = """(async () => {
+  const s = window.app.extensionManager?.setting ?? null;
+  if (s?.set) await s.set('Comfy.Graph.CanvasInfo', false);
+  else await window.app.ui.settings.setSettingValueAsync('Comfy.Graph.CanvasInfo', false);
+  return true;
+})()"""
 
 
 @pytest.fixture(scope="module")
 def frontend_results(browser, server):
     scripts = ["JSON.stringify({title: document.title, version: window.__COMFYUI_FRONTEND_VERSION__ ?? null, "
                "nodeDefs: Object.keys(LiteGraph.registered_node_types).filter(k => k.startsWith('FewStep'))})"]
+    scripts.append(SETTINGS_JS)
     for name in NAMES:
         wf = W.ui_path(name).read_text()
-        scripts += [load_js(wf), VIEW_JS, Screenshot(), PROMPT_JS]
+        scripts += [load_js(wf, name), VIEW_JS, Screenshot(), PROMPT_JS]
     for name in OLD_NAMES:
         scripts += [load_js((OLD / f"{name}.json").read_text()), PROMPT_JS]
     scripts.append(NEW_NODES_JS)
     values, logs = browser.run(server.url + "/", scripts, ready_js=READY, timeout=180)
-    page, rest = json.loads(values[0]), values[1:]
+    page, rest = json.loads(values[0]), values[2:]
     results, views = {}, {}
     SHOTS.joinpath("small").mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(NAMES):
