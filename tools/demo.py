@@ -20,6 +20,7 @@ from tools.standin_prompts import family_of, on_standins
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_OUTPUTS = ("SaveImage", "PreviewImage")
+WARM_UP = "fewstep_lcm_ksampler"  # a cheap workflow to load the checkpoint with
 
 
 def prepare(prompt: dict, ckpt_name: str, base: str, size: int) -> dict:
@@ -76,7 +77,8 @@ def main() -> int:
         with hostenv.Server(output_dir=out / ".comfy", standin_dir=standin_dir, extra_checkpoint=ckpt,
                             test_nodes=bool(flow)) as srv:
             # Warm-up (checkpoint load, first-call set-up) is not charged to the first workflow in the table.
-            srv.run(prepare(json.loads(sd[0].read_text()), ckpt_name, base, 64))
+            warm = next((w for w in sd if w.stem == WARM_UP), sd[0])
+            srv.run(prepare(json.loads(warm.read_text()), ckpt_name, base, 64))
             for wf in workflows:
                 prompt = json.loads(wf.read_text())
                 prompt = on_standins(prompt)[0] if wf in flow else prepare(prompt, ckpt_name, base, size)

@@ -191,7 +191,13 @@ class Server:
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:
         deadline = time.time() + timeout
         while time.time() < deadline:
-            hist = self.get(f"/history/{prompt_id}")
+            try:
+                hist = self.get(f"/history/{prompt_id}")
+            except (TimeoutError, urllib.error.URLError) as e:
+                # A node that holds the GIL for long (writing a multi-GB checkpoint) keeps the server from answering.
+                if self.proc.poll() is not None or not isinstance(getattr(e, "reason", e), TimeoutError):
+                    raise
+                continue
             if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
                 entry = hist[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error") or entry.get("outputs"):

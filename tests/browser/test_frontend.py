@@ -65,6 +65,12 @@ NEW_NODES_JS = """(async () => {
   const vis = x => fuse.isWidgetVisible(x);
   out.fuse_linear = {seed: vis(w('seed')), control: w('seed').linkedWidgets.map(vis), drop_p: vis(w('drop_p')),
                      density: vis(w('density')), seed_control_value: w('seed').linkedWidgets[0].value};
+  const ctx = document.createElement('canvas').getContext('2d');
+  ctx.font = LiteGraph.NODE_SUBTEXT_SIZE + 'px ' + (LiteGraph.NODE_FONT || 'Arial');
+  out.fuse_cut = fuse.widgets.filter(x => vis(x) && ['number', 'combo', 'text', 'toggle'].includes(x.type))
+    .filter(x => ctx.measureText(String(x.displayName ?? x.label ?? x.name)).width
+                 + ctx.measureText(String(x._displayValue ?? x.value)).width + %(margins)d > fuse.size[0])
+    .map(x => x.name);
   const mode = w('merge_mode'); mode.value = 'dare'; mode.callback?.(mode.value);
   out.fuse_dare = {seed: vis(w('seed')), control: w('seed').linkedWidgets.map(vis), drop_p: vis(w('drop_p')),
                    density: vis(w('density'))};
@@ -79,7 +85,7 @@ NEW_NODES_JS = """(async () => {
   const p = await window.app.graphToPrompt();
   out.prompt_fuse_seed = p.output[String(fuse.id)]?.inputs?.seed;
   return JSON.stringify(out);
-})()"""
+})()""" % {"margins": WIDGET_MARGINS}
 
 
 @pytest.fixture(scope="module")
@@ -94,22 +100,34 @@ def browser():
     b.stop()
 
 
-def load_js(wf_text: str) -> str:
-    return f"(async () => {{ await window.app.loadGraphData({wf_text}); return true; }})()"
+def load_js(wf_text: str, name: str = "") -> str:
+    """Load a workflow as the frontend opens a file (restoring its saved view); ``name`` titles its tab."""
+    tab = json.dumps(name) if name else "undefined"
+    return f"(async () => {{ await window.app.loadGraphData({wf_text}, true, true, {tab}); return true; }})()"
+
+
+# Screenshots without the frame-rate overlay (it changes from run to run).
+SETTINGS_JS = """(async () => {
+  const s = window.app.extensionManager?.setting ?? null;
+  if (s?.set) await s.set('Comfy.Graph.CanvasInfo', false);
+  else await window.app.ui.settings.setSettingValueAsync('Comfy.Graph.CanvasInfo', false);
+  return true;
+})()"""
 
 
 @pytest.fixture(scope="module")
 def frontend_results(browser, server):
     scripts = ["JSON.stringify({title: document.title, version: window.__COMFYUI_FRONTEND_VERSION__ ?? null, "
                "nodeDefs: Object.keys(LiteGraph.registered_node_types).filter(k => k.startsWith('FewStep'))})"]
+    scripts.append(SETTINGS_JS)
     for name in NAMES:
         wf = W.ui_path(name).read_text()
-        scripts += [load_js(wf), VIEW_JS, Screenshot(), PROMPT_JS]
+        scripts += [load_js(wf, name), VIEW_JS, Screenshot(), PROMPT_JS]
     for name in OLD_NAMES:
         scripts += [load_js((OLD / f"{name}.json").read_text()), PROMPT_JS]
     scripts.append(NEW_NODES_JS)
     values, logs = browser.run(server.url + "/", scripts, ready_js=READY, timeout=180)
-    page, rest = json.loads(values[0]), values[1:]
+    page, rest = json.loads(values[0]), values[2:]
     results, views = {}, {}
     SHOTS.joinpath("small").mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(NAMES):
@@ -200,6 +218,7 @@ def test_new_fuse_node_shows_dare_inputs_only_for_dare(frontend_results):
                    "seed_control_value": "fixed"}, lin
     assert dare == {"seed": True, "control": [True], "drop_p": True, "density": False}, dare
     assert new["prompt_fuse_seed"] == 0  # hidden or shown, the value is still sent
+    assert new["fuse_cut"] == [], f"a new fuse node at its default width cuts {new['fuse_cut']}"
 
 
 def test_from_preset_values_are_drawn_as_words(frontend_results):
