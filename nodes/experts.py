@@ -30,10 +30,11 @@ from comfy_api.v0_0_2 import io
 
 from ..samplers import consistency
 from ..samplers.noise import default_noise_sampler
+from .common import CATEGORIES
 from .validate import validated
 
 NODE = "FewStep Two-Expert Sampler"
-CAT = "sampling/custom_sampling/fewstep"
+CAT = CATEGORIES["custom"]  # next to SamplerCustomAdvanced
 _PACK = __name__.rsplit(".", 2)[0]  # the pack's import root ("fewstep" in tests, the folder name in a host)
 
 
@@ -125,8 +126,9 @@ class FewStepTwoExpertSampler(io.ComfyNode):
                                tooltip="cfg of the high-noise stage (1 with a Lightning LoRA)."),
                 io.Float.Input("cfg_low", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="cfg of the low-noise stage (1 with a Lightning LoRA)."),
-                io.Conditioning.Input("positive"),
-                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("positive", tooltip="Positive conditioning, used by both experts."),
+                io.Conditioning.Input("negative", tooltip="Negative conditioning, used by both experts (no effect "
+                                                          "at cfg 1)."),
                 io.Sampler.Input("sampler", tooltip="Any SAMPLER: a FewStep sampler or preset, or core "
                                                     "KSamplerSelect (euler for Wan 2.2 Lightning)."),
                 io.Sigmas.Input("sigmas", tooltip="The whole schedule, e.g. BasicScheduler(simple, 4) after "
@@ -135,10 +137,14 @@ class FewStepTwoExpertSampler(io.ComfyNode):
                              tooltip="Steps run on model_high before switching to model_low (core SplitSigmas' "
                                      "step). Wan 2.2 Lightning 4-step: 2. Wan 2.2 switches below timestep 875 "
                                      "(T2V) / 900 (I2V): count the sigmas >= 0.875 / 0.9."),
-                io.Latent.Input("latent_image"),
+                io.Latent.Input("latent_image", tooltip="The latent to start from (EmptyHunyuanLatentVideo / "
+                                                        "Wan22ImageToVideoLatent for Wan)."),
             ],
-            outputs=[io.Latent.Output(display_name="output"),
-                     io.Latent.Output(display_name="denoised_output")])
+            outputs=[io.Latent.Output(display_name="output", tooltip="The latent after the last step (as "
+                                                                     "SamplerCustomAdvanced's output)."),
+                     io.Latent.Output(display_name="denoised_output",
+                                      tooltip="The model's last denoised prediction (as SamplerCustomAdvanced's "
+                                              "denoised_output).")])
 
     @classmethod
     def execute(cls, model_high, model_low, add_noise, noise_seed, cfg_high, cfg_low, positive, negative,

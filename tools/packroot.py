@@ -8,9 +8,17 @@ of module globals (registries, caches, warn-once sets) that silently disagree.
 and whether or not the ComfyUI host is set up, so the math tier runs without the host. The host's own loader
 (``nodes.load_custom_node``) names a custom-node package after its path instead, so in-process code never calls
 that loader on the pack; the server tier is where the host loads it its own way, in its own process.
+
+Tests and tools run with the checkout on ``sys.path`` (for ``tools.*`` and ``tests.*``), which would make the pack's
+folders importable as top-level names too, shadowing unrelated distributions of the same name (transformers and
+diffusers probe for Hugging Face's ``kernels`` package by importing ``kernels``; the host imports its own ``nodes``).
+``import_pack()`` therefore also installs a path hook whose finder for this checkout's folder does not see those
+top-level names: ``import kernels`` gets the real distribution if one is installed, otherwise ModuleNotFoundError, as
+on a user's machine.
 """
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -23,8 +31,36 @@ NAME = "fewstep"
 PACKAGES = ("samplers", "lora", "kernels", "nodes")
 
 
+class _CheckoutFinder(importlib.machinery.FileFinder):
+    """The finder of this checkout's folder on ``sys.path``: it finds ``tools``, ``tests``, ``bench`` as usual but
+    not the pack's own packages as top-level names (those are ``fewstep.<package>`` only)."""
+
+    def find_spec(self, fullname, target=None):
+        return None if fullname in PACKAGES else super().find_spec(fullname, target)
+
+
+_LOADERS = ((importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES),
+            (importlib.machinery.SourceFileLoader, importlib.machinery.SOURCE_SUFFIXES),
+            (importlib.machinery.SourcelessFileLoader, importlib.machinery.BYTECODE_SUFFIXES))
+
+
+def _checkout_path_hook(entry: str):
+    if Path(os.path.realpath(entry or os.getcwd())) != REPO:
+        raise ImportError("not this checkout")  # the next path hook takes the entry
+    return _CheckoutFinder(entry, *_LOADERS)
+
+
+def _guard_top_level_names() -> None:
+    if _checkout_path_hook not in sys.path_hooks:
+        sys.path_hooks.insert(0, _checkout_path_hook)
+        for entry in list(sys.path_importer_cache):  # finders made before the hook are made again through it
+            if isinstance(entry, str) and Path(os.path.realpath(entry or os.getcwd())) == REPO:
+                del sys.path_importer_cache[entry]
+
+
 def import_pack() -> ModuleType:
     """``sys.modules['fewstep']`` for this checkout (idempotent). Refuses a ``fewstep`` from somewhere else."""
+    _guard_top_level_names()
     mod = sys.modules.get(NAME)
     if mod is not None:
         where = Path(getattr(mod, "__file__", "") or "").resolve().parent

@@ -8,8 +8,9 @@
 * ``extra.ds`` (the frontend's saved view: scale and offset) fits the whole graph into ``WINDOW`` at a scale where the
   frontend draws text (it stops drawing text below 8 px / 14 px = 0.57 at its default settings).
 
-Sizes follow the frontend's own measures (LiteGraph: title 30, slot rows 20, widget rows 24); widgets marked
-``advanced`` are hidden by the frontend until asked for, so they take no room.
+Sizes follow the frontend's own measures (LiteGraph: title 30, slot rows 20, widget rows 24); the pack's own widgets
+marked ``advanced`` are hidden until asked for (web/js/fewstep.js), so they take no room; core's advanced widgets
+(CLIPLoader's ``device``) are drawn by this frontend and counted.
 """
 from __future__ import annotations
 
@@ -84,13 +85,14 @@ def node_height(class_type: str, n_slots: int, n_widgets: int, multiline: bool) 
                  + EXTRA_HEIGHT.get(class_type, 0))
 
 
-def file_lines(nodes: list[dict], specs: dict[str, dict]) -> list[str]:
-    """'what to load where' for every loader widget in the graph (value 'none' left out)."""
+def file_lines(nodes: list[dict], specs: dict[str, dict], named: str = "") -> list[str]:
+    """'what to load where' for every loader widget in the graph (value 'none' left out, and files the text
+    ``named`` already names: a workflow's own description that says where its real files come from)."""
     lines = []
     for n in nodes:
         for name, value in n.get("_named_values", {}).items():
             folder = FILE_FOLDERS.get(name) or next((f for p, f in FILE_PREFIXES.items() if name.startswith(p)), None)
-            if folder and isinstance(value, str) and value not in ("", "none"):
+            if folder and isinstance(value, str) and value not in ("", "none") and value not in named:
                 title = n.get("title") or specs[n["type"]].get("display_name") or n["type"]
                 lines.append(f"- {title} · {name}: {value}  →  {folder}/")
     return lines
@@ -98,7 +100,7 @@ def file_lines(nodes: list[dict], specs: dict[str, dict]) -> list[str]:
 
 def note_text(description: str, nodes: list[dict], specs: dict[str, dict]) -> str:
     parts = [description.strip()] if description.strip() else []
-    files = file_lines(nodes, specs)
+    files = file_lines(nodes, specs, description)
     if files:
         parts.append("Files (the names here are the test stand-ins; pick your own):\n" + "\n".join(files))
     return "\n\n".join(parts)

@@ -38,6 +38,11 @@ MODE_NEVER, MODE_BYPASS = 2, 4
 
 # ---------------------------------------------------------------- object_info helpers
 
+def note_text(name: str) -> str:
+    """Workflow ``name``'s own description (``workflows/notes/<name>.md``; "" when it has none)."""
+    return L.description(NOTES_DIR, name)
+
+
 def _input_specs(spec: dict) -> list[tuple[str, str, dict]]:
     """(name, type, options) of every required/optional input in the node's declared order (hidden ones left out)."""
     inputs = spec.get("input", {})
@@ -199,7 +204,9 @@ def _ui_node(k: str, node: dict, object_info: dict, node_id: int, order: int, pe
                     raise ValueError(f"node {k} ({ct}) input {name!r} must be a link, got {v!r}")
                 pending_links.append((k, name, str(v[0]), v[1]))
     for name, typ, opts in _input_specs(spec):  # the rows the graph editor draws
-        if _is_widget(typ, opts) and not opts.get("advanced") and L.shown(ct, name, named):
+        # web/js/fewstep.js hides the advanced widgets of the pack's own nodes; this frontend draws core's.
+        hidden = opts.get("advanced") and ct.startswith("FewStep")
+        if _is_widget(typ, opts) and not hidden and L.shown(ct, name, named):
             shown += 1 + len(_extra_widget_values(typ, name, opts))
             texts.append((name, "" if opts.get("multiline") else str(named[name])))
     outputs = [{"name": (spec.get("output_name") or spec["output"])[i], "type": t, "links": [], "slot_index": i}

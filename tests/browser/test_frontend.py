@@ -205,7 +205,8 @@ def test_workflow_opens_readable(name, frontend_results):
 def test_technical_options_are_advanced_and_hidden(frontend_results):
     views = frontend_results[3]
     hidden = {x for v in views.values() for x in v["hiddenAdvanced"]}
-    shown = [x for v in views.values() for x in v["shownAdvanced"]]
+    # The pack hides its own nodes' advanced widgets (web/js/fewstep.js); core's nodes keep the frontend's behaviour.
+    shown = [x for v in views.values() for x in v["shownAdvanced"] if x.startswith("FewStep")]
     assert not shown, f"advanced widgets drawn by default: {shown}"
     for node in ("FewStepSamplerTCD", "FewStepSamplerPCM", "FewStepSettings"):
         assert {f"{node}.{w}" for w in ("final_step", "noise_device", "batch_offset", "fused")} <= hidden, node

@@ -74,9 +74,9 @@ def test_no_pack_module_is_loaded_twice_in_this_run():
 
 def test_a_second_root_is_reported():
     """Loading samplers/schedules.py as `samplers.schedules` beside `fewstep.samplers.schedules` is a double load."""
-    code = ("import sys; sys.path.insert(0, %r); from tools import packroot; packroot.import_pack(); "
-            "import fewstep.samplers.schedules, samplers.schedules; print('\\n'.join(packroot.import_root_problems()))"
-            % str(REPO))
+    code = ("import sys; sys.path.insert(0, %r); import samplers.schedules; from tools import packroot; "
+            "packroot.import_pack(); import fewstep.samplers.schedules; "
+            "print('\\n'.join(packroot.import_root_problems()))" % str(REPO))
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "samplers/schedules.py is loaded twice, as ['fewstep.samplers.schedules', 'samplers.schedules']" in out.stdout
@@ -91,3 +91,16 @@ def test_import_pack_refuses_another_fewstep(tmp_path):
             "try:\n    packroot.import_pack()\nexcept ImportError as e:\n    print(e)" % (str(tmp_path), str(REPO)))
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert f"a different 'fewstep' is already imported (from {other})" in out.stdout, out.stdout + out.stderr
+
+
+def test_after_import_pack_the_pack_folders_are_not_top_level_names():
+    """transformers and diffusers probe for Hugging Face's `kernels` package by importing `kernels`; with the checkout
+    on sys.path that would load fewstep's kernels/ a second time. After import_pack() the checkout's folder does not
+    offer the pack's packages as top-level names (tools/ and tests/ it still does)."""
+    code = ("import sys, importlib.util; sys.path.insert(0, %r); from tools import packroot; packroot.import_pack()\n"
+            "print([importlib.util.find_spec(n) is None for n in ('kernels', 'samplers', 'lora')])\n"
+            "import tools.workflows, fewstep.kernels.loop\n"
+            "try:\n    import samplers\nexcept ModuleNotFoundError as e:\n    print(e)" % str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[True, True, True]", "No module named 'samplers'"], out.stdout
