@@ -40,7 +40,7 @@ MODE_NEVER, MODE_BYPASS = 2, 4
 
 def note_text(name: str) -> str:
     """Workflow ``name``'s own description (``workflows/notes/<name>.md``; "" when it has none)."""
-    return L.description(NOTES_DIR, name)
+    return L.description(NOTES_DIR, name).strip()
 
 
 def _input_specs(spec: dict) -> list[tuple[str, str, dict]]:
