@@ -192,23 +192,6 @@ class Soak:
             time.sleep(3.0)
 
 
-def run_patiently(server, prompt: dict, timeout: float = 1800) -> dict:
-    """Run one prompt, tolerating /history answers slower than hostenv's 30 s on a loaded machine."""
-    pid = server.submit(prompt)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            entry = server.get(f"/history/{pid}", timeout=120).get(pid)
-        except OSError:
-            entry = None
-        if entry and entry.get("status", {}).get("completed") is not None:
-            return entry
-        if server.proc.poll() is not None:
-            raise ServerDied(f"server exited while running {pid}: {server.log_tail(5)}")
-        time.sleep(1.0)
-    raise RuntimeError(f"prompt {pid} did not finish within {timeout} s")
-
-
 def classify(rec: dict) -> str:
     e = rec["entry"]
     if e is None:
@@ -307,7 +290,7 @@ def main(argv=None) -> int:
         equal, differ = 0, []
         for rid in sample:
             rec = soak.records[rid]
-            entry = run_patiently(soak.server, rec["prompt"])
+            entry = soak.server.wait(soak.server.submit(rec["prompt"]), 1800, poll_timeout=120)
             a, b = image_pixels(soak.out_dir, rec["entry"]), image_pixels(soak.out_dir, entry)
             if len(a) == len(b) and all((x.shape == y.shape) and (x == y).all() for x, y in zip(a, b)):
                 equal += 1

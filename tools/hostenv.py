@@ -188,16 +188,16 @@ class Server:
             raise HostError(f"/prompt rejected the workflow ({status}): {json.dumps(body)[:2000]}")
         return body["prompt_id"]
 
-    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+    def wait(self, prompt_id: str, timeout: float = 600, poll_timeout: float = 30) -> dict:
+        """The prompt's finished /history entry. A poll the server leaves unanswered for ``poll_timeout`` s (a node
+        holding the GIL while it writes a multi-GB checkpoint, a loaded 2-core machine) is retried until ``timeout``;
+        a server that exits is an error at once."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
-                hist = self.get(f"/history/{prompt_id}")
-            except (TimeoutError, urllib.error.URLError) as e:
-                # A node that holds the GIL for long (writing a multi-GB checkpoint) keeps the server from answering.
-                if self.proc.poll() is not None or not isinstance(getattr(e, "reason", e), TimeoutError):
-                    raise
-                continue
+                hist = self.get(f"/history/{prompt_id}", timeout=poll_timeout)
+            except OSError:  # TimeoutError, URLError
+                hist = {}
             if prompt_id in hist and hist[prompt_id].get("status", {}).get("completed") is not None:
                 entry = hist[prompt_id]
                 if entry["status"].get("status_str") in ("success", "error") or entry.get("outputs"):

@@ -80,24 +80,8 @@ def run_all(server, prompts: dict[str, dict], timeout: float = 900) -> dict[str,
             out[key] = {"rejected": body}
     deadline = time.time() + timeout
     for key, pid in ids.items():
-        out[key] = wait(server, pid, deadline)
+        out[key] = server.wait(pid, max(1.0, deadline - time.time()), poll_timeout=120)
     return out
-
-
-def wait(server, prompt_id: str, deadline: float) -> dict:
-    """The prompt's finished /history entry. A busy 2-core machine can keep the server from answering a poll for a
-    while: a poll that times out is retried until the deadline."""
-    while time.time() < deadline:
-        try:
-            entry = server.get(f"/history/{prompt_id}", timeout=120).get(prompt_id)
-        except (TimeoutError, OSError):
-            entry = None
-        if entry and entry.get("status", {}).get("completed") is not None:
-            return entry
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"the server died while running {prompt_id}:\n{server.log_tail()}")
-        time.sleep(0.5)
-    raise TimeoutError(f"prompt {prompt_id} did not finish in time")
 
 
 def check_entry(server, entry: dict, what: str) -> None:
