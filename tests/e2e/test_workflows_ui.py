@@ -52,7 +52,11 @@ def test_ui_workflow_is_well_formed(name):
     wf = load_ui(name)
     assert wf["version"] == 0.4 and isinstance(wf["config"], dict)
     notes = [n for n in wf["nodes"] if n["type"] == "Note"]
-    assert len(notes) == 1 and "→" in notes[0]["widgets_values"][0], "a Note saying what to load where"
+    assert len(notes) == 1, "one Note saying what to load where"
+    note = notes[0]["widgets_values"][0]
+    files = {v for n in load_api(name).values() for v in n["inputs"].values()
+             if isinstance(v, str) and v.endswith((".safetensors", ".ckpt", ".pt", ".sft", ".gguf"))}
+    assert files and all(f in note for f in files), f"the Note must name every file loaded: {sorted(files)}\n{note}"
     assert wf["groups"] and all(g["title"] and len(g["bounding"]) == 4 for g in wf["groups"])
     assert wf["extra"]["ds"]["scale"] >= L.MIN_TEXT_SCALE, "opens at a zoom where the frontend draws no text"
     in_group = {n["id"] for n in wf["nodes"] for g in wf["groups"]
