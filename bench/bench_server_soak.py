@@ -201,7 +201,9 @@ def classify(rec: dict) -> str:
     if any(kind == "execution_interrupted" for kind, _ in msgs):
         return "interrupted"
     if status.get("status_str") == "success":
-        ok = any(img for out in e.get("outputs", {}).values() for img in out.get("images", []))
+        outs = e.get("outputs", {}).values()
+        ok = any(out.get("images") for out in outs) or any(  # Save Fused / Export LoRA: the files they wrote
+            ".safetensors" in t for out in outs for t in out.get("text", []))
         return "completed" if ok else "completed_without_image"
     err = next((d for kind, d in msgs if kind == "execution_error"), None)
     if err and any(s in f"{err.get('exception_message', '')}" for s in CLEAR_ERROR):
