@@ -37,7 +37,8 @@ def prepare(prompt: dict, ckpt_name: str, base: str, size: int) -> dict:
 
 
 def steps_of(prompt: dict):
-    """Sampling steps of a workflow: a 'steps'/'phases' widget, else the chosen preset's own step count."""
+    """Sampling steps of a workflow: a 'steps'/'phases' widget, else the chosen preset's own step count ("-" for a
+    workflow that does not sample, such as Save Fused + Export LoRA)."""
     from tools import packroot
     packroot.import_pack()
     from fewstep.samplers import presets
@@ -50,7 +51,7 @@ def steps_of(prompt: dict):
         name = node["inputs"].get("preset")
         if isinstance(name, str) and name in presets.PRESET_NAMES:
             return presets.get_preset(name).steps
-    return "?"
+    return "-"
 
 
 def main() -> int:
