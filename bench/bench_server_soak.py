@@ -211,6 +211,14 @@ def classify(rec: dict) -> str:
     return "failed_unclear"
 
 
+def what_went_wrong(rid: str, rec: dict) -> str:
+    """One line on a prompt the soak counts against the pack: its workflow, and the error the server reported."""
+    e = rec["entry"] or {}
+    err = next((d for kind, d in e.get("status", {}).get("messages", []) if kind == "execution_error"), {})
+    return (f"{rid} {rec['kind']} (server {rec['server']}): [{err.get('node_id')} {err.get('node_type')}] "
+            f"{err.get('exception_type')}: {str(err.get('exception_message', ''))[:300]}")
+
+
 def image_pixels(out_dir: Path, entry: dict):
     import numpy as np
     from PIL import Image
@@ -310,7 +318,9 @@ def main(argv=None) -> int:
            "requeued_after_restart": sum(1 for r in soak.records.values() if r.get("requeued")),
            "rss_mb": {s: [round(x) for x in v] for s, v in soak.rss.items()}, "rss_growth_mb": growth,
            "fresh_server_equal": equal, "fresh_server_compared": len(sample), "differ": differ,
-           "server_args": args.server_args, "wall_s": round(time.time() - t_start)}
+           "server_args": args.server_args, "wall_s": round(time.time() - t_start),
+           "not_clear": [what_went_wrong(rid, r) for rid, r in soak.records.items()
+                         if classify(r) in ("failed_unclear", "completed_without_image", "lost")]}
     print(json.dumps(fig, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(fig, indent=1))
