@@ -258,7 +258,7 @@ def main(argv=None) -> int:
         per_round = -(-args.prompts // args.rounds)
         restart_round = args.rounds // 2
         soak.start("A")
-        n = 0
+        n, written_gb = 0, 0.0
         for rnd in range(args.rounds):
             queued = 0
             while queued < per_round and n < args.prompts:
@@ -282,6 +282,9 @@ def main(argv=None) -> int:
                 soak.drain(interrupt, stop_after=max(3, queued // 4))
                 soak.restart("planned, mid-queue")
             soak.drain(interrupt)
+            for f in soak.out_dir.rglob("*.safetensors"):  # Save Fused's checkpoints (GBs each): checked, then freed
+                written_gb += f.stat().st_size / 2**30
+                f.unlink()
             soak.rss[soak.server.name].append(soak.rss_mb())
             counts: dict[str, int] = {}
             for r in soak.records.values():
@@ -319,6 +322,7 @@ def main(argv=None) -> int:
            "rss_mb": {s: [round(x) for x in v] for s, v in soak.rss.items()}, "rss_growth_mb": growth,
            "fresh_server_equal": equal, "fresh_server_compared": len(sample), "differ": differ,
            "server_args": args.server_args, "wall_s": round(time.time() - t_start),
+           "files_written_gb": round(written_gb, 1),
            "not_clear": [what_went_wrong(rid, r) for rid, r in soak.records.items()
                          if classify(r) in ("failed_unclear", "completed_without_image", "lost")]}
     print(json.dumps(fig, indent=1))

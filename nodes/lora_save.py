@@ -29,6 +29,34 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MODELSPEC = {"sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-medium"}
 
 
+# ---------------------------------------------------------------- writing a file
+
+HEADER_SLACK = 1 << 20  # room for the safetensors header and metadata (the workflow JSON)
+
+
+def written(node: str, path: str, tensors: dict[str, torch.Tensor], write) -> None:
+    """``write()`` the file ``path`` of ``tensors``: refused first if its disk cannot hold it; a failed write (disk
+    full, permissions) leaves no partial file and is an error naming the node and the file."""
+    import shutil
+    need = sum(t.numel() * t.element_size() for t in tensors.values()) + HEADER_SLACK
+    free = shutil.disk_usage(os.path.dirname(path)).free
+    if free < need:
+        raise ValueError(f"{node}: {os.path.basename(path)} needs {need / 2**30:.2f} GiB, but the disk of "
+                         f"{os.path.dirname(path)} has {free / 2**30:.2f} GiB free; free some space or choose "
+                         f"another output folder (ComfyUI's --output-directory)")
+    try:
+        write()
+    except Exception as e:  # OSError, safetensors' SafetensorError (not an OSError) on a full or vanishing disk
+        if isinstance(e, ValueError) and str(e).startswith(node):
+            raise
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+        raise ValueError(f"{node}: writing {os.path.basename(path)} to {os.path.dirname(path)} failed, nothing "
+                         f"was kept: {str(e).strip()[:300]}") from None
+
+
 # ---------------------------------------------------------------- FewStep Save Fused
 
 @validated(filename_prefix=check_prefix)
@@ -103,7 +131,7 @@ def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, pro
     want = DTYPES[dtype]
     sd = dict(with_progress(((k, (t.to(want) if t.is_floating_point() else t).contiguous()) for k, t in sd.items()),
                             len(sd)))
-    comfy.utils.save_torch_file(sd, path, metadata=metadata)
+    written(node, path, sd, lambda: comfy.utils.save_torch_file(sd, path, metadata=metadata))
     LOG.info("%s: saved %d tensors (%s) to %s", node, len(sd), dtype, path)
     return path
 
@@ -273,7 +301,7 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
     meta = {"fewstep.fuse": json.dumps([r.to_json() for r in records]), "fewstep.export": json.dumps(
         {"mode": mode, "rank": rank, "energy": energy, "seed": seed, "method": rep.method,
          "overall_rel_error": rep.overall_rel_error, "other_patched_weights": len(foreign)})}
-    checked(node, lora_export.save_lora, path, sd, rep, meta)
+    written(node, path, sd, lambda: checked(node, lora_export.save_lora, path, sd, rep, meta))
     worst = rep.worst(10)
     ranks = [k.rank for k in rep.keys if k.rank]
     lines = [f"{node}: {len(rep.keys)} weights exported ({rep.method} SVD, "

@@ -244,6 +244,36 @@ def test_svd_export_refuses_within_reported_error(L, S, model, loras_tmp, tmp_pa
     assert float(re.search(r"error: ([\d.]+)%", rep3).group(1)) <= (1 - 0.999 ** 2) ** 0.5 * 100 + 0.1
 
 
+def test_save_and_export_refuse_a_disk_too_small_and_keep_no_partial_file(L, S, model, small_styles, tmp_path,
+                                                                          monkeypatch):
+    """A disk that cannot hold the file is refused before writing, naming the node and the file; a write that fails
+    half-way (disk full) leaves no partial file and names the node, not a bare SafetensorError."""
+    import collections
+
+    import comfy.utils
+    m, _, _ = L.fuse(model, L.NONE, 1.0, small_styles)
+    out = tmp_path / "out"
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: collections.namedtuple("u", "total used free")(1, 1, 4096))
+    with pytest.raises(ValueError, match=r"FewStep Save Fused: fused_00001_\.safetensors needs [\d.]+ GiB, but the "
+                                         r"disk of .* has 0\.00 GiB free"):
+        S.save_fused(m, "fused", "fp16", output_dir=str(out))
+    with pytest.raises(ValueError, match=r"FewStep Export LoRA: .*needs .* GiB"):
+        S.export_fused(m, rank=4, output_dir=str(out))
+    assert not list(out.rglob("*.safetensors"))
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+
+    def half_then_full(sd, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\0" * 1000)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(comfy.utils, "save_torch_file", half_then_full)
+    with pytest.raises(ValueError, match=r"FewStep Save Fused: writing fused_00001_\.safetensors to .* failed, "
+                                         r"nothing was kept: \[Errno 28\] No space left on device"):
+        S.save_fused(m, "fused", "fp16", output_dir=str(out))
+    assert not list(out.rglob("*.safetensors"))
+
+
 def test_export_needs_fused_model(L, S, model, tmp_path):
     with pytest.raises(ValueError, match="FewStep Export LoRA: the model carries no weight patches; connect the "
                                          "MODEL output of FewStep LoRA Fuse"):
