@@ -34,16 +34,21 @@ MODELSPEC = {"sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-
 HEADER_SLACK = 1 << 20  # room for the safetensors header and metadata (the workflow JSON)
 
 
-def written(node: str, path: str, tensors: dict[str, torch.Tensor], write) -> None:
-    """``write()`` the file ``path`` of ``tensors``: refused first if its disk cannot hold it; a failed write (disk
-    full, permissions) leaves no partial file and is an error naming the node and the file."""
+def check_room(node: str, path: str, nbytes: int) -> None:
+    """Refuse, before any work, a file of ``nbytes`` that the disk of ``path``'s folder cannot hold."""
     import shutil
-    need = sum(t.numel() * t.element_size() for t in tensors.values()) + HEADER_SLACK
+    need = nbytes + HEADER_SLACK
     free = shutil.disk_usage(os.path.dirname(path)).free
     if free < need:
         raise ValueError(f"{node}: {os.path.basename(path)} needs {need / 2**30:.2f} GiB, but the disk of "
                          f"{os.path.dirname(path)} has {free / 2**30:.2f} GiB free; free some space or choose "
                          f"another output folder (ComfyUI's --output-directory)")
+
+
+def written(node: str, path: str, tensors: dict[str, torch.Tensor], write) -> None:
+    """``write()`` the file ``path`` of ``tensors``: refused first if its disk cannot hold it; a failed write (disk
+    full, permissions) leaves no partial file and is an error naming the node and the file."""
+    check_room(node, path, sum(t.numel() * t.element_size() for t in tensors.values()))
     try:
         write()
     except Exception as e:  # OSError, safetensors' SafetensorError (not an OSError) on a full or vanishing disk
@@ -124,6 +129,11 @@ def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, pro
         metadata.update({"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch,
                          "modelspec.implementation": "sgm", "modelspec.title": f"{filename} {counter}"})
     metadata.update(workflow_metadata(prompt, extra_pnginfo))
+    # The checkpoint's size in ``dtype`` (floating tensors converted), checked before the host patches anything.
+    parts = [model.model.state_dict()] + [x.get_sd() for x in (clip, vae) if x is not None]
+    check_room(node, path, sum(t.numel() * (DTYPES[dtype].itemsize if t.is_floating_point() else t.element_size())
+                               for sd in parts for t in sd.values()))
+    del parts
     load = [model] + ([clip.load_model()] if clip is not None else [])
     comfy.model_management.load_models_gpu(load, force_patch_weights=True)
     sd = model.model.state_dict_for_saving(clip.get_sd() if clip is not None else None,

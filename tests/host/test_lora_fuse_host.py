@@ -250,8 +250,10 @@ def test_save_and_export_refuse_a_disk_too_small_and_keep_no_partial_file(L, S, 
     half-way (disk full) leaves no partial file and names the node, not a bare SafetensorError."""
     import collections
 
+    import comfy.model_management
     import comfy.utils
     m, _, _ = L.fuse(model, L.NONE, 1.0, small_styles)
+    ref = base(model, PROBE)
     out = tmp_path / "out"
     real_usage = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: collections.namedtuple("u", "total used free")(1, 1, 4096))
@@ -268,10 +270,15 @@ def test_save_and_export_refuse_a_disk_too_small_and_keep_no_partial_file(L, S, 
             f.write(b"\0" * 1000)
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(comfy.utils, "save_torch_file", half_then_full)
-    with pytest.raises(ValueError, match=r"FewStep Save Fused: writing fused_00001_\.safetensors to .* failed, "
-                                         r"nothing was kept: \[Errno 28\] No space left on device"):
-        S.save_fused(m, "fused", "fp16", output_dir=str(out))
+    try:
+        with pytest.raises(ValueError, match=r"FewStep Save Fused: writing fused_00001_\.safetensors to .* failed, "
+                                             r"nothing was kept: \[Errno 28\] No space left on device"):
+            S.save_fused(m, "fused", "fp16", output_dir=str(out))
+    finally:
+        comfy.model_management.unload_all_models()  # the host unpatches the shared model when it unloads it
     assert not list(out.rglob("*.safetensors"))
+    after = base(model, PROBE)
+    assert all(torch.equal(ref[k], after[k]) for k in PROBE), "the model was left patched"
 
 
 def test_export_needs_fused_model(L, S, model, tmp_path):
