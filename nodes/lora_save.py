@@ -45,10 +45,9 @@ def check_room(node: str, path: str, nbytes: int) -> None:
                          f"another output folder (ComfyUI's --output-directory)")
 
 
-def written(node: str, path: str, tensors: dict[str, torch.Tensor], write) -> None:
-    """``write()`` the file ``path`` of ``tensors``: refused first if its disk cannot hold it; a failed write (disk
-    full, permissions) leaves no partial file and is an error naming the node and the file."""
-    check_room(node, path, sum(t.numel() * t.element_size() for t in tensors.values()))
+def written(node: str, path: str, write) -> None:
+    """``write()`` the file ``path`` (its room checked by the caller, ``check_room``): a failed write (disk full,
+    permissions) leaves no partial file and is an error naming the node and the file."""
     try:
         write()
     except Exception as e:  # OSError, safetensors' SafetensorError (not an OSError) on a full or vanishing disk
@@ -141,7 +140,7 @@ def save_fused(model, filename_prefix: str, dtype: str, clip=None, vae=None, pro
     want = DTYPES[dtype]
     sd = dict(with_progress(((k, (t.to(want) if t.is_floating_point() else t).contiguous()) for k, t in sd.items()),
                             len(sd)))
-    written(node, path, sd, lambda: comfy.utils.save_torch_file(sd, path, metadata=metadata))
+    written(node, path, lambda: comfy.utils.save_torch_file(sd, path, metadata=metadata))
     LOG.info("%s: saved %d tensors (%s) to %s", node, len(sd), dtype, path)
     return path
 
@@ -311,7 +310,8 @@ def export_fused(model, *, mode="rank", rank=64, energy=0.99, dtype="fp16", seed
     meta = {"fewstep.fuse": json.dumps([r.to_json() for r in records]), "fewstep.export": json.dumps(
         {"mode": mode, "rank": rank, "energy": energy, "seed": seed, "method": rep.method,
          "overall_rel_error": rep.overall_rel_error, "other_patched_weights": len(foreign)})}
-    written(node, path, sd, lambda: checked(node, lora_export.save_lora, path, sd, rep, meta))
+    check_room(node, path, sum(t.numel() * t.element_size() for t in sd.values()))
+    written(node, path, lambda: checked(node, lora_export.save_lora, path, sd, rep, meta))
     worst = rep.worst(10)
     ranks = [k.rank for k in rep.keys if k.rank]
     lines = [f"{node}: {len(rep.keys)} weights exported ({rep.method} SVD, "
