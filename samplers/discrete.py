@@ -11,12 +11,26 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DiscreteSchedule", "BETA_SCHEDULES"]
+__all__ = ["DiscreteSchedule", "SigmaTable", "BETA_SCHEDULES"]
 
 BETA_SCHEDULES = ("linear", "sqrt_linear")
 
 
-class DiscreteSchedule:
+class SigmaTable:
+    """A model sampling with an ascending ``sigmas`` table: its ends, as the host's model samplings expose them."""
+
+    sigmas: torch.Tensor
+
+    @property
+    def sigma_min(self) -> torch.Tensor:
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self) -> torch.Tensor:
+        return self.sigmas[-1]
+
+
+class DiscreteSchedule(SigmaTable):
     """VP schedule ``sigma_t = sqrt((1 - abar_t) / abar_t)`` built from betas, indexed by integer timestep.
 
     Args:
@@ -53,14 +67,6 @@ class DiscreteSchedule:
         self.num_timesteps = num_timesteps
         self.sigmas = sigmas.to(dtype)  # ascending: sigmas[t] is the noise level of timestep t
         self.log_sigmas = sigmas.log().to(dtype)
-
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Nearest table index by log-distance (same rule as the host); long tensor shaped like ``sigma``."""

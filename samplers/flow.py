@@ -38,6 +38,8 @@ import re
 import numpy as np
 import torch
 
+from .discrete import SigmaTable
+
 __all__ = ["CONST", "FlowSchedule", "FluxSchedule", "timestep_scale", "with_shift", "time_snr_shift",
            "FLOW_GRIDS", "grid_fractions", "fractions_to_sigmas", "simple_sigmas", "fixed_sigmas",
            "strength_keep", "TRAIN_STEPS"]
@@ -58,7 +60,7 @@ def time_snr_shift(shift: float, u):
     return shift * u / (1 + (shift - 1) * u)
 
 
-class FlowSchedule(CONST):
+class FlowSchedule(SigmaTable, CONST):
     """Twin of ComfyUI's ``ModelSamplingDiscreteFlow`` (+ CONST): SD3, Wan, HunyuanVideo (multiplier 1000) and
     ``ModelSamplingAuraFlow`` (Qwen-Image-Lightning's workflow; multiplier 1). ``sigmas`` is the host's table,
     built the same way (``dtype`` float32 as the host; float64 for exact tests)."""
@@ -70,14 +72,6 @@ class FlowSchedule(CONST):
         self.shift, self.multiplier = float(shift), multiplier
         self.sigmas = self.sigma((torch.arange(1, timesteps + 1, 1, dtype=dtype) / timesteps) * multiplier)
 
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
-
     def timestep(self, sigma):
         return sigma * self.multiplier
 
@@ -85,21 +79,13 @@ class FlowSchedule(CONST):
         return time_snr_shift(self.shift, timestep / self.multiplier)
 
 
-class FluxSchedule(CONST):
+class FluxSchedule(SigmaTable, CONST):
     """Twin of ComfyUI's ``ModelSamplingFlux`` (+ CONST): ``sigma(t) = e^mu / (e^mu + 1/t - 1)``, timestep = sigma;
     ``shift`` is mu (1.15 for 1024x1024 through core ModelSamplingFlux's defaults)."""
 
     def __init__(self, shift: float = 1.15, timesteps: int = 10000, dtype: torch.dtype = torch.float32) -> None:
         self.shift = float(shift)
         self.sigmas = self.sigma(torch.arange(1, timesteps + 1, 1, dtype=dtype) / timesteps)
-
-    @property
-    def sigma_min(self) -> torch.Tensor:
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self) -> torch.Tensor:
-        return self.sigmas[-1]
 
     def timestep(self, sigma):
         return sigma
